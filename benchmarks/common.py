@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmarks: a server to measure, the raw fork floor, statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PRELOAD = ("numpy", "pandas", "benchmarks.jobs")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """p50/p99/mean in milliseconds of values in seconds."""
+    return {
+        "p50": percentile(values, 50) * 1000,
+        "p99": percentile(values, 99) * 1000,
+        "mean": statistics.fmean(values) * 1000,
+        "n": len(values),
+    }
+
+
+def fork_floor(n: int, pause: float) -> list[float]:
+    """Raw os.fork() -> first instruction of the child, from this process.
+
+    The child's first act is to write the monotonic clock to a pipe; the
+    parent subtracts the time it took just before fork(). The caller has
+    imported the same modules as the zygote, so the page tables copied are
+    comparable.
+    """
+    samples = []
+    for _ in range(n):
+        r, w = os.pipe()
+        start = time.perf_counter_ns()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(w, struct.pack("q", time.perf_counter_ns()))
+            finally:
+                os._exit(0)
+        os.close(w)
+        (child_start,) = struct.unpack("q", os.read(r, 8))
+        os.close(r)
+        os.waitpid(pid, 0)
+        samples.append((child_start - start) / 1e9)
+        if pause:
+            time.sleep(pause)
+    return samples
+
+
+@contextlib.contextmanager
+def zygote_server(*options: str, preload: tuple[str, ...] = PRELOAD) -> Iterator[str]:
+    """A `zygote start` process for the duration of the block; yields its endpoint."""
+    from zygote import Zygote
+    from zygote.errors import ZygoteError
+
+    sockdir = tempfile.mkdtemp(prefix="zyb-", dir="/tmp")
+    endpoint = f"ipc://{sockdir}/bench.sock"
+    command = [sys.executable, "-m", "zygote", "start", "--endpoint", endpoint,
+               "--log-level", "WARNING", *options]
+    for module in preload:
+        command += ["--preload", module]
+    log = open(Path(sockdir) / "server.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(Path(sockdir, "server.log").read_text())
+            with contextlib.suppress(ZygoteError):
+                with Zygote(endpoint, timeout=2) as client:
+                    if client.stats()["zygote_state"] == "ready":
+                        break
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        yield endpoint
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def machine() -> str:
+    """One line describing where the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{os.cpu_count()} vCPU ({cpu}), Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def preload_versions() -> str:
+    import numpy
+    import pandas
+
+    return f"numpy {numpy.__version__}, pandas {pandas.__version__}"

@@ -1,0 +1,79 @@
+"""Spawn latency through the client against the raw fork floor, like for like.
+
+    python -m benchmarks.spawn_latency [-n 300] [--pause 0.010]
+
+With numpy + pandas imported both here (for the floor) and in the zygote,
+measures in one run, each with the same pause between jobs:
+
+* floor: os.fork() -> the child's first instruction, from this process;
+* spawn -> handle: `Zygote.spawn()` returning (the worker is ready);
+* spawn -> result: `spawn(...).result()` of a no-op task.
+
+The tight-loop floor (no pause) is printed for information. Needs the
+`bench` extra: pip install -e '.[bench]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import numpy  # noqa: F401  -- the same heap as the zygote's, for the floor
+import pandas  # noqa: F401
+
+from zygote import Zygote
+
+from .common import fork_floor, machine, preload_versions, summary, zygote_server
+
+
+def measure_spawns(endpoint: str, n: int, pause: float) -> tuple[list[float], list[float]]:
+    to_handle, to_result = [], []
+    with Zygote(endpoint, timeout=60) as client:
+        for _ in range(20):  # warm-up: connection, first forks
+            client.spawn("benchmarks.jobs:noop").result()
+        for _ in range(n):
+            start = time.perf_counter()
+            handle = client.spawn("benchmarks.jobs:noop")
+            ready = time.perf_counter()
+            handle.result()
+            done = time.perf_counter()
+            to_handle.append(ready - start)
+            to_result.append(done - start)
+            time.sleep(pause)
+    return to_handle, to_result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-n", type=int, default=300)
+    parser.add_argument("--pause", type=float, default=0.010)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    gc.collect()
+    gc.freeze()
+
+    with zygote_server("--max-workers", "4") as endpoint:
+        floor_paused = fork_floor(args.n, args.pause)
+        floor_tight = fork_floor(args.n, 0.0)
+        to_handle, to_result = measure_spawns(endpoint, args.n, args.pause)
+    rows = {
+        "fork floor, paused": summary(floor_paused),
+        "fork floor, tight loop": summary(floor_tight),
+        "spawn -> handle": summary(to_handle),
+        "spawn -> result": summary(to_result),
+    }
+    ratio = rows["spawn -> result"]["p50"] / rows["fork floor, paused"]["p50"]
+    if args.json:
+        print(json.dumps({"rows": rows, "ratio": ratio, "pause": args.pause}, indent=2))
+        return
+    print(f"# {machine()}; {preload_versions()}; n={args.n}, pause {args.pause * 1000:g} ms")
+    print(f"{'':28} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
+    for name, row in rows.items():
+        print(f"{name:28} {row['p50']:8.2f} {row['p99']:8.2f} {row['mean']:8.2f}")
+    print(f"spawn->result p50 / paused floor p50 = {ratio:.2f}x (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

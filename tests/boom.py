@@ -1,0 +1,3 @@
+"""A preload module that fails at import."""
+
+raise RuntimeError("boom at import time")

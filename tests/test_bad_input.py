@@ -1,0 +1,155 @@
+"""Bad input on the endpoint gets a clear error and never stops the server (core #7)."""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+import zmq
+
+from zygote import TaskError, Zygote
+from zygote.protocol import Error, decode_reply
+
+from .conftest import Server
+
+
+@pytest.fixture
+def raw(server: Server):
+    """A bare DEALER socket, to send what the real client never would."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(server.endpoint)
+    yield sock
+    sock.close()
+
+
+def _error_for(sock, *frames: bytes) -> Error:
+    sock.send_multipart(list(frames))
+    reply = decode_reply(sock.recv())
+    assert isinstance(reply, Error), reply
+    return reply
+
+
+def _still_serves(server: Server) -> None:
+    with Zygote(server.endpoint, timeout=20) as client:
+        assert client.spawn("tests.tasks:add", 2, 3).result() == 5
+
+
+def _spawn_body(**override) -> dict:
+    body = {
+        "v": 1,
+        "kind": "spawn",
+        "req": 7,
+        "task": "tests.tasks:add",
+        "payload": msgpack.packb([[1, 2], {}]),
+    }
+    body.update(override)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "words"),
+    [
+        (os.urandom(64), "bad_request", "msgpack"),
+        (b"\xc1", "bad_request", "msgpack"),
+        (msgpack.packb([1, 2, 3]), "bad_request", "must be a msgpack map"),
+        (msgpack.packb({"kind": "spawn"}), "unsupported_version", "version"),
+        (msgpack.packb({"v": 99, "kind": "ping", "req": 1}), "unsupported_version", "99"),
+        (msgpack.packb({"v": 1, "kind": "launch_missiles", "req": 1}), "unknown_kind", "launch"),
+        (msgpack.packb(_spawn_body(task=5)), "bad_request", "'task'"),
+        (msgpack.packb(_spawn_body(payload="not bytes")), "bad_request", "'payload'"),
+        (msgpack.packb(_spawn_body(task="no colon")), "bad_request", "package.module:function"),
+        (msgpack.packb(_spawn_body(timeout=-1)), "bad_request", "timeout"),
+        (msgpack.packb(_spawn_body(env={"A": 1})), "bad_request", "'env'"),
+        (msgpack.packb({"v": 1, "kind": "spawn", "req": 7}), "bad_request", "missing field"),
+        (
+            msgpack.packb({"v": 1, "kind": "kill", "req": 7, "handle": "x", "signal": 999}),
+            "bad_request",
+            "signal",
+        ),
+    ],
+)
+def test_malformed_messages_get_error_replies(server: Server, raw, data, code, words) -> None:
+    reply = _error_for(raw, data)
+    assert reply.code == code
+    assert words in reply.message
+    _still_serves(server)
+
+
+def test_error_reply_carries_request_id_when_readable(server: Server, raw) -> None:
+    reply = _error_for(raw, msgpack.packb(_spawn_body(task="bad task", req=42)))
+    assert reply.req == 42
+
+
+def test_multi_frame_message_is_dropped_and_logged(server: Server, raw) -> None:
+    raw.send_multipart([b"a", b"b", b"c"])
+    _still_serves(server)
+    assert "dropped a 4-frame message" in server.log()
+
+
+def test_oversized_message_gets_too_large(start_server) -> None:
+    server = start_server("--max-message-bytes", "65536")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(server.endpoint)
+    try:
+        body = msgpack.packb(_spawn_body(payload=msgpack.packb([[b"x" * 70000], {}])))
+        reply = _error_for(sock, body)
+        assert reply.code == "too_large"
+        # Far past the limit libzmq itself drops the message and the
+        # connection; the server carries on.
+        sock.send(b"\x00" * (1 << 20))
+    finally:
+        sock.close()
+    _still_serves(server)
+
+
+def test_client_refuses_arguments_over_the_limit_before_sending(start_server) -> None:
+    server = start_server("--max-message-bytes", "65536")
+    client = server.client(timeout=20)
+    client.ping()  # learns the server's limit
+    with pytest.raises(ValueError, match="exceed the server's limit"):
+        client.spawn("tests.tasks:identity", b"x" * 70000)
+    assert client.spawn("tests.tasks:identity", b"x" * 1000).result() == b"x" * 1000
+
+
+def test_unknown_task_is_a_clear_error(client: Zygote) -> None:
+    with pytest.raises(TaskError) as info:
+        client.spawn("no.such:thing").result()
+    assert info.value.exc_type == "ModuleNotFoundError"
+    assert "No module named 'no'" in str(info.value)
+    with pytest.raises(TaskError) as info:
+        client.spawn("tests.tasks:no_such_function").result()
+    assert info.value.exc_type == "AttributeError"
+    with pytest.raises(TaskError) as info:
+        client.spawn("tests.tasks:not_callable").result()
+    assert "not a callable" in str(info.value)
+    assert client.spawn("tests.tasks:add", 1, 1).result() == 2
+
+
+def test_unserializable_result_is_a_clear_error(client: Zygote) -> None:
+    with pytest.raises(TaskError) as info:
+        client.spawn("tests.tasks:unserializable").result()
+    assert info.value.exc_type == "TypeError"
+    assert "cannot be sent" in str(info.value)
+    assert client.spawn("tests.tasks:add", 1, 1).result() == 2
+
+
+def test_result_over_the_limit_is_a_clear_error(start_server) -> None:
+    server = start_server("--max-message-bytes", "65536")
+    client = server.client(timeout=20)
+    with pytest.raises(TaskError, match="over the server's limit"):
+        client.spawn("tests.tasks:big_result", 100_000).result()
+    assert len(client.spawn("tests.tasks:big_result", 60_000).result()) == 60_000
+
+
+def test_client_rejects_bad_arguments_locally(client: Zygote) -> None:
+    with pytest.raises(ValueError, match=r"package\.module:function"):
+        client.spawn("not a task")
+    with pytest.raises(TypeError):
+        client.spawn("tests.tasks:identity", object())
+    with pytest.raises(ValueError, match="_timeout"):
+        client.spawn("tests.tasks:identity", 1, _timeout=0)

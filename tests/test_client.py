@@ -1,0 +1,123 @@
+"""The Python client: pipelining, map, attach, and a server that goes away."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from zygote import ServerUnavailable, SpawnError, TaskError, Zygote, ZygoteError
+from zygote import client as client_module
+
+from .conftest import Server, wait_until
+
+
+def test_many_handles_in_one_client_complete_out_of_order(client: Zygote) -> None:
+    slow = client.spawn("tests.tasks:sleep", 0.5, "slow")
+    fast = client.spawn("tests.tasks:sleep", 0.0, "fast")
+    assert fast.result() == "fast"
+    assert not slow.done()
+    assert slow.result() == "slow"
+
+
+def test_map_keeps_order_and_bounds_in_flight(server: Server) -> None:
+    client = server.client(timeout=60)
+    values = list(client.map("tests.tasks:slow_identity", range(20), max_in_flight=3))
+    assert values == list(range(20))
+    # Results arrive before the workers' exits are processed.
+    wait_until(lambda: server.stats()["completed"] == 20, what="20 completed workers")
+
+
+def test_map_raises_at_the_failing_item(client: Zygote) -> None:
+    results = client.map("tests.tasks:raise_value_error", ["a"], max_in_flight=2)
+    with pytest.raises(TaskError, match="a"):
+        next(results)
+    mixed = client.map("tests.tasks:identity", [1, 2, 3])
+    assert list(mixed) == [1, 2, 3]
+
+
+def test_map_default_window_is_the_servers_max_workers(client: Zygote) -> None:
+    assert list(client.map("tests.tasks:identity", range(10))) == list(range(10))
+    assert client._max_workers == 4
+
+
+def test_new_client_collects_result_by_handle_id(server: Server, tmp_path) -> None:
+    go = tmp_path / "go"
+    with server.client(timeout=20) as first:
+        handle = first.spawn("tests.tasks:wait_for_file", str(go))
+        handle_id, pid = handle.id, handle.pid
+    go.write_text("go")  # it finishes while nobody is connected
+    wait_until(lambda: server.stats()["results_kept"] == 1, what="the result to be kept")
+    with server.client(timeout=20) as second:
+        again = second.attach(handle_id)
+        assert again.pid == pid
+        assert again.result() == pid
+        assert again.wait().exit_code == 0
+    # Delivered: the server does not keep it any longer.
+    with server.client(timeout=20) as third, pytest.raises(ZygoteError, match="unknown handle"):
+        third.attach(handle_id)
+
+
+def test_attach_while_running_gets_the_result_too(server: Server, tmp_path) -> None:
+    go = tmp_path / "go"
+    first = server.client(timeout=20)
+    handle = first.spawn("tests.tasks:wait_for_file", str(go))
+    second = server.client(timeout=20).attach(handle.id)
+    go.write_text("go")
+    assert second.result() == handle.pid
+    assert handle.result() == handle.pid
+
+
+def test_big_arguments_travel_down_the_channel(client: Zygote) -> None:
+    blob = os.urandom(3 * 1024 * 1024)
+    assert client.spawn("tests.tasks:identity", blob).result() == blob
+
+
+def test_dead_server_is_detected_not_waited_on_forever(server: Server, monkeypatch) -> None:
+    monkeypatch.setattr(client_module, "PROBE_EVERY", 0.2)
+    monkeypatch.setattr(client_module, "PROBE_TIMEOUT", 0.5)
+    client = server.client()
+    handle = client.spawn("tests.tasks:sleep", 60)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(ServerUnavailable, match="stopped answering"):
+            handle.result()
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+def test_restarted_server_is_noticed(start_server, tmp_path) -> None:
+    endpoint = f"ipc://{tmp_path}/restart.sock"
+    first = start_server(endpoint=endpoint)
+    client = first.client(timeout=30)
+    handle = client.spawn("tests.tasks:sleep", 60)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait_exit()
+    start_server(endpoint=endpoint)
+    with pytest.raises((ServerUnavailable, ZygoteError)):
+        handle.result(timeout=20)
+
+
+def test_no_server_at_endpoint(tmp_path) -> None:
+    with pytest.raises(ServerUnavailable, match="no zygote server"):
+        Zygote(f"ipc://{tmp_path}/nothing.sock")
+
+
+def test_graceful_stop_errors_queued_and_lets_running_finish(start_server, tmp_path) -> None:
+    server = start_server("--max-workers", "1")
+    client = server.client(timeout=30)
+    go = tmp_path / "go"
+    running = client.spawn("tests.tasks:wait_for_file", str(go))
+    queued = client.map("tests.tasks:identity", [1], max_in_flight=1)
+    wait_until(lambda: server.stats()["queued"] == 1, what="a queued request")
+    with server.client(timeout=10) as other:
+        other.stop()
+    with pytest.raises(SpawnError, match="server shutting down"):
+        next(queued)
+    with server.client(timeout=10) as late, pytest.raises(SpawnError, match="shutting down"):
+        late.spawn("tests.tasks:add", 1, 1)
+    assert server.process.poll() is None  # still waiting for the running worker
+    go.write_text("go")
+    assert running.result() == running.pid
+    assert server.wait_exit(30) == 0

@@ -1,0 +1,76 @@
+"""The supervisor's result store and timers: pure logic with a fake clock."""
+
+from __future__ import annotations
+
+from zygote.store import ResultStore
+from zygote.timers import Timers
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_record_leaves_once_result_delivered_and_process_ended() -> None:
+    store = ResultStore(ttl=10, max_kept=5, clock=Clock())
+    record = store.open("h1", "t:f", (b"client",), 1)
+    record.result, record.result_delivered = b"r", True
+    assert store.settle(record) == [] and store.get("h1") is record
+    record.exited = b"e"
+    store.settle(record)
+    assert store.get("h1") is None and len(store) == 0
+
+
+def test_undelivered_results_expire_after_ttl() -> None:
+    clock = Clock()
+    store = ResultStore(ttl=10, max_kept=5, clock=clock)
+    record = store.open("h1", "t:f", (b"c",), 1)
+    record.result = b"r"
+    store.settle(record)
+    clock.now += 9
+    assert store.expire() == [] and store.undelivered == 1
+    clock.now += 2
+    assert store.expire() == [record]
+    assert store.get("h1") is None
+
+
+def test_oldest_undelivered_dropped_past_the_bound() -> None:
+    store = ResultStore(ttl=10, max_kept=2, clock=Clock())
+    records = []
+    for i in range(3):
+        record = store.open(f"h{i}", "t:f", (b"c",), i)
+        record.result = b"r"
+        records.append(record)
+    assert store.settle(records[0]) == []
+    assert store.settle(records[1]) == []
+    assert store.settle(records[2]) == [records[0]]
+    assert store.get("h0") is None and store.get("h2") is records[2]
+
+
+def test_running_jobs_are_never_dropped() -> None:
+    store = ResultStore(ttl=1, max_kept=1, clock=Clock())
+    running = [store.open(f"h{i}", "t:f", (b"c",), i) for i in range(5)]
+    for record in running:
+        assert store.settle(record) == []
+    assert store.expire() == [] and len(store) == 5
+
+
+def test_timers_fire_in_order_and_cancel() -> None:
+    clock = Clock()
+    timers = Timers(clock)
+    fired = []
+    timers.add(2, fired.append, "b")
+    first = timers.add(1, fired.append, "a")
+    cancelled = timers.add(1.5, fired.append, "x")
+    cancelled.cancel()
+    assert timers.next_delay() == 1
+    clock.now += 1.6
+    timers.run_due()
+    assert fired == ["a"] and first.cancelled
+    assert timers.next_delay() == 0.4 or abs(timers.next_delay() - 0.4) < 1e-9
+    clock.now += 1
+    timers.run_due()
+    assert fired == ["a", "b"] and timers.next_delay() is None

@@ -1,0 +1,131 @@
+"""How a task's end reaches the client: values, errors, deaths, timeouts (core #2)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from zygote import TaskError, TaskTimeout, WorkerLost, Zygote, ZygoteTimeout
+
+
+def test_value_round_trip(client: Zygote) -> None:
+    handle = client.spawn("tests.tasks:echo", 1, "two", [3], {"four": 4}, b"\x05", key=None)
+    assert handle.result() == {
+        "args": [1, "two", [3], {"four": 4}, b"\x05"],
+        "kwargs": {"key": None},
+    }
+    assert handle.pid > 0 and handle.generation == 1
+    assert handle.done()
+
+
+def test_raise_gives_task_error_with_remote_traceback(client: Zygote) -> None:
+    handle = client.spawn("tests.tasks:raise_value_error", "no good")
+    with pytest.raises(TaskError) as info:
+        handle.result()
+    assert info.value.exc_type == "ValueError"
+    assert "no good" in str(info.value)
+    assert "raise ValueError(text)" in info.value.remote_traceback
+    assert "tests/tasks.py" in info.value.remote_traceback
+
+
+@pytest.mark.parametrize(
+    ("task", "sig"),
+    [("tests.tasks:abort", signal.SIGABRT), ("tests.tasks:segfault", signal.SIGSEGV)],
+)
+def test_abort_and_segfault_give_worker_lost_with_signal(
+    client: Zygote, task: str, sig: int
+) -> None:
+    handle = client.spawn(task)
+    with pytest.raises(WorkerLost) as info:
+        handle.result()
+    assert info.value.signal == sig
+    assert info.value.exit_code is None
+    assert sig.name in str(info.value)
+    assert handle.wait().signal == sig
+
+
+def test_sys_exit_gives_task_error_with_exit_code(client: Zygote) -> None:
+    handle = client.spawn("tests.tasks:exit_with", 3)
+    with pytest.raises(TaskError) as info:
+        handle.result()
+    assert info.value.exc_type == "SystemExit"
+    assert info.value.exit_code == 3
+    exit_info = handle.wait()
+    assert exit_info.exit_code == 3 and exit_info.signal is None
+    assert exit_info.description == "exited with code 3"
+
+
+def test_sys_exit_zero_is_a_none_result(client: Zygote) -> None:
+    assert client.spawn("tests.tasks:exit_with", 0).result() is None
+
+
+def test_os_exit_without_result_gives_worker_lost_with_code(client: Zygote) -> None:
+    with pytest.raises(WorkerLost) as info:
+        client.spawn("tests.tasks:hard_exit", 7).result()
+    assert info.value.exit_code == 7 and info.value.signal is None
+    assert not isinstance(info.value, TaskTimeout)
+
+
+def test_task_timeout_kills_and_reports(client: Zygote) -> None:
+    handle = client.spawn("tests.tasks:sleep", 30, _timeout=0.3)
+    with pytest.raises(TaskTimeout) as info:
+        handle.result(timeout=20)
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value, WorkerLost)
+    assert info.value.signal == signal.SIGTERM
+    assert "timeout" in str(info.value)
+
+
+def test_task_ignoring_sigterm_is_killed_after_grace(start_server) -> None:
+    server = start_server("--kill-grace", "0.3")
+    client = server.client(timeout=30)
+    handle = client.spawn("tests.tasks:ignore_sigterm_and_sleep", 30, _timeout=0.3)
+    with pytest.raises(TaskTimeout) as info:
+        handle.result(timeout=20)
+    assert info.value.signal == signal.SIGKILL
+
+
+def test_result_wait_timeout_leaves_task_running(client: Zygote) -> None:
+    handle = client.spawn("tests.tasks:sleep", 1.0, "late")
+    with pytest.raises(ZygoteTimeout):
+        handle.result(timeout=0.05)
+    assert handle.result(timeout=20) == "late"
+
+
+def test_env_and_cwd_options(client: Zygote, tmp_path) -> None:
+    assert (
+        client.spawn("tests.tasks:env", "ZYGOTE_TEST_VAR", _env={"ZYGOTE_TEST_VAR": "v"}).result()
+        == "v"
+    )
+    assert client.spawn("tests.tasks:cwd", _cwd=str(tmp_path)).result() == str(tmp_path)
+    # The zygote's environment is untouched by one worker's overrides.
+    assert client.spawn("tests.tasks:env", "ZYGOTE_TEST_VAR").result() is None
+
+
+def test_bad_cwd_is_a_task_error(client: Zygote) -> None:
+    with pytest.raises(TaskError) as info:
+        client.spawn("tests.tasks:cwd", _cwd="/no/such/dir").result()
+    assert info.value.exc_type == "FileNotFoundError"
+
+
+def test_nested_qualname(client: Zygote) -> None:
+    assert client.spawn("tests.tasks:Nested.method", 21).result() == 42
+
+
+def test_kill_running_worker(client: Zygote) -> None:
+    handle = client.spawn("tests.tasks:sleep", 30)
+    assert handle.kill(signal.SIGKILL)
+    with pytest.raises(WorkerLost) as info:
+        handle.result(timeout=20)
+    assert info.value.signal == signal.SIGKILL
+    assert not handle.kill()  # nothing left to signal
+
+
+def test_wait_reports_usage(client: Zygote) -> None:
+    handle = client.spawn("tests.tasks:add", 1, 2)
+    assert handle.result() == 3
+    info = handle.wait(timeout=20)
+    assert info.pid == handle.pid
+    assert info.exit_code == 0 and info.description == "exited normally"
+    assert info.duration > 0 and info.maxrss_kb > 0

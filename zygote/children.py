@@ -1,0 +1,178 @@
+"""The supervisor's view of its children: zygote processes, workers, and the
+jobs they serve. State and non-blocking socket plumbing only; every
+decision about them lives in the supervisor loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .protocol import MAX_FRAME_BYTES, Control, FrameDecoder, Spawn, decode_control
+from .store import Record
+from .timers import Timer
+
+_RECV_CHUNK = 1 << 18
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"  # waiting for a worker slot and a ready zygote
+    FORKING = "forking"  # fork requested, the zygote has not answered yet
+    STARTING = "starting"  # forked; hooks and validators running
+    RUNNING = "running"  # ready; the task runs
+    DONE = "done"
+
+
+class ZygoteState(enum.Enum):
+    BOOTING = "booting"
+    READY = "ready"
+    RETIRING = "retiring"  # control closed by us; it exits when it notices
+    DEAD = "dead"
+
+
+@dataclass(eq=False)
+class Job:
+    """One accepted spawn request, from the queue to its result."""
+
+    handle: str
+    spawn: Spawn
+    record: Record
+    state: JobState = JobState.QUEUED
+    attempts: int = 0
+    reasons: list[str] = field(default_factory=list)
+    zygote: ZygoteProc | None = None
+    worker: Worker | None = None
+    carried: bool = False  # the task travelled with the fork request
+    requested: float = 0.0  # when the current fork was requested
+    timers: list[Timer] = field(default_factory=list)
+
+    def cancel_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
+
+
+@dataclass(eq=False)
+class ZygoteProc:
+    generation: int
+    process: subprocess.Popen[bytes]
+    pidfd: int
+    control: socket.socket
+    started: float = field(default_factory=time.monotonic)
+    state: ZygoteState = ZygoteState.BOOTING
+    #: fork requests sent and not yet answered, by handle
+    pending: dict[str, Job] = field(default_factory=dict)
+    reaped: bool = False
+    boot_timer: Timer | None = None
+
+    @classmethod
+    def start(cls, generation: int, lifeline_fd: int) -> ZygoteProc:
+        """Exec a fresh interpreter as the zygote. Never fork the supervisor
+        itself: it has ZeroMQ's threads, and it must not carry their state."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        code = (
+            "import sys; from zygote.zygote import main; "
+            "main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))"
+        )
+        argv = [sys.executable, "-c", code, str(theirs.fileno()), str(lifeline_fd)]
+        argv.append(str(os.getpid()))
+        try:
+            # Its own process group: a terminal's ^C reaches the supervisor
+            # only, which then decides how workers stop.
+            process = subprocess.Popen(
+                argv, pass_fds=(theirs.fileno(), lifeline_fd), process_group=0
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return cls(generation, process, os.pidfd_open(process.pid), ours)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def receive(self) -> tuple[list[tuple[Control, list[int]]], bool]:
+        """Every control message waiting, with the descriptors that came along;
+        and whether the zygote closed its end."""
+        messages: list[tuple[Control, list[int]]] = []
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.control, 1 << 17, 4)
+            except BlockingIOError:
+                return messages, False
+            except ConnectionResetError:
+                return messages, True
+            if not data and not fds:
+                return messages, True
+            messages.append((decode_control(data), fds))
+
+
+@dataclass(eq=False)
+class Worker:
+    pid: int
+    pidfd: int
+    channel: socket.socket
+    job: Job
+    zygote: ZygoteProc
+    requested: float  # when the fork was requested: the start of the ready deadline
+    decoder: FrameDecoder = field(default_factory=lambda: FrameDecoder(MAX_FRAME_BYTES))
+    outbox: bytearray = field(default_factory=bytearray)
+    ready_at: float | None = None
+    alive: bool = True
+    channel_open: bool = True
+    status: int | None = None
+    status_lost: bool = False
+    rusage: tuple[float, float, int] = (0.0, 0.0, 0)
+    result_seen: bool = False
+    phase: str | None = None
+    #: why the supervisor gave up on it (deadline, validator, garbage)
+    failure: str | None = None
+    timed_out: bool = False
+
+    @property
+    def generation(self) -> int:
+        return self.zygote.generation
+
+    @property
+    def ended(self) -> bool:
+        return not self.alive and (self.status is not None or self.status_lost)
+
+    def read(self) -> tuple[list[bytes], bool]:
+        """Every complete frame waiting on the channel, and whether it closed."""
+        chunks = []
+        closed = False
+        while True:
+            try:
+                data = self.channel.recv(_RECV_CHUNK)
+            except BlockingIOError:
+                break
+            except ConnectionResetError:
+                closed = True
+                break
+            if not data:
+                closed = True
+                break
+            chunks.append(data)
+        frames = self.decoder.feed(b"".join(chunks)) if chunks else []
+        return frames, closed
+
+    def write(self, data: bytes) -> bool:
+        """Queue `data` and send what the socket takes; True when all is sent."""
+        self.outbox += data
+        return self.flush()
+
+    def flush(self) -> bool:
+        try:
+            while self.outbox:
+                sent = self.channel.send(self.outbox)
+                del self.outbox[:sent]
+        except BlockingIOError:
+            return False
+        except OSError:  # the worker is gone; its exit will be reported
+            self.outbox.clear()
+        return True

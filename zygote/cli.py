@@ -1,0 +1,234 @@
+"""The `zygote` command (also `python -m zygote`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import ConfigError, ServerConfig, load_toml
+from .errors import ServerUnavailable, TaskError, ZygoteError, ZygoteTimeout
+
+_LOG_FORMAT = "%(asctime)s %(levelname)-7s zygote[%(process)d] %(name)s: %(message)s"
+_DEFAULTS = ServerConfig(endpoint="ipc://(default)")
+
+
+def _load_config_file(ctx: click.Context, _param: click.Parameter, path: str | None) -> None:
+    if path:
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **load_toml(path)}
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+
+def _server_option(name: str, kind: Any, help: str, **extra: Any) -> Callable[[Any], Any]:
+    """An option of `zygote start`, also read from $ZYGOTE_<NAME>."""
+    default = getattr(_DEFAULTS, name)
+    if name != "endpoint" and not extra.get("multiple"):
+        help = f"{help} [default: {default}]"
+    return click.option(
+        "--" + name.replace("_", "-"),
+        name,
+        type=kind,
+        envvar="ZYGOTE_" + name.upper(),
+        default=None,
+        show_envvar=True,
+        help=help,
+        **extra,
+    )
+
+
+_SERVER_OPTIONS = [
+    _server_option("preload", str, "Module the zygote imports (repeatable).", multiple=True),
+    _server_option(
+        "endpoint",
+        str,
+        "Where to listen: ipc://PATH or tcp://HOST:PORT "
+        "[default: ipc:// socket in $XDG_RUNTIME_DIR/zygote or /tmp/zygote-$UID]",
+    ),
+    _server_option("max_workers", click.IntRange(1), "Live workers at most."),
+    _server_option("queue_size", click.IntRange(1), "Requests waiting for a slot at most."),
+    _server_option("validate_timeout", float, "Seconds a new worker has to become ready."),
+    _server_option("fork_timeout", float, "Seconds the zygote has to answer a fork request."),
+    _server_option("spawn_retries", click.IntRange(0), "Failed starts retried per request."),
+    _server_option("kill_grace", float, "Seconds from SIGTERM to SIGKILL."),
+    _server_option("shutdown_grace", float, "Seconds running workers get on stop."),
+    _server_option("boot_timeout", float, "Seconds a zygote has to preload."),
+    _server_option("result_ttl", float, "Seconds an undelivered result is kept."),
+    _server_option("max_results", click.IntRange(1), "Undelivered results kept at most."),
+    _server_option("max_message_bytes", click.IntRange(1024), "Largest request or result."),
+    _server_option(
+        "log_level",
+        click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+        "Log level.",
+    ),
+]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="zygote")
+def main() -> None:
+    """zygote: a fork server for Python batch workers."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    envvar="ZYGOTE_CONFIG",
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config_file,
+    help="TOML file of settings (keys as the long options, e.g. max-workers = 8).",
+)
+def start(**options: Any) -> None:
+    """Start a server in the foreground; stop it with `zygote stop` or SIGTERM."""
+    settings: dict[str, Any] = {
+        name: list(value) if name == "preload" else value
+        for name, value in options.items()
+        if value is not None and value != ()
+    }
+    try:
+        config = ServerConfig(**settings)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    except TypeError as exc:
+        raise click.UsageError(f"bad setting: {exc}") from None
+    try:
+        from .supervisor import EXIT_CONFIG, Supervisor
+    except ImportError as exc:  # zygote.linux refuses other platforms
+        raise click.ClickException(str(exc)) from None
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    logger = logging.getLogger("zygote")
+    logger.addHandler(handler)
+    logger.setLevel(config.log_level)
+    try:
+        code = Supervisor(config).run()
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        code = EXIT_CONFIG
+    sys.exit(code)
+
+
+for _option in reversed(_SERVER_OPTIONS):
+    start = _option(start)
+
+
+def _parse_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+_endpoint_option = click.option(
+    "--endpoint", envvar="ZYGOTE_ENDPOINT", show_envvar=True, help="Server endpoint."
+)
+
+
+@main.command()
+@click.argument("task")
+@click.argument("args", nargs=-1)
+@click.option(
+    "--kw",
+    "kwargs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Keyword argument (repeatable); VALUE is read like ARG.",
+)
+@click.option("--timeout", type=float, help="Kill the task after this many seconds.")
+@_endpoint_option
+def spawn(
+    task: str,
+    args: tuple[str, ...],
+    kwargs: tuple[str, ...],
+    timeout: float | None,
+    endpoint: str | None,
+) -> None:
+    """Run TASK ("package.module:function") with ARGs and print its result as JSON.
+
+    Each ARG is read as JSON when it parses as JSON (5, 2.5, true, [1,2],
+    {"a":1}, "\\"quoted\\""), else taken as a string.
+    """
+    from .client import Zygote
+
+    keywords = {}
+    for item in kwargs:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise click.BadParameter(f"expected NAME=VALUE, not {item!r}", param_hint="--kw")
+        keywords[name] = _parse_arg(value)
+    try:
+        with Zygote(endpoint) as client:
+            handle = client.spawn(task, *map(_parse_arg, args), _timeout=timeout, **keywords)
+            value = handle.result()
+    except TaskError as exc:
+        if exc.remote_traceback:
+            click.echo(exc.remote_traceback.rstrip(), err=True)
+        raise click.ClickException(f"task failed: {exc}") from None
+    except (ZygoteError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(value, default=repr))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the raw stats as JSON.")
+@_endpoint_option
+def status(as_json: bool, endpoint: str | None) -> None:
+    """Show the server's state: zygote, workers, queue, counters."""
+    from .client import Zygote
+
+    try:
+        with Zygote(endpoint, timeout=10.0) as client:
+            stats = client.stats()
+    except ZygoteError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(stats, indent=2, sort_keys=True))
+        return
+    width = max(len(key) for key in stats)
+    for key, value in stats.items():
+        if isinstance(value, float):
+            value = f"{value:.1f}"
+        elif isinstance(value, (list, dict)):
+            value = json.dumps(value)
+        click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
+
+
+@main.command()
+@click.option("--wait/--no-wait", default=True, help="Wait until the server has exited.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the server to exit.",
+)
+@_endpoint_option
+def stop(wait: bool, timeout: float, endpoint: str | None) -> None:
+    """Stop the server gracefully: queued requests get an error, running
+    workers finish (within the server's shutdown grace)."""
+    from .client import Zygote
+
+    try:
+        with Zygote(endpoint, timeout=10.0) as client:
+            client.stop()
+    except ZygoteError as exc:
+        raise click.ClickException(str(exc)) from None
+    deadline = time.monotonic() + timeout
+    while wait:
+        try:
+            with Zygote(endpoint, timeout=1.0) as client:
+                client.ping()
+        except (ServerUnavailable, ZygoteTimeout):
+            return
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"the server is still running after {timeout:g}s")
+        time.sleep(0.1)

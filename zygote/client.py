@@ -1,0 +1,454 @@
+"""The Python client: `Zygote` talks to a server, `Handle` follows one job.
+
+One ZeroMQ DEALER socket per client; not thread-safe (use one client per
+thread). Requests are pipelined: replies are matched by request id, and the
+server pushes each job's result and exit report to the clients that follow
+it, so `spawn(...).result()` costs one round trip plus the job itself.
+
+While it waits, a client probes the server every second of silence; a
+server that stops answering, or that restarted (and so forgot our
+requests), raises `ServerUnavailable` instead of hanging forever.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import signal as _signal
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zmq
+
+from .config import default_endpoint
+from .errors import (
+    ServerBusy,
+    ServerUnavailable,
+    SpawnError,
+    TaskError,
+    TaskTimeout,
+    WorkerLost,
+    ZygoteError,
+    ZygoteTimeout,
+)
+from .protocol import (
+    BUSY,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    EXITED,
+    LOST,
+    OK,
+    RAISED,
+    SHUTTING_DOWN,
+    SPAWN_FAILED,
+    Attach,
+    Error,
+    Exited,
+    Kill,
+    Message,
+    Ok,
+    Ping,
+    ProtocolError,
+    Result,
+    Spawn,
+    Spawned,
+    Stats,
+    Stop,
+    check_task_name,
+    decode_reply,
+    encode,
+)
+
+__all__ = ["ExitInfo", "Handle", "Zygote"]
+
+#: Probe a silent server after this long, and give up on it when a probe
+#: stays unanswered for PROBE_TIMEOUT.
+PROBE_EVERY = 1.0
+PROBE_TIMEOUT = 4.0
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a worker process ended (`Handle.wait()`)."""
+
+    pid: int
+    exit_code: int | None
+    signal: int | None
+    description: str  # in words: "exited normally", "killed by SIGSEGV (core dumped)"
+    duration: float  # seconds from the fork request to the exit
+    utime: float
+    stime: float
+    maxrss_kb: int
+
+
+class Handle:
+    """One spawned job. Made by `Zygote.spawn()` or `Zygote.attach()`."""
+
+    def __init__(
+        self, client: Zygote, id: str, pid: int, generation: int, warnings: list[str]
+    ) -> None:
+        self.id = id
+        self.pid = pid
+        self.generation = generation
+        #: fork-safety warnings the zygote attached to this spawn
+        self.warnings = warnings
+        self._client = client
+        self._result: Result | None = None
+        self._exited: Exited | None = None
+
+    def __repr__(self) -> str:
+        state = "done" if self._result is not None else "running"
+        return f"<Handle {self.id} pid={self.pid} generation={self.generation} {state}>"
+
+    def done(self) -> bool:
+        """True once the result is known (never blocks)."""
+        if self._result is None:
+            self._client._receive_ready()
+        return self._result is not None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's return value; raises TaskError, WorkerLost, TaskTimeout,
+        or ZygoteTimeout if `timeout` seconds pass first."""
+        if self._result is None:
+            self._client._wait(lambda: self._result is not None, timeout, follow=self.id)
+        assert self._result is not None
+        return _outcome(self._result)
+
+    def wait(self, timeout: float | None = None) -> ExitInfo:
+        """Wait for the worker process to end; its exit status and usage."""
+        if self._exited is None:
+            self._client._wait(lambda: self._exited is not None, timeout, follow=self.id)
+        e = self._exited
+        assert e is not None
+        return ExitInfo(
+            e.pid,
+            e.exit_code,
+            e.signal,
+            e.description,
+            e.duration,
+            e.utime,
+            e.stime,
+            e.maxrss_kb,
+        )
+
+    def kill(self, signal: int = _signal.SIGTERM) -> bool:
+        """Send `signal` to the worker; False if it is no longer running."""
+        try:
+            self._client._call(lambda req: Kill(req, self.id, int(signal)), None)
+        except ZygoteError:
+            return False
+        return True
+
+
+class Zygote:
+    """A connection to a zygote server. Use as a context manager or `close()`.
+
+    `endpoint` defaults to `$ZYGOTE_ENDPOINT`, then the server's default
+    ipc socket. `timeout` bounds every wait for the server (None: no bound,
+    but a server that stops answering is still detected).
+    """
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = timeout
+        if self.endpoint.startswith("ipc://"):
+            path = self.endpoint[len("ipc://") :]
+            if not os.path.exists(path):
+                raise ServerUnavailable(
+                    f"no zygote server at {self.endpoint} (is `zygote start` running?)"
+                )
+        self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.endpoint)
+        self._requests = itertools.count(1)
+        self._replies: dict[int, Message] = {}
+        self._abandoned: set[int] = set()
+        self._handles: weakref.WeakValueDictionary[str, Handle] = weakref.WeakValueDictionary()
+        self._server: str | None = None
+        self._max_message = DEFAULT_MAX_MESSAGE_BYTES
+        self._max_workers: int | None = None
+        self._followed: dict[int, str] = {}  # Attach probes: request id -> handle
+        # Learn the server's identity and limits along with the first request,
+        # without waiting for it: a restart is then noticed by every probe.
+        self._abandoned.add(self._send(lambda req: Ping(req)))
+
+    def __enter__(self) -> Zygote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection. Jobs keep running; their results stay on the
+        server for a new client to `attach()` to."""
+        if not self._socket.closed:
+            self._socket.close()
+
+    # -- the API ----------------------------------------------------------
+
+    def spawn(
+        self,
+        task: str,
+        *args: Any,
+        _timeout: float | None = None,
+        _env: dict[str, str] | None = None,
+        _cwd: str | None = None,
+        **kwargs: Any,
+    ) -> Handle:
+        """Run `task` ("package.module:function") with the given arguments in a
+        new worker; returns once the worker is ready and running it.
+
+        `_timeout` kills the task after that many seconds, `_env` adds
+        environment variables, `_cwd` sets its working directory. Arguments
+        and the result travel as msgpack (tuples arrive as lists).
+        """
+        req = self._send(self._spawn_message(task, args, kwargs, _timeout, _env, _cwd))
+        reply = self._reply(req, self.timeout)
+        assert isinstance(reply, Handle)
+        return reply
+
+    def map(
+        self,
+        task: str,
+        iterable: Iterable[Any],
+        *,
+        max_in_flight: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """`task(item)` for every item, results in order, like `Executor.map`.
+
+        At most `max_in_flight` jobs (default: the server's max-workers) are
+        spawned ahead of the one being consumed; the first are spawned at
+        once. A failed item raises its error when its turn comes; jobs
+        already running then finish on their own. `timeout` bounds the whole
+        run, counted from this call.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        window = max_in_flight or self._server_max_workers()
+        if window < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        items = iter(iterable)
+        pending: collections.deque[int] = collections.deque()
+
+        def fill() -> None:
+            for item in itertools.islice(items, window - len(pending)):
+                pending.append(self._send(self._spawn_message(task, (item,), {})))
+
+        def results() -> Iterator[Any]:
+            try:
+                while pending:
+                    req = pending.popleft()
+                    handle = self._reply(req, _remaining(deadline))
+                    assert isinstance(handle, Handle)
+                    value = handle.result(_remaining(deadline))
+                    fill()
+                    yield value
+            finally:
+                self._abandoned.update(pending)
+
+        fill()
+        return results()
+
+    def attach(self, handle_id: str) -> Handle:
+        """A `Handle` for a job spawned elsewhere (say, by a client that has
+        since gone away), to collect its result."""
+        reply = self._call(lambda req: Attach(req, handle_id), self.timeout)
+        assert isinstance(reply, Handle)
+        return reply
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the server: workers, queue, zygote, counters."""
+        reply = self._call(lambda req: Stats(req), self.timeout)
+        assert isinstance(reply, Ok)
+        return reply.info
+
+    def ping(self) -> float:
+        """Round-trip time to the server in seconds."""
+        start = time.perf_counter()
+        self._call(lambda req: Ping(req), self.timeout if self.timeout is not None else 10.0)
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        """Ask the server to stop gracefully: it refuses new work, lets running
+        workers finish, then exits."""
+        self._call(lambda req: Stop(req), self.timeout if self.timeout is not None else 10.0)
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _spawn_message(
+        self,
+        task: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Callable[[int], Message]:
+        try:
+            check_task_name(task)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        payload = msgpack.packb([list(args), kwargs], use_bin_type=True)
+        if len(payload) > self._max_message:
+            raise ValueError(
+                f"arguments of {len(payload)} bytes exceed the server's limit of "
+                f"{self._max_message}: pass a file path instead"
+            )
+        if env is not None:
+            env = {str(k): str(v) for k, v in env.items()}
+        cwd = os.fspath(cwd) if cwd is not None else None
+        if timeout is not None and not timeout > 0:
+            raise ValueError("_timeout must be a positive number of seconds")
+        return lambda req: Spawn(req, task, payload, timeout, env, cwd)
+
+    def _send(self, make: Callable[[int], Message]) -> int:
+        if self._socket.closed:
+            raise ZygoteError("this client is closed")
+        req = next(self._requests)
+        self._socket.send(encode(make(req)))
+        return req
+
+    def _call(self, make: Callable[[int], Message], timeout: float | None) -> Message | Handle:
+        return self._reply(self._send(make), timeout)
+
+    def _reply(self, req: int, timeout: float | None) -> Message | Handle:
+        """Wait for the reply to request `req`; raise it if it is an error."""
+        try:
+            self._wait(lambda: req in self._replies, timeout)
+        except BaseException:
+            self._abandoned.add(req)
+            raise
+        reply = self._replies.pop(req)
+        if isinstance(reply, Error):
+            raise _error(reply)
+        return reply
+
+    def _wait(
+        self, done: Callable[[], bool], timeout: float | None, follow: str | None = None
+    ) -> None:
+        """Take in messages until `done()`. A silent server is probed; when
+        waiting on a handle (`follow`), the probe also asks the server to
+        push that job's messages again, in case a full queue dropped them."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        heard = time.monotonic()
+        probe_sent: float | None = None
+        while not done():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise ZygoteTimeout(f"no answer from the server within {timeout:g}s")
+            if probe_sent is not None and now - probe_sent >= PROBE_TIMEOUT:
+                raise ServerUnavailable(
+                    f"the server at {self.endpoint} stopped answering "
+                    f"(no reply for {now - heard:.1f}s)"
+                )
+            wait = PROBE_EVERY if probe_sent is None else PROBE_TIMEOUT
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            if self._socket.poll(max(1, int(wait * 1000))):
+                self._receive_ready()
+                heard, probe_sent = time.monotonic(), None
+            elif probe_sent is None:
+                probe_sent = time.monotonic()
+                self._abandoned.add(self._send(lambda req: Ping(req)))
+                if follow is not None:
+                    req = self._send(lambda req: Attach(req, follow))
+                    self._abandoned.add(req)
+                    self._followed[req] = follow
+
+    def _receive_ready(self) -> None:
+        """Take in every message that has arrived, without blocking."""
+        while True:
+            try:
+                data = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._take(decode_reply(data))
+
+    def _take(self, msg: Message) -> None:
+        if isinstance(msg, (Result, Exited)):
+            handle = self._handles.get(msg.handle)
+            if handle is not None:
+                if isinstance(msg, Result):
+                    handle._result = handle._result or msg
+                else:
+                    handle._exited = msg
+            return
+        req: int = msg.req  # type: ignore[attr-defined]
+        if isinstance(msg, Ok) and "server" in msg.info:
+            self._learn(msg.info)
+        followed = self._followed.pop(req, None)
+        if followed is not None and isinstance(msg, Error):
+            self._forgotten(followed, msg.message)
+        reply: Message | Handle = msg
+        if isinstance(msg, Spawned):
+            reply = self._handles.get(msg.handle) or Handle(
+                self, msg.handle, msg.pid, msg.generation, msg.warnings
+            )
+            self._handles[msg.handle] = reply
+        if req in self._abandoned:
+            self._abandoned.discard(req)
+        else:
+            self._replies[req] = reply  # type: ignore[assignment]
+
+    def _learn(self, info: dict[str, Any]) -> None:
+        server = info.get("server")
+        if self._server is not None and server != self._server:
+            raise ServerUnavailable(
+                f"the server at {self.endpoint} restarted: requests in flight were lost"
+            )
+        self._server = server
+        self._max_message = info.get("max_message_bytes", self._max_message)
+        self._max_workers = info.get("max_workers", self._max_workers)
+
+    def _forgotten(self, handle_id: str, why: str) -> None:
+        """The server no longer knows a job we wait on: end the wait with it."""
+        handle = self._handles.get(handle_id)
+        if handle is not None:
+            lost = Result(handle_id, LOST, message=f"the server lost track of this job: {why}")
+            handle._result = handle._result or lost
+            if handle._exited is None:
+                handle._exited = Exited(handle_id, handle.pid, None, None, "unknown", 0.0)
+
+    def _server_max_workers(self) -> int:
+        if self._max_workers is None:
+            self._wait(lambda: self._max_workers is not None, self.timeout)
+        assert self._max_workers is not None
+        return self._max_workers
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _outcome(result: Result) -> Any:
+    if result.outcome == OK:
+        return msgpack.unpackb(result.value or b"\xc0", raw=False, strict_map_key=False)
+    if result.outcome == RAISED:
+        raise TaskError(
+            result.message,
+            exc_type=result.exc_type or "Exception",
+            remote_traceback=result.traceback,
+        )
+    if result.outcome == EXITED:
+        if not result.exit_code:
+            return None
+        raise TaskError(
+            result.message or f"the task called sys.exit({result.exit_code})",
+            exc_type="SystemExit",
+            exit_code=result.exit_code,
+        )
+    if result.outcome == LOST:
+        raise WorkerLost(result.message, exit_code=result.exit_code, signal=result.signal)
+    raise TaskTimeout(result.message, exit_code=result.exit_code, signal=result.signal)
+
+
+def _error(reply: Error) -> ZygoteError:
+    if reply.code == BUSY:
+        return ServerBusy(reply.message, reply.reasons)
+    if reply.code in (SPAWN_FAILED, SHUTTING_DOWN):
+        return SpawnError(reply.message, reply.reasons)
+    return ZygoteError(f"{reply.code}: {reply.message}")

@@ -1,0 +1,133 @@
+"""Server settings: one dataclass holding every option and its default.
+
+The CLI fills it from (highest first) command-line options, `ZYGOTE_*`
+environment variables and a TOML file; docs/configuration.md lists them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .protocol import DEFAULT_MAX_MESSAGE_BYTES
+
+__all__ = ["ConfigError", "ServerConfig", "default_endpoint", "load_toml", "runtime_dir"]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message says which and why."""
+
+
+def runtime_dir() -> Path:
+    """The per-user directory for the default endpoint: $XDG_RUNTIME_DIR/zygote
+    when set, else /tmp/zygote-<uid>; created 0700 and checked to be ours."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(base, "zygote") if base else Path(f"/tmp/zygote-{os.getuid()}")
+    return path
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create `path` 0700, or check that an existing one is ours and private.
+
+    /tmp is shared: another user could have created the directory first, to
+    read or hijack the socket inside it. Refuse anything we do not own.
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=False)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{path} exists and is not a directory")
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to uid {info.st_uid}, not to us ({os.getuid()})")
+    if info.st_mode & 0o077:
+        raise ConfigError(f"{path} is accessible by other users (mode {info.st_mode & 0o777:o})")
+
+
+def default_endpoint() -> str:
+    """`$ZYGOTE_ENDPOINT`, else an ipc socket in the per-user runtime dir."""
+    return os.environ.get("ZYGOTE_ENDPOINT") or f"ipc://{runtime_dir() / 'zygote.sock'}"
+
+
+@dataclass
+class ServerConfig:
+    """Every server setting with its default. Durations are in seconds."""
+
+    endpoint: str = field(default_factory=default_endpoint)
+    preload: list[str] = field(default_factory=list)
+    #: live workers at most; further spawns wait in the queue
+    max_workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
+    #: spawns waiting for a free slot at most; past it clients get ServerBusy
+    queue_size: int = 1000
+    #: a new child must pass its hooks and validators and report ready within this
+    validate_timeout: float = 10.0
+    #: the zygote must answer a fork request within this, or it is replaced
+    fork_timeout: float = 5.0
+    #: failed starts of one request that are retried before the client sees SpawnError
+    spawn_retries: int = 3
+    #: after SIGTERM (task timeout, graceful stop), SIGKILL follows after this
+    kill_grace: float = 5.0
+    #: graceful stop: running workers get this long to finish before SIGTERM
+    shutdown_grace: float = 30.0
+    #: a new zygote must finish its preload within this
+    boot_timeout: float = 120.0
+    #: an undelivered result is dropped (logged) after this
+    result_ttl: float = 3600.0
+    #: undelivered results kept at most; the oldest is dropped (logged) past it
+    max_results: int = 10000
+    #: largest client message accepted, and largest task result
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        positive = ("max_workers", "queue_size", "max_results", "max_message_bytes")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
+        for name in ("validate_timeout", "fork_timeout", "boot_timeout", "result_ttl"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
+        for name in ("kill_grace", "shutdown_grace"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        if self.spawn_retries < 0:
+            raise ConfigError("spawn_retries must not be negative")
+        if not self.endpoint.startswith(("ipc://", "tcp://")):
+            raise ConfigError(
+                f"endpoint must be ipc://PATH or tcp://HOST:PORT, not {self.endpoint!r}"
+            )
+        self.log_level = self.log_level.upper()
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Settings from a TOML file, keys normalised to option names.
+
+    Keys may be written `max-workers` or `max_workers`, at the top level or
+    under a `[zygote]` table. Unknown keys are an error, not silently ignored.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    if isinstance(data.get("zygote"), dict):
+        data = data["zygote"]
+    known = set(ServerConfig.option_names())
+    settings = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        settings[name] = value
+    return settings

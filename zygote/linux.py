@@ -1,0 +1,138 @@
+"""Linux system interfaces, kept in one place: prctl, pidfd, /proc, SIGIO lifelines.
+
+zygote relies on features that only Linux has (child subreapers, pidfds,
+parent-death signals, /proc), so importing this module anywhere else fails
+with a message that says so.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if not sys.platform.startswith("linux"):  # pragma: no cover - checked on import elsewhere
+    raise ImportError(
+        f"zygote runs on Linux only (it needs pidfds, PR_SET_CHILD_SUBREAPER and /proc); "
+        f"this is {sys.platform}"
+    )
+
+import ctypes
+import fcntl
+import os
+import select
+import signal
+
+__all__ = [
+    "arm_lifeline",
+    "describe_wait_status",
+    "native_threads",
+    "open_fd_count",
+    "open_lifeline",
+    "send_signal",
+    "set_child_subreaper",
+    "set_parent_death_signal",
+    "signal_name",
+    "wait_status_parts",
+]
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, arg: int) -> None:
+    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def set_child_subreaper() -> None:
+    """Become the reaper of orphaned descendants (workers whose zygote died)."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Ask the kernel to send `sig` to this process when its parent thread exits."""
+    _prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def send_signal(pidfd: int, sig: int) -> bool:
+    """Signal a process through its pidfd; False if it has already exited.
+
+    A pidfd names one process for its whole life, so unlike kill(pid) this
+    can never hit an unrelated process that was given a recycled pid.
+    """
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def open_lifeline(read_fd: int) -> int:
+    """Open a new description of the lifeline pipe's read end, for one child.
+
+    The SIGIO owner set by F_SETOWN belongs to the open file description,
+    not to the fd: children sharing one inherited description would leave
+    only the last one that registered armed. Re-opening the pipe through
+    /proc gives every child a description of its own.
+    """
+    return os.open(f"/proc/self/fd/{read_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def arm_lifeline(fd: int) -> bool:
+    """Make the kernel send SIGIO (default action: terminate) to this process
+    when the lifeline's only writer, the supervisor, goes away.
+
+    Returns False when the supervisor is already gone: a hang-up that
+    happened before O_ASYNC was set raises no signal, so check after arming.
+    """
+    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return not poller.poll(0)
+
+
+def native_threads(pid: int | str = "self") -> dict[int, str]:
+    """Map native thread id -> kernel thread name (`comm`) for a process."""
+    threads: dict[int, str] = {}
+    base = f"/proc/{pid}/task"
+    for entry in os.listdir(base):
+        try:
+            with open(f"{base}/{entry}/comm", "rb") as comm:
+                threads[int(entry)] = comm.read().decode(errors="replace").strip()
+        except FileNotFoundError:  # the thread ended while we looked
+            continue
+    return threads
+
+
+def open_fd_count(pid: int | str = "self") -> int:
+    """Number of open file descriptors of a process."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def wait_status_parts(status: int) -> tuple[int | None, int | None, bool]:
+    """(exit_code, signal, core_dumped) of a wait status."""
+    if os.WIFSIGNALED(status):
+        return None, os.WTERMSIG(status), os.WCOREDUMP(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status), None, False
+    return None, None, False
+
+
+def describe_wait_status(status: int) -> str:
+    """A wait status in words: 'exited with code 3', 'killed by SIGSEGV (core dumped)'."""
+    code, sig, core = wait_status_parts(status)
+    if sig is not None:
+        return f"killed by {signal_name(sig)}" + (" (core dumped)" if core else "")
+    if code is not None:
+        return "exited normally" if code == 0 else f"exited with code {code}"
+    return f"ended with wait status {status:#x}"

@@ -1,0 +1,112 @@
+"""What the supervisor keeps per handle until a client has it. No I/O.
+
+A record is made when a spawn is accepted. The worker's `Result` and
+`Exited` messages land in it, already encoded, and are pushed to every
+client following the handle (the spawner, plus any that attached later).
+A record goes away once its result has reached a client and the process
+has ended; one whose result found no client stays for `ttl` seconds, and at most `max_kept`
+such records are kept (oldest dropped first). Every drop is reported to
+the caller, which logs it: nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+#: ZeroMQ routing frames that address one client connection.
+Envelope = tuple[bytes, ...]
+
+
+@dataclass(eq=False)
+class Record:
+    handle: str
+    task: str
+    created: float
+    pid: int = 0
+    generation: int = 0
+    warnings: list[str] = field(default_factory=list)
+    ready: bool = False
+    #: encoded Result / Exited messages, once known
+    result: bytes | None = None
+    exited: bytes | None = None
+    result_delivered: bool = False
+    exit_delivered: bool = False
+    finished_at: float | None = None
+    #: clients to push Result and Exited to (an ordered set)
+    followers: dict[Envelope, None] = field(default_factory=dict)
+    #: (client, request id) pairs still owed a Spawned reply
+    waiting: list[tuple[Envelope, int]] = field(default_factory=list)
+
+    @property
+    def delivered(self) -> bool:
+        # The exit report is pushed on a best-effort basis: once a client has
+        # the result, the record is not kept just for it.
+        return self.result_delivered and self.exited is not None
+
+
+class ResultStore:
+    def __init__(
+        self, ttl: float, max_kept: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl = ttl
+        self.max_kept = max_kept
+        self._clock = clock
+        self._records: dict[str, Record] = {}
+        # Finished records still owed to some client, oldest first.
+        self._undelivered: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def undelivered(self) -> int:
+        return len(self._undelivered)
+
+    def open(self, handle: str, task: str, client: Envelope, req: int) -> Record:
+        record = Record(handle, task, self._clock())
+        record.followers[client] = None
+        record.waiting.append((client, req))
+        self._records[handle] = record
+        return record
+
+    def get(self, handle: str) -> Record | None:
+        return self._records.get(handle)
+
+    def discard(self, handle: str) -> None:
+        self._records.pop(handle, None)
+        self._undelivered.pop(handle, None)
+
+    def settle(self, record: Record) -> list[Record]:
+        """File a record after a delivery attempt; returns records dropped to
+        respect `max_kept` (the caller logs them)."""
+        handle = record.handle
+        if record.delivered:
+            self.discard(handle)
+            return []
+        if record.result is None and record.exited is None:
+            return []
+        if record.finished_at is None:
+            record.finished_at = self._clock()
+        if handle not in self._undelivered:
+            self._undelivered[handle] = None
+        dropped = []
+        while len(self._undelivered) > self.max_kept:
+            oldest, _ = self._undelivered.popitem(last=False)
+            dropped.append(self._records.pop(oldest))
+        return dropped
+
+    def expire(self) -> list[Record]:
+        """Drop finished records older than the TTL; returns them."""
+        deadline = self._clock() - self.ttl
+        expired = []
+        while self._undelivered:
+            handle = next(iter(self._undelivered))
+            record = self._records[handle]
+            if record.finished_at is not None and record.finished_at > deadline:
+                break
+            self._undelivered.popitem(last=False)
+            expired.append(self._records.pop(handle))
+        return expired
