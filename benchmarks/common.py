@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import signal
 import statistics
 import struct
@@ -71,8 +72,17 @@ def zygote_server(*options: str, preload: tuple[str, ...] = PRELOAD) -> Iterator
 
     sockdir = tempfile.mkdtemp(prefix="zyb-", dir="/tmp")
     endpoint = f"ipc://{sockdir}/bench.sock"
-    command = [sys.executable, "-m", "zygote", "start", "--endpoint", endpoint,
-               "--log-level", "WARNING", *options]
+    command = [
+        sys.executable,
+        "-m",
+        "zygote",
+        "start",
+        "--endpoint",
+        endpoint,
+        "--log-level",
+        "WARNING",
+        *options,
+    ]
     for module in preload:
         command += ["--preload", module]
     log = open(Path(sockdir) / "server.log", "wb")  # noqa: SIM115
@@ -82,10 +92,9 @@ def zygote_server(*options: str, preload: tuple[str, ...] = PRELOAD) -> Iterator
         while True:
             if process.poll() is not None:
                 raise RuntimeError(Path(sockdir, "server.log").read_text())
-            with contextlib.suppress(ZygoteError):
-                with Zygote(endpoint, timeout=2) as client:
-                    if client.stats()["zygote_state"] == "ready":
-                        break
+            with contextlib.suppress(ZygoteError), Zygote(endpoint, timeout=2) as client:
+                if client.stats()["zygote_state"] == "ready":
+                    break
             if time.monotonic() > deadline:
                 raise RuntimeError("server did not start")
             time.sleep(0.05)
@@ -97,6 +106,7 @@ def zygote_server(*options: str, preload: tuple[str, ...] = PRELOAD) -> Iterator
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def machine() -> str:

@@ -3,7 +3,7 @@
     python -m benchmarks.spawn_latency [-n 300] [--pause 0.010]
 
 With numpy + pandas imported both here (for the floor) and in the zygote,
-measures in one run, each with the same pause between jobs:
+measures in one run, interleaved, each followed by the same pause:
 
 * floor: os.fork() -> the child's first instruction, from this process;
 * spawn -> handle: `Zygote.spawn()` returning (the worker is ready);
@@ -28,21 +28,24 @@ from zygote import Zygote
 from .common import fork_floor, machine, preload_versions, summary, zygote_server
 
 
-def measure_spawns(endpoint: str, n: int, pause: float) -> tuple[list[float], list[float]]:
-    to_handle, to_result = [], []
+def measure(endpoint: str, n: int, pause: float) -> dict[str, list[float]]:
+    """Floor and spawn samples interleaved, one of each per round, so that
+    drift on a shared machine hits both alike."""
+    samples: dict[str, list[float]] = {"floor": [], "handle": [], "result": []}
     with Zygote(endpoint, timeout=60) as client:
         for _ in range(20):  # warm-up: connection, first forks
             client.spawn("benchmarks.jobs:noop").result()
         for _ in range(n):
+            samples["floor"] += fork_floor(1, pause)
             start = time.perf_counter()
             handle = client.spawn("benchmarks.jobs:noop")
             ready = time.perf_counter()
             handle.result()
             done = time.perf_counter()
-            to_handle.append(ready - start)
-            to_result.append(done - start)
+            samples["handle"].append(ready - start)
+            samples["result"].append(done - start)
             time.sleep(pause)
-    return to_handle, to_result
+    return samples
 
 
 def main() -> None:
@@ -55,14 +58,13 @@ def main() -> None:
     gc.freeze()
 
     with zygote_server("--max-workers", "4") as endpoint:
-        floor_paused = fork_floor(args.n, args.pause)
+        samples = measure(endpoint, args.n, args.pause)
         floor_tight = fork_floor(args.n, 0.0)
-        to_handle, to_result = measure_spawns(endpoint, args.n, args.pause)
     rows = {
-        "fork floor, paused": summary(floor_paused),
+        "fork floor, paused": summary(samples["floor"]),
         "fork floor, tight loop": summary(floor_tight),
-        "spawn -> handle": summary(to_handle),
-        "spawn -> result": summary(to_result),
+        "spawn -> handle": summary(samples["handle"]),
+        "spawn -> result": summary(samples["result"]),
     }
     ratio = rows["spawn -> result"]["p50"] / rows["fork floor, paused"]["p50"]
     if args.json:

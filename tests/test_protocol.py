@@ -27,6 +27,7 @@ from zygote.protocol import (
     decode_request,
     encode,
     frame,
+    ok_result_prefix,
     request_id,
 )
 
@@ -41,6 +42,12 @@ def test_round_trip_of_every_request_and_reply() -> None:
     assert decode_reply(encode(result)) == result
     assert decode_channel(encode(result)) == result
     assert decode_reply(encode(Error(4, "busy", "full", ["r"]))) == Error(4, "busy", "full", ["r"])
+
+
+def test_prebuilt_ok_result_prefix_makes_a_valid_result() -> None:
+    value = msgpack.packb({"answer": 42})
+    data = ok_result_prefix("h-7") + msgpack.packb(value)
+    assert decode_reply(data) == Result("h-7", "ok", value=value)
 
 
 def test_optional_fields_take_defaults_and_unknown_fields_are_ignored() -> None:

@@ -18,12 +18,12 @@ if not sys.platform.startswith("linux"):  # pragma: no cover - checked on import
 import ctypes
 import fcntl
 import os
-import select
 import signal
 
 __all__ = [
     "arm_lifeline",
     "describe_wait_status",
+    "lifeline_cut",
     "native_threads",
     "open_fd_count",
     "open_lifeline",
@@ -75,23 +75,29 @@ def open_lifeline(read_fd: int) -> int:
     The SIGIO owner set by F_SETOWN belongs to the open file description,
     not to the fd: children sharing one inherited description would leave
     only the last one that registered armed. Re-opening the pipe through
-    /proc gives every child a description of its own.
+    /proc gives every child a description of its own. O_ASYNC is set now;
+    with no owner yet, it sends nothing until `arm_lifeline()`.
     """
-    return os.open(f"/proc/self/fd/{read_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-
-
-def arm_lifeline(fd: int) -> bool:
-    """Make the kernel send SIGIO (default action: terminate) to this process
-    when the lifeline's only writer, the supervisor, goes away.
-
-    Returns False when the supervisor is already gone: a hang-up that
-    happened before O_ASYNC was set raises no signal, so check after arming.
-    """
-    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+    fd = os.open(f"/proc/self/fd/{read_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return not poller.poll(0)
+    return fd
+
+
+def arm_lifeline(fd: int, pid: int) -> None:
+    """Make the kernel send SIGIO (default action: terminate) to `pid` when
+    the lifeline's only writer, the supervisor, goes away. The zygote does
+    this for a new child right after fork(), before it lets the child run
+    anything, so the child itself pays nothing for it."""
+    fcntl.fcntl(fd, fcntl.F_SETOWN, pid)
+
+
+def lifeline_cut(fd: int) -> bool:
+    """True if the supervisor is already gone. A hang-up that happened
+    before the lifeline was armed raised no signal, so check once after."""
+    try:
+        return os.read(fd, 1) == b""
+    except BlockingIOError:
+        return False
 
 
 def native_threads(pid: int | str = "self") -> dict[int, str]:

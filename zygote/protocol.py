@@ -329,6 +329,17 @@ Control = Boot | Booted | BootFailed | Fork | Forked | ForkFailed | Reaped
 ChannelMessage = Ready | Phase | ValidatorFailed | Result | Task | Go
 
 
+def ok_result_prefix(handle: str) -> bytes:
+    """The start of an encoded ``Result(handle, OK, value=...)``: append
+    ``msgpack.packb(value)`` (a bin) to complete it. Workers get it built
+    before the fork, so that they pay neither for the dataclass nor for the
+    generic encoder on the way to the result."""
+    fields = {"v": PROTOCOL_VERSION, "kind": Result.KIND, "handle": handle, "outcome": OK}
+    head: bytes = msgpack.packb(fields, use_bin_type=True)
+    assert head[0] == 0x80 | len(fields)  # a fixmap; one more entry follows
+    return bytes([head[0] + 1]) + head[1:] + b"\xa5value"  # the key, a fixstr
+
+
 def check_task_name(task: str) -> None:
     """Raise MalformedMessage unless `task` looks like "package.module:qualname"."""
     if len(task) > _MAX_TASK_LEN or not _TASK_RE.match(task):

@@ -496,6 +496,7 @@ class Supervisor:
             worker.result_seen = True
             job.record.result = data
             self._deliver(job.record)
+            self._close_channel(worker)  # the worker's cue to exit
         elif isinstance(msg, ValidatorFailed):
             last = msg.error.strip().splitlines()[-1] if msg.error.strip() else "failed"
             worker.failure = f"{msg.name} failed: {last}"

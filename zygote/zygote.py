@@ -22,7 +22,7 @@ import traceback
 from typing import NoReturn
 
 from . import worker
-from .linux import open_lifeline, set_parent_death_signal
+from .linux import arm_lifeline, open_lifeline, set_parent_death_signal
 from .protocol import (
     Boot,
     Booted,
@@ -30,70 +30,60 @@ from .protocol import (
     Fork,
     Forked,
     ForkFailed,
-    Go,
     Reaped,
     decode_control,
     encode,
-    frame,
 )
 
 log = logging.getLogger("zygote.zygote")
 
-GO_FRAME = frame(encode(Go()))
 # Fork requests carry at most a small task (the supervisor sends bigger ones
 # down the worker's channel), so control messages stay far below this.
 _CONTROL_BUFFER = 1 << 17
 
 
 class Zygote:
-    """Serves fork requests from the supervisor until its control socket closes."""
+    """Serves fork requests from the supervisor until its control socket closes.
+
+    It installs no signal handler: children are reaped through pidfds in
+    the same poll() as the control socket, so a new child inherits no
+    handler and no wakeup fd that it would have to undo.
+    """
 
     def __init__(self, control: socket.socket, lifeline_fd: int, boot: Boot) -> None:
         self.control = control
         self.lifeline_fd = lifeline_fd
         self.boot = boot
-        self._wake_r, self._wake_w = socket.socketpair()
+        self.steps = worker.Step.registered()
         self._buffer = bytearray(_CONTROL_BUFFER)
+        self._poller = select.poll()
+        self._children: dict[int, int] = {}  # pidfd -> pid, until reaped
         self._kit = self._make_kit()
 
-    def _make_kit(self) -> tuple[socket.socket, socket.socket, int]:
-        """The next child's channel pair and lifeline, made before it is needed
-        so that neither the fork request nor the child pays for them."""
+    def _make_kit(self) -> tuple[int, int, int]:
+        """The next child's channel (our end, its end) and lifeline, made
+        before they are needed so that neither the fork request nor the
+        child pays for them."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        return ours, theirs, open_lifeline(self.lifeline_fd)
+        return ours.detach(), theirs.detach(), open_lifeline(self.lifeline_fd)
 
     def serve(self) -> None:
-        for sock in (self._wake_r, self._wake_w):
-            sock.setblocking(False)
-        # SIGCHLD only wakes the loop; reaping happens in the loop itself.
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        poller = select.poll()
-        poller.register(self.control, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
         control_fd = self.control.fileno()
+        self._poller.register(control_fd, select.POLLIN)
         while True:
-            for fd, _ in poller.poll():
-                if fd == control_fd:
-                    size = self.control.recv_into(self._buffer)
-                    if not size:
-                        log.debug(
-                            "control socket closed; zygote generation %d retires",
-                            self.boot.generation,
-                        )
-                        return
-                    msg = decode_control(bytes(memoryview(self._buffer)[:size]))
-                    if isinstance(msg, Fork):
-                        self.fork(msg)
-                    else:
-                        log.warning("unexpected %s message from the supervisor", msg.KIND)
+            for fd, _ in self._poller.poll():
+                if fd != control_fd:
+                    self._reap(fd)
+                    continue
+                size = self.control.recv_into(self._buffer)
+                if not size:
+                    log.debug("control socket closed; generation %d retires", self.boot.generation)
+                    return
+                msg = decode_control(bytes(memoryview(self._buffer)[:size]))
+                if isinstance(msg, Fork):
+                    self.fork(msg)
                 else:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-            self.reap()
+                    log.warning("unexpected %s message from the supervisor", msg.KIND)
 
     def fork(self, request: Fork) -> None:
         task = None
@@ -103,6 +93,14 @@ class Zygote:
             )
             task.prepare(import_modules=False)
         ours, theirs, lifeline = self._kit
+        setup = worker.ChildSetup(
+            channel=theirs,
+            lifeline=lifeline,
+            close=(self.control.fileno(), ours),
+            steps=self.steps,
+            task=task,
+            max_result_bytes=self.boot.max_result_bytes,
+        )
         try:
             pid = os.fork()
         except OSError as exc:
@@ -111,49 +109,40 @@ class Zygote:
         if pid == 0:
             code = 70
             try:
-                code = worker.run(
-                    worker.ChildSetup(
-                        channel=theirs,
-                        lifeline=lifeline,
-                        close=[self.control, self._wake_r, self._wake_w, ours, self.lifeline_fd],
-                        task=task,
-                        max_result_bytes=self.boot.max_result_bytes,
-                    )
-                )
+                code = worker.run(setup)
             except BaseException:
                 traceback.print_exc()
             finally:
                 os._exit(code)
+        # From here on the child may run its task as soon as it is told to:
+        # arm its lifeline first, so that it never outlives the supervisor.
+        arm_lifeline(lifeline, pid)
         pidfd = os.pidfd_open(pid)
+        self._children[pidfd] = pid
+        self._poller.register(pidfd, select.POLLIN)
         try:
-            socket.send_fds(
-                self.control,
-                [encode(Forked(request.handle, pid))],
-                [ours.fileno(), pidfd],
-            )
+            socket.send_fds(self.control, [encode(Forked(request.handle, pid))], [ours, pidfd])
             if task is not None:
                 # Only now does the supervisor own the channel, so only now
                 # may the task run: had we died before this point, the child
                 # would see its channel close and exit without running it.
-                ours.sendall(GO_FRAME)
+                os.write(ours, worker.GO_FRAME)
         finally:
-            os.close(pidfd)
-            ours.close()
-            theirs.close()
-            os.close(lifeline)
+            for fd in (ours, theirs, lifeline):
+                os.close(fd)
             self._kit = self._make_kit()
 
-    def reap(self) -> None:
-        while True:
-            try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self._send(Reaped(pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss))
+    def _reap(self, pidfd: int) -> None:
+        pid = self._children.pop(pidfd)
+        self._poller.unregister(pidfd)
+        os.close(pidfd)
+        try:
+            _, status, usage = os.wait4(pid, 0)
+        except ChildProcessError:  # not ours to reap (cannot happen; be safe)
+            return
+        self._send(Reaped(pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss))
 
-    def _send(self, msg: Reaped | ForkFailed | Booted | BootFailed) -> None:
+    def _send(self, msg: Reaped | ForkFailed) -> None:
         self.control.sendall(encode(msg))
 
 
@@ -172,7 +161,6 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != supervisor_pid:
         os._exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping is the supervisor's call
     control = socket.socket(fileno=control_fd)
     boot = decode_control(control.recv(_CONTROL_BUFFER))
     if not isinstance(boot, Boot):
