@@ -30,7 +30,9 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, path: str | N
 def _server_option(name: str, kind: Any, help: str, **extra: Any) -> Callable[[Any], Any]:
     """An option of `zygote start`, also read from $ZYGOTE_<NAME>."""
     default = getattr(_DEFAULTS, name)
-    if name != "endpoint" and not extra.get("multiple"):
+    if name == "max_workers":
+        help = f"{help} [default: the number of CPUs, at least 2; here {default}]"
+    elif name != "endpoint" and not extra.get("multiple"):
         help = f"{help} [default: {default}]"
     return click.option(
         "--" + name.replace("_", "-"),
@@ -117,7 +119,7 @@ def start(**options: Any) -> None:
     sys.exit(code)
 
 
-for _option in reversed(_SERVER_OPTIONS):
+for _option in _SERVER_OPTIONS:  # options added to a Command append in order
     start = _option(start)
 
 
