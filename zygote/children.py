@@ -1,6 +1,6 @@
 """The supervisor's view of its children: zygote processes, workers, and the
-jobs they serve. State and non-blocking socket plumbing only; every
-decision about them lives in the supervisor loop.
+jobs they serve. State and non-blocking socket plumbing only; decisions
+about them live in the fleet (zygotes) and the spawner (jobs and workers).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .protocol import MAX_FRAME_BYTES, Control, FrameDecoder, Spawn, decode_control
 from .store import Record
@@ -69,6 +70,10 @@ class ZygoteProc:
     pending: dict[str, Job] = field(default_factory=dict)
     reaped: bool = False
     boot_timer: Timer | None = None
+    healthy_children: int = 0
+    corrupt_in_a_row: int = 0
+    #: its latest thread inventory (ThreadInfo dicts)
+    threads: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def start(cls, generation: int, lifeline_fd: int) -> ZygoteProc:
@@ -132,6 +137,8 @@ class Worker:
     phase: str | None = None
     #: why the supervisor gave up on it (deadline, validator, garbage)
     failure: str | None = None
+    #: the start-up step (validator, hook) it failed in, for the stats
+    failed_step: str | None = None
     timed_out: bool = False
 
     @property

@@ -12,10 +12,9 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import ConfigError, ServerConfig, load_toml
+from .config import LOG_FORMAT, ConfigError, ServerConfig, load_toml
 from .errors import ServerUnavailable, TaskError, ZygoteError, ZygoteTimeout
 
-_LOG_FORMAT = "%(asctime)s %(levelname)-7s zygote[%(process)d] %(name)s: %(message)s"
 _DEFAULTS = ServerConfig(endpoint="ipc://(default)")
 
 
@@ -107,7 +106,7 @@ def start(**options: Any) -> None:
     except ImportError as exc:  # zygote.linux refuses other platforms
         raise click.ClickException(str(exc)) from None
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logger = logging.getLogger("zygote")
     logger.addHandler(handler)
     logger.setLevel(config.log_level)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -17,7 +18,17 @@ from typing import Any
 
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES
 
-__all__ = ["ConfigError", "ServerConfig", "default_endpoint", "load_toml", "runtime_dir"]
+__all__ = [
+    "LOG_FORMAT",
+    "ConfigError",
+    "ServerConfig",
+    "default_endpoint",
+    "load_toml",
+    "runtime_dir",
+]
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s zygote[%(process)d] %(name)s: %(message)s"
 
 
 class ConfigError(ValueError):
@@ -66,6 +77,24 @@ class ServerConfig:
     queue_size: int = 1000
     #: a new child must pass its hooks and validators and report ready within this
     validate_timeout: float = 10.0
+    #: extra validators, "module:function", imported by the zygote after the preload
+    validators: list[str] = field(default_factory=list)
+    #: validators not to run, by name (built-in: openssl, logging, stdio, resolver)
+    disable_validators: list[str] = field(default_factory=list)
+    #: how a child that failed or missed its deadline is killed; SIGABRT makes
+    #: faulthandler print where it hung
+    kill_signal: str = "SIGKILL"
+    #: threads in the zygote at fork time: "warn" (and fork), or "refuse" to fork
+    thread_policy: str = "warn"
+    #: thread names (fnmatch patterns) known to be safe, silenced in warnings
+    allow_threads: list[str] = field(default_factory=list)
+    #: a prevent_fork() section holding a fork off longer than this is logged
+    prevent_fork_warning: float = 1.0
+    #: this many corrupt children in a row retire the zygote for a fresh one
+    corrupt_limit: int = 3
+    #: this many failed zygotes in a row (corrupt, dead or unable to preload
+    #: before any healthy child) stop the server
+    zygote_failure_limit: int = 3
     #: the zygote must answer a fork request within this, or it is replaced
     fork_timeout: float = 5.0
     #: failed starts of one request that are retried before the client sees SpawnError
@@ -85,11 +114,24 @@ class ServerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        positive = ("max_workers", "queue_size", "max_results", "max_message_bytes")
+        positive = (
+            "max_workers",
+            "queue_size",
+            "max_results",
+            "max_message_bytes",
+            "corrupt_limit",
+            "zygote_failure_limit",
+        )
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
-        for name in ("validate_timeout", "fork_timeout", "boot_timeout", "result_ttl"):
+        for name in (
+            "validate_timeout",
+            "fork_timeout",
+            "boot_timeout",
+            "result_ttl",
+            "prevent_fork_warning",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
         for name in ("kill_grace", "shutdown_grace"):
@@ -102,10 +144,27 @@ class ServerConfig:
                 f"endpoint must be ipc://PATH or tcp://HOST:PORT, not {self.endpoint!r}"
             )
         self.log_level = self.log_level.upper()
+        self.kill_signal = signal_by_name(self.kill_signal).name
+        if self.thread_policy not in ("warn", "refuse"):
+            raise ConfigError(f"thread_policy must be warn or refuse, not {self.thread_policy!r}")
+        for task in self.validators:
+            if ":" not in task:
+                raise ConfigError(f"a validator is named 'module:function', not {task!r}")
 
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def signal_by_name(name: str | int) -> signal.Signals:
+    """SIGKILL, KILL or 9 -> signal.SIGKILL."""
+    text = str(name).upper()
+    try:
+        if text.isdigit():
+            return signal.Signals(int(text))
+        return signal.Signals[text if text.startswith("SIG") else "SIG" + text]
+    except (KeyError, ValueError):
+        raise ConfigError(f"not a signal: {name!r}") from None
 
 
 def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

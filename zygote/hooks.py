@@ -7,16 +7,29 @@ the zygote has to stay single-threaded to fork safely.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+import contextlib
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
 
-__all__ = ["after_fork", "validator"]
+__all__ = ["after_fork", "fork_lock", "mark_fork_safe", "prevent_fork", "validator"]
 
 F = TypeVar("F", bound=Callable[[], object])
 
 # Filled at import time of preloaded modules, read in each new worker.
 AFTER_FORK: list[Callable[[], object]] = []
 VALIDATORS: dict[str, Callable[[], object]] = {}
+# Threads the application vouches for (they hold no lock a child needs).
+FORK_SAFE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+FORK_SAFE_NATIVE: set[int] = set()
+FORK_LOCKS: list[_Lock] = []
+
+
+class _Lock(Protocol):
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+    def release(self) -> None: ...
 
 
 def _name(func: Callable[[], object]) -> str:
@@ -36,7 +49,9 @@ def validator(func: F | None = None, *, name: str | None = None) -> F | Callable
 
     A validator that raises, or does not return within the validate timeout,
     marks the child corrupt: it is killed and replaced. Use it as
-    ``@zygote.validator`` or ``@zygote.validator(name="db")``.
+    ``@zygote.validator`` or ``@zygote.validator(name="db")``; the name (by
+    default "module:function") is what logs, stats and
+    ``--disable-validator`` use.
     """
 
     def register(f: F) -> F:
@@ -44,3 +59,68 @@ def validator(func: F | None = None, *, name: str | None = None) -> F | Callable
         return f
 
     return register(func) if func is not None else register
+
+
+def mark_fork_safe(thread: threading.Thread | int) -> None:
+    """Vouch that a thread in the zygote never holds a lock a child needs, so
+    the thread inventory stops warning about it. Pass a `threading.Thread`,
+    or the native id of a thread Python does not know about."""
+    if isinstance(thread, int):
+        FORK_SAFE_NATIVE.add(thread)
+    else:
+        FORK_SAFE_THREADS.add(thread)
+
+
+def fork_lock(lock: _Lock) -> _Lock:
+    """Register `lock` to be acquired around every fork of the zygote, so no
+    thread holds it at the instant of the fork; returns it. The child gets it
+    released."""
+    FORK_LOCKS.append(lock)
+    return lock
+
+
+class ForkGate:
+    """Open `prevent_fork` sections; the zygote waits for them to close.
+
+    The condition's lock is held across the fork itself, so no section can
+    open between the check and the fork.
+    """
+
+    def __init__(self) -> None:
+        self.condition = threading.Condition(threading.Lock())
+        # thread -> (its name, when it opened its outermost section, depth)
+        self.sections: dict[int, tuple[str, float, int]] = {}
+
+    @contextlib.contextmanager
+    def section(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self.condition:
+            name, since, depth = self.sections.get(
+                me, (threading.current_thread().name, time.monotonic(), 0)
+            )
+            self.sections[me] = (name, since, depth + 1)
+        try:
+            yield
+        finally:
+            with self.condition:
+                name, since, depth = self.sections[me]
+                if depth == 1:
+                    del self.sections[me]
+                    self.condition.notify_all()
+                else:
+                    self.sections[me] = (name, since, depth - 1)
+
+
+#: Set in the zygote process only; elsewhere prevent_fork() does nothing.
+GATE: ForkGate | None = None
+
+
+def prevent_fork() -> contextlib.AbstractContextManager[None]:
+    """Hold off the zygote's forks while the block runs (from any thread).
+
+    Use it around work that takes a lock a child would need (a TLS
+    handshake, a write to a shared log): a fork requested meanwhile waits
+    until the block ends. Outside a zygote it does nothing.
+    """
+    gate = GATE
+    return gate.section() if gate is not None else contextlib.nullcontext()

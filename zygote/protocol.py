@@ -12,7 +12,7 @@ Four conversations use this module:
 * client <-> supervisor, over ZeroMQ: `Spawn`, `Attach`, `Kill`, `Stats`,
   `Ping`, `Stop` and the replies `Spawned`, `Result`, `Exited`, `Ok`, `Error`;
 * supervisor <-> zygote, over a SOCK_SEQPACKET socket: `Boot`, `Booted`,
-  `BootFailed`, `Fork`, `Forked`, `ForkFailed`, `Reaped`;
+  `BootFailed`, `Fork`, `Forked`, `ForkFailed`, `Threads`, `Reaped`;
 * worker <-> supervisor, over the worker's own stream socket, framed by
   `FrameDecoder`: `Ready`, `Phase`, `ValidatorFailed`, `Result` from the
   worker; `Task` or `Go` to it.
@@ -226,6 +226,11 @@ class Boot(Message):
     cwd: str
     max_result_bytes: int
     log_level: str = "INFO"
+    validators: list[str] = field(default_factory=list)
+    disable_validators: list[str] = field(default_factory=list)
+    thread_policy: str = "warn"
+    allow_threads: list[str] = field(default_factory=list)
+    prevent_fork_warning: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +276,16 @@ class ForkFailed(Message):
     KIND = "fork_failed"
     handle: str
     error: str
+    #: refused by the thread policy: retrying cannot help
+    refused: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Threads(Message):
+    """The zygote's thread inventory changed (sent on change, not per fork)."""
+
+    KIND = "threads"
+    threads: list[dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +340,7 @@ class Go(Message):
 
 Request = Spawn | Attach | Kill | Stats | Ping | Stop
 Reply = Spawned | Result | Exited | Ok | Error
-Control = Boot | Booted | BootFailed | Fork | Forked | ForkFailed | Reaped
+Control = Boot | Booted | BootFailed | Fork | Forked | ForkFailed | Threads | Reaped
 ChannelMessage = Ready | Phase | ValidatorFailed | Result | Task | Go
 
 
@@ -405,7 +420,7 @@ def _registry(*classes: type[Message]) -> dict[str, _Spec]:
 
 _REQUESTS = _registry(Spawn, Attach, Kill, Stats, Ping, Stop)
 _REPLIES = _registry(Spawned, Result, Exited, Ok, Error)
-_CONTROL = _registry(Boot, Booted, BootFailed, Fork, Forked, ForkFailed, Reaped)
+_CONTROL = _registry(Boot, Booted, BootFailed, Fork, Forked, ForkFailed, Threads, Reaped)
 _CHANNEL = _registry(Ready, Phase, ValidatorFailed, Result, Task, Go)
 _FIELD_NAMES = {
     spec.cls: tuple(name for name, _, _ in spec.fields)

@@ -19,7 +19,6 @@ from typing import Any
 
 import msgpack
 
-from . import hooks
 from .linux import lifeline_cut
 from .protocol import (
     EXITED,
@@ -110,11 +109,8 @@ class Step:
     phase_frame: bytes  # the Phase message announcing it, pre-encoded
 
     @classmethod
-    def registered(cls) -> list[Step]:
-        """The hooks and validators registered so far, in run order."""
-        pairs = [(f"after_fork:{hooks._name(f)}", f) for f in hooks.AFTER_FORK]
-        pairs.extend(hooks.VALIDATORS.items())
-        return [cls(name, check, frame(encode(Phase(name)))) for name, check in pairs]
+    def of(cls, steps: list[tuple[str, Callable[[], object]]]) -> list[Step]:
+        return [cls(name, check, frame(encode(Phase(name)))) for name, check in steps]
 
 
 def resolve(task: str) -> Callable[..., Any]:

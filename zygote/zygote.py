@@ -10,6 +10,7 @@ a fork of a multi-threaded process.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import importlib
 import logging
@@ -18,10 +19,14 @@ import select
 import signal
 import socket
 import sys
+import time
 import traceback
+import warnings
+from collections.abc import Callable
 from typing import NoReturn
 
-from . import worker
+from . import hooks, inventory, validators, worker
+from .config import LOG_FORMAT
 from .linux import arm_lifeline, open_lifeline, set_parent_death_signal
 from .protocol import (
     Boot,
@@ -31,6 +36,7 @@ from .protocol import (
     Forked,
     ForkFailed,
     Reaped,
+    Threads,
     decode_control,
     encode,
 )
@@ -54,10 +60,13 @@ class Zygote:
         self.control = control
         self.lifeline_fd = lifeline_fd
         self.boot = boot
-        self.steps = worker.Step.registered()
+        # Without other threads no lock can be left held, so the built-in
+        # probes only run in children forked while threads were present.
+        self.steps_alone, self.steps_threaded = startup_steps(boot)
         self._buffer = bytearray(_CONTROL_BUFFER)
         self._poller = select.poll()
         self._children: dict[int, int] = {}  # pidfd -> pid, until reaped
+        self._threads_seen: frozenset[tuple[str, int, str]] = frozenset()
         self._kit = self._make_kit()
 
     def _make_kit(self) -> tuple[int, int, int]:
@@ -70,6 +79,7 @@ class Zygote:
     def serve(self) -> None:
         control_fd = self.control.fileno()
         self._poller.register(control_fd, select.POLLIN)
+        self.inventory()
         while True:
             for fd, _ in self._poller.poll():
                 if fd != control_fd:
@@ -85,6 +95,22 @@ class Zygote:
                 else:
                     log.warning("unexpected %s message from the supervisor", msg.KIND)
 
+    def inventory(self) -> list[inventory.ThreadInfo]:
+        """The threads besides ours; logs and reports the set when it changes."""
+        threads = inventory.take(self.boot.allow_threads)
+        seen = inventory.signature(threads)
+        if seen != self._threads_seen:
+            for thread in threads:
+                if (thread.kind, thread.native_id, thread.name) in self._threads_seen:
+                    continue
+                if thread.allowed:
+                    log.info("%s (allowed)", thread.describe())
+                else:
+                    log.warning("%s: a child can deadlock on any lock it held", thread.describe())
+            self._threads_seen = seen
+            self._send(Threads([thread.as_dict() for thread in threads]))
+        return threads
+
     def fork(self, request: Fork) -> None:
         task = None
         if request.task is not None and request.payload is not None:
@@ -92,20 +118,29 @@ class Zygote:
                 request.handle, request.task, request.payload, request.env, request.cwd
             )
             task.prepare(import_modules=False)
+        threads = self.inventory()
+        warnings = [t.describe() for t in threads if not t.allowed]
+        if warnings and self.boot.thread_policy == "refuse":
+            listing = "; ".join(warnings)
+            self._send(ForkFailed(request.handle, f"refused to fork: {listing}", refused=True))
+            return
         ours, theirs, lifeline = self._kit
         setup = worker.ChildSetup(
             channel=theirs,
             lifeline=lifeline,
             close=(self.control.fileno(), ours),
-            steps=self.steps,
+            steps=self.steps_threaded if threads else self.steps_alone,
             task=task,
             max_result_bytes=self.boot.max_result_bytes,
         )
+        held = self._hold_forks(bool(threads))
         try:
-            pid = os.fork()
+            pid = _fork(quiet=bool(threads))
         except OSError as exc:
+            self._release_forks(held)
             self._send(ForkFailed(request.handle, f"fork() failed: {exc}"))
             return
+        self._release_forks(held)
         if pid == 0:
             code = 70
             try:
@@ -121,7 +156,8 @@ class Zygote:
         self._children[pidfd] = pid
         self._poller.register(pidfd, select.POLLIN)
         try:
-            socket.send_fds(self.control, [encode(Forked(request.handle, pid))], [ours, pidfd])
+            forked = Forked(request.handle, pid, warnings)
+            socket.send_fds(self.control, [encode(forked)], [ours, pidfd])
             if task is not None:
                 # Only now does the supervisor own the channel, so only now
                 # may the task run: had we died before this point, the child
@@ -131,6 +167,41 @@ class Zygote:
             for fd in (ours, theirs, lifeline):
                 os.close(fd)
             self._kit = self._make_kit()
+
+    def _hold_forks(self, threaded: bool) -> list[hooks._Lock]:
+        """Take every registered fork lock and, with other threads about,
+        wait for open prevent_fork() sections and keep new ones from opening.
+        Returns what to release (in the parent and in the child alike)."""
+        held: list[hooks._Lock] = []
+        for lock in hooks.FORK_LOCKS:
+            self._acquire(lock, lambda: "a lock registered with zygote.fork_lock() is held")
+            held.append(lock)
+        gate = hooks.GATE
+        if threaded and gate is not None:
+            gate.condition.acquire()
+            held.append(gate.condition)
+            waited = 0.0
+            while gate.sections:
+                gate.condition.wait(self.boot.prevent_fork_warning)
+                waited += self.boot.prevent_fork_warning
+                if gate.sections:
+                    holders = ", ".join(
+                        f"{name!r} (for {time.monotonic() - since:.1f}s)"
+                        for name, since, _ in gate.sections.values()
+                    )
+                    log.warning("a fork has waited %.1fs for prevent_fork() in %s", waited, holders)
+        return held
+
+    def _acquire(self, lock: hooks._Lock, why: Callable[[], str]) -> None:
+        waited = 0.0
+        while not lock.acquire(timeout=self.boot.prevent_fork_warning):
+            waited += self.boot.prevent_fork_warning
+            log.warning("a fork has waited %.1fs: %s", waited, why())
+
+    @staticmethod
+    def _release_forks(held: list[hooks._Lock]) -> None:
+        for lock in reversed(held):
+            lock.release()
 
     def _reap(self, pidfd: int) -> None:
         pid = self._children.pop(pidfd)
@@ -142,8 +213,46 @@ class Zygote:
             return
         self._send(Reaped(pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss))
 
-    def _send(self, msg: Reaped | ForkFailed) -> None:
+    def _send(self, msg: Reaped | ForkFailed | Threads) -> None:
         self.control.sendall(encode(msg))
+
+
+def _fork(*, quiet: bool) -> int:
+    if not quiet:
+        return os.fork()
+    # Python 3.12+ warns that forking with threads may deadlock; the thread
+    # inventory has already said so, with names.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+def startup_steps(boot: Boot) -> tuple[list[worker.Step], list[worker.Step]]:
+    """The steps of a new child: after-fork hooks, then validators. Returns
+    (without the built-in probes, with them). Built-in probes run once here
+    so that their lazy set-up happens before the fork, not in every child;
+    one that fails even here is dropped with a warning."""
+    disabled = set(boot.disable_validators)
+    user = dict(hooks.VALIDATORS)
+    for name in boot.validators:
+        user[name] = worker.resolve(name)
+    builtins = {}
+    for name, probe in validators.builtin().items():
+        if name in disabled:
+            continue
+        try:
+            probe()
+        except Exception as exc:
+            log.warning(
+                "built-in validator %r fails in the zygote itself (%s); not using it", name, exc
+            )
+            continue
+        builtins[name] = probe
+    hook_steps = [(f"after_fork:{hooks._name(f)}", f) for f in hooks.AFTER_FORK]
+    mine = [(name, f) for name, f in user.items() if name not in disabled]
+    alone = worker.Step.of(hook_steps + mine)
+    threaded = worker.Step.of(hook_steps + list(builtins.items()) + mine)
+    return alone, threaded
 
 
 def preload(boot: Boot) -> None:
@@ -165,12 +274,19 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     boot = decode_control(control.recv(_CONTROL_BUFFER))
     if not isinstance(boot, Boot):
         raise SystemExit(f"zygote: expected a boot message, got {boot.KIND}")
-    logging.basicConfig(
-        level=boot.log_level,
-        format="%(asctime)s %(levelname)-7s zygote[%(process)d] %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger = logging.getLogger("zygote")
+    logger.addHandler(handler)
+    logger.setLevel(boot.log_level)
+    logger.propagate = False
+    # A child that crashes, or is killed with SIGABRT because it hung,
+    # prints its Python stack to the server's log.
+    faulthandler.enable(all_threads=True)
+    hooks.GATE = hooks.ForkGate()
     try:
         preload(boot)
+        server = Zygote(control, lifeline_fd, boot)
     except BaseException:
         control.sendall(encode(BootFailed(traceback.format_exc())))
         os._exit(1)
@@ -178,7 +294,6 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     # in a child would otherwise touch (and so copy) every object's header.
     gc.collect()
     gc.freeze()
-    server = Zygote(control, lifeline_fd, boot)
     control.sendall(encode(Booted(os.getpid(), boot.generation)))
     try:
         server.serve()

@@ -1,0 +1,287 @@
+"""The supervisor's zygotes: starting them, their control messages, losing
+them, and the escalation ladder when their children keep coming out corrupt.
+
+The ladder: a failed start is retried (the spawner's business); after
+`corrupt_limit` corrupt children in a row from one zygote, that zygote is
+killed and a fresh interpreter replaces it; after `zygote_failure_limit`
+zygotes in a row that failed — corrupt, dead, or unable to preload before
+giving a single healthy child — the server gives up and stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .children import ZygoteProc, ZygoteState
+from .config import ServerConfig
+from .linux import describe_wait_status, send_signal
+from .loop import EventLoop
+from .protocol import (
+    Boot,
+    Booted,
+    BootFailed,
+    Fork,
+    Forked,
+    ForkFailed,
+    ProtocolError,
+    Reaped,
+    Threads,
+    encode,
+)
+
+log = logging.getLogger("zygote.supervisor")
+
+#: Exit statuses of `zygote start` when the ladder runs out.
+EXIT_BOOT, EXIT_UNHEALTHY = 3, 4
+
+
+class ZygoteEvents(Protocol):
+    """What a zygote reports, for whoever runs the workers (the spawner)."""
+
+    def on_forked(self, zygote: ZygoteProc, msg: Forked, fds: list[int]) -> None: ...
+    def on_fork_failed(self, zygote: ZygoteProc, msg: ForkFailed) -> None: ...
+    def on_reaped(self, pid: int, status: int, rusage: tuple[float, float, int]) -> None: ...
+    def on_zygote_ready(self) -> None: ...
+    def on_zygote_gone(self, zygote: ZygoteProc) -> None: ...
+
+
+class Fleet:
+    def __init__(
+        self,
+        config: ServerConfig,
+        loop: EventLoop,
+        lifeline_fd: int,
+        events: ZygoteEvents,
+        give_up: Callable[[str, int], None],
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.lifeline_fd = lifeline_fd
+        self.events = events
+        self.give_up = give_up
+        self.current: ZygoteProc | None = None  # the one that takes fork requests
+        self.zygotes: dict[int, ZygoteProc] = {}  # by pid: current and retiring
+        self.generation = 0
+        self.failed_in_a_row = 0  # zygotes that failed before any healthy child
+        self.booted_once = False
+        self.accepting = True  # False once the server stops: no more zygotes
+        self.restarts = 0
+        self.retired_corrupt = 0
+
+    @property
+    def ready(self) -> ZygoteProc | None:
+        zygote = self.current
+        return zygote if zygote is not None and zygote.state is ZygoteState.READY else None
+
+    def start(self) -> None:
+        """Exec the next generation; it takes fork requests once it has booted."""
+        self.generation += 1
+        zygote = ZygoteProc.start(self.generation, self.lifeline_fd)
+        self.zygotes[zygote.pid] = zygote
+        self.current = zygote
+        config = self.config
+        boot = Boot(
+            zygote.generation,
+            list(config.preload),
+            os.getcwd(),
+            config.max_message_bytes,
+            config.log_level,
+            list(config.validators),
+            list(config.disable_validators),
+            config.thread_policy,
+            list(config.allow_threads),
+            config.prevent_fork_warning,
+        )
+        zygote.control.send(encode(boot))
+        zygote.boot_timer = self.loop.later(config.boot_timeout, self._boot_overdue, zygote)
+        self.loop.watch(zygote.control.fileno(), lambda: self._on_control(zygote))
+        log.info(
+            "zygote generation %d starting (pid %d, preload: %s)",
+            zygote.generation,
+            zygote.pid,
+            ", ".join(config.preload) or "nothing",
+        )
+
+    def send_fork(self, zygote: ZygoteProc, request: Fork) -> bool:
+        """Send a fork request; False if the zygote cannot take it now."""
+        try:
+            zygote.control.send(encode(request))
+        except BlockingIOError:  # not reading: the fork deadline will tell why
+            return False
+        except OSError:
+            self.lost(zygote, "its control socket broke")
+            return False
+        return True
+
+    # -- the ladder ---------------------------------------------------------
+
+    def child_healthy(self, zygote: ZygoteProc) -> None:
+        zygote.healthy_children += 1
+        zygote.corrupt_in_a_row = 0
+        self.failed_in_a_row = 0
+
+    def child_corrupt(self, zygote: ZygoteProc) -> None:
+        zygote.corrupt_in_a_row += 1
+        if zygote.corrupt_in_a_row >= self.config.corrupt_limit and zygote is self.current:
+            self.retired_corrupt += 1
+            self.broken(zygote, f"gave {zygote.corrupt_in_a_row} corrupt children in a row")
+
+    def _failed(self, zygote: ZygoteProc, why: str) -> None:
+        """Count a zygote that ended without one healthy child; give up at the limit."""
+        if zygote.healthy_children:
+            return
+        self.failed_in_a_row += 1
+        if self.failed_in_a_row >= self.config.zygote_failure_limit:
+            self.give_up(
+                f"{self.failed_in_a_row} zygotes in a row failed; the last one {why}",
+                EXIT_UNHEALTHY,
+            )
+
+    def _boot_failed(self, zygote: ZygoteProc, why: str) -> None:
+        if not self.booted_once:  # it never worked: a configuration error, say so now
+            self.give_up(f"the zygote cannot preload: {why}", EXIT_BOOT)
+        self.broken(zygote, why)
+
+    # -- control messages ---------------------------------------------------
+
+    def _on_control(self, zygote: ZygoteProc) -> None:
+        try:
+            messages, closed = zygote.receive()
+        except ProtocolError as exc:
+            self.broken(zygote, f"sent garbage: {exc}")
+            return
+        self._handle(zygote, messages)
+        if closed:
+            self.lost(zygote, "it closed its control socket")
+
+    def _handle(self, zygote: ZygoteProc, messages: list[tuple[Any, list[int]]]) -> None:
+        for msg, fds in messages:
+            if isinstance(msg, Forked):
+                self.events.on_forked(zygote, msg, fds)
+                continue
+            for fd in fds:
+                os.close(fd)
+            if isinstance(msg, Reaped):
+                self.events.on_reaped(msg.pid, msg.status, (msg.utime, msg.stime, msg.maxrss_kb))
+            elif isinstance(msg, ForkFailed):
+                self.events.on_fork_failed(zygote, msg)
+            elif isinstance(msg, Threads):
+                zygote.threads = msg.threads
+            elif isinstance(msg, Booted):
+                self._on_booted(zygote)
+            elif isinstance(msg, BootFailed):
+                log.error(
+                    "zygote generation %d failed to preload:\n%s",
+                    zygote.generation,
+                    msg.error.rstrip(),
+                )
+                self._boot_failed(zygote, msg.error.strip().splitlines()[-1])
+
+    def _on_booted(self, zygote: ZygoteProc) -> None:
+        if zygote.boot_timer is not None:
+            zygote.boot_timer.cancel()
+        zygote.state = ZygoteState.READY
+        self.booted_once = True
+        log.info(
+            "zygote generation %d ready (pid %d) after %.0f ms",
+            zygote.generation,
+            zygote.pid,
+            (time.monotonic() - zygote.started) * 1000,
+        )
+        self.events.on_zygote_ready()
+
+    def _boot_overdue(self, zygote: ZygoteProc) -> None:
+        if zygote.state is ZygoteState.BOOTING:
+            self._boot_failed(
+                zygote, f"preload did not finish within {self.config.boot_timeout:g}s"
+            )
+
+    # -- losing zygotes -------------------------------------------------------
+
+    def broken(self, zygote: ZygoteProc, why: str) -> None:
+        """Kill a zygote that cannot be trusted any more; a new one replaces it."""
+        if zygote.state is ZygoteState.DEAD:
+            return
+        log.error(
+            "zygote generation %d (pid %d) %s; killing it", zygote.generation, zygote.pid, why
+        )
+        send_signal(zygote.pidfd, signal.SIGKILL)
+        self.lost(zygote, why)
+
+    def lost(self, zygote: ZygoteProc, why: str) -> None:
+        """The zygote is gone, or as good as gone: let the spawner take back
+        what it had not forked, and start its successor."""
+        if zygote.state is ZygoteState.DEAD:
+            return
+        retiring = zygote.state is ZygoteState.RETIRING
+        # Messages still queued (forks done, children reaped) count first.
+        if self.loop.watching(zygote.control.fileno()):
+            self.loop.unwatch(zygote.control.fileno())
+            with contextlib.suppress(ProtocolError):
+                self._handle(zygote, zygote.receive()[0])
+        zygote.state = ZygoteState.DEAD
+        zygote.control.close()
+        if zygote.boot_timer is not None:
+            zygote.boot_timer.cancel()
+        self.events.on_zygote_gone(zygote)
+        if retiring:
+            return
+        log.warning("zygote generation %d (pid %d) lost: %s", zygote.generation, zygote.pid, why)
+        if zygote is self.current:
+            self.current = None
+            self._failed(zygote, why)
+            if self.accepting:
+                self.restarts += 1
+                self.start()
+
+    def retire(self, zygote: ZygoteProc) -> None:
+        """Let a zygote go quietly; its workers keep running."""
+        if zygote.state in (ZygoteState.BOOTING, ZygoteState.READY):
+            # Half-close: it sees end-of-file and exits, while we keep
+            # reading what it still has to say (children it reaped).
+            zygote.state = ZygoteState.RETIRING
+            zygote.control.shutdown(socket.SHUT_WR)
+        if zygote is self.current:
+            self.current = None
+
+    def stop(self) -> None:
+        """No more zygotes: retire the current one once nothing is pending."""
+        self.accepting = False
+        zygote = self.current
+        if zygote is not None and not zygote.pending:
+            self.retire(zygote)
+
+    def reaped(self, pid: int, status: int) -> ZygoteProc | None:
+        """A child of ours was reaped: if it was a zygote, settle it."""
+        zygote = self.zygotes.pop(pid, None)
+        if zygote is None:
+            return None
+        zygote.process.returncode = status
+        zygote.reaped = True
+        os.close(zygote.pidfd)
+        words = describe_wait_status(status)
+        self.lost(zygote, words)
+        log.info("zygote generation %d (pid %d) %s", zygote.generation, pid, words)
+        return zygote
+
+    def kill_all(self) -> None:
+        for zygote in self.zygotes.values():
+            send_signal(zygote.pidfd, signal.SIGKILL)
+
+    def stats(self) -> dict[str, Any]:
+        zygote = self.current
+        return {
+            "generation": zygote.generation if zygote else None,
+            "zygote_pid": zygote.pid if zygote else None,
+            "zygote_state": zygote.state.value if zygote else None,
+            "threads": zygote.threads if zygote else [],
+            "zygote_restarts": self.restarts,
+            "zygotes_retired_corrupt": self.retired_corrupt,
+        }

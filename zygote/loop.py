@@ -1,0 +1,51 @@
+"""The supervisor's event loop: ZeroMQ sockets and plain descriptors in one
+poll, callbacks per descriptor, and deadlines. Single-threaded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .timers import Timer, Timers
+
+Handler = Callable[[], object]
+
+
+class EventLoop:
+    def __init__(self) -> None:
+        self.poller = zmq.Poller()
+        self.timers = Timers()
+        self._handlers: dict[Any, Handler] = {}
+
+    def watch(self, source: Any, handler: Handler, flags: int = zmq.POLLIN) -> None:
+        """Call `handler()` whenever `source` (an fd or a ZeroMQ socket) is ready."""
+        self._handlers[source] = handler
+        self.poller.register(source, flags)
+
+    def modify(self, source: Any, flags: int) -> None:
+        self.poller.modify(source, flags)
+
+    def unwatch(self, source: Any) -> None:
+        if self._handlers.pop(source, None) is not None:
+            self.poller.unregister(source)
+
+    def watching(self, source: Any) -> bool:
+        return source in self._handlers
+
+    def later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
+        """Call `callback(*args)` after `delay` seconds (cancel the Timer to not)."""
+        return self.timers.add(delay, callback, *args)
+
+    def run_once(self, cap: float) -> None:
+        """Wait up to `cap` seconds (less if a timer is due sooner), then run
+        the handlers of everything ready and every timer due."""
+        delay = self.timers.next_delay()
+        timeout = cap if delay is None else min(delay, cap)
+        # Round up: waking a hair early would spin until the timer is due.
+        for source, _ in self.poller.poll(int(timeout * 1000) + (delay is not None)):
+            handler = self._handlers.get(source)
+            if handler is not None:
+                handler()
+        self.timers.run_due()
