@@ -9,7 +9,12 @@ import pytest
 import zmq
 
 from zygote import TaskError, Zygote
-from zygote.protocol import Error, decode_reply
+from zygote.codec import (
+    decode_reply,
+)
+from zygote.protocol import (
+    Error,
+)
 
 from .conftest import Server
 

@@ -9,10 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from zygote.codec import (
+    FrameDecoder,
+    decode_channel,
+    decode_reply,
+    decode_request,
+    encode,
+    frame,
+    ok_result_prefix,
+    request_id,
+)
 from zygote.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Error,
-    FrameDecoder,
     Kill,
     MalformedMessage,
     MessageTooLarge,
@@ -22,13 +31,6 @@ from zygote.protocol import (
     Spawned,
     UnknownKind,
     UnsupportedVersion,
-    decode_channel,
-    decode_reply,
-    decode_request,
-    encode,
-    frame,
-    ok_result_prefix,
-    request_id,
 )
 
 

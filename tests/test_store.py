@@ -74,3 +74,31 @@ def test_timers_fire_in_order_and_cancel() -> None:
     clock.now += 1
     timers.run_due()
     assert fired == ["a", "b"] and timers.next_delay() is None
+
+
+def test_event_loop_survives_a_failing_handler(caplog) -> None:
+    import socket
+
+    from zygote.loop import EventLoop
+
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    calls = []
+
+    def broken() -> None:
+        a.recv(10)
+        calls.append("broken")
+        raise ValueError("a bug")
+
+    loop.watch(a.fileno(), broken)
+    loop.later(0, calls.append, "timer")
+    b.send(b"x")
+    loop.run_once(1.0)
+    assert calls == ["broken", "timer"]
+    assert loop.internal_errors == 1
+    assert (
+        "internal error in test_event_loop_survives_a_failing_handler.<locals>.broken"
+        in caplog.text
+    )
+    a.close()
+    b.close()

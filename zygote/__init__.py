@@ -20,7 +20,7 @@ from .errors import (
     ZygoteError,
     ZygoteTimeout,
 )
-from .hooks import after_fork, validator
+from .hooks import after_fork, fork_lock, mark_fork_safe, prevent_fork, validator
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,9 @@ __all__ = [
     "ZygoteTimeout",
     "__version__",
     "after_fork",
+    "fork_lock",
+    "mark_fork_safe",
+    "prevent_fork",
     "validator",
 ]
 

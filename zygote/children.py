@@ -14,7 +14,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import MAX_FRAME_BYTES, Control, FrameDecoder, Spawn, decode_control
+from .codec import (
+    MAX_FRAME_BYTES,
+    FrameDecoder,
+    decode_control,
+)
+from .linux import send_signal
+from .protocol import (
+    Control,
+    Spawn,
+)
 from .store import Record
 from .timers import Timer
 
@@ -144,6 +153,10 @@ class Worker:
     @property
     def generation(self) -> int:
         return self.zygote.generation
+
+    def signal(self, sig: int) -> bool:
+        """Signal it if it still runs (through its pidfd: never a recycled pid)."""
+        return self.alive and send_signal(self.pidfd, sig)
 
     @property
     def ended(self) -> bool:

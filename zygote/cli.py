@@ -26,15 +26,18 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, path: str | N
             raise click.BadParameter(str(exc)) from None
 
 
-def _server_option(name: str, kind: Any, help: str, **extra: Any) -> Callable[[Any], Any]:
-    """An option of `zygote start`, also read from $ZYGOTE_<NAME>."""
+def _server_option(
+    name: str, kind: Any, help: str, flag: str | None = None, **extra: Any
+) -> Callable[[Any], Any]:
+    """An option of `zygote start`, also read from $ZYGOTE_<NAME>. Repeatable
+    options take a singular `flag` (--validator) for a plural setting."""
     default = getattr(_DEFAULTS, name)
     if name == "max_workers":
         help = f"{help} [default: the number of CPUs, at least 2; here {default}]"
     elif name != "endpoint" and not extra.get("multiple"):
         help = f"{help} [default: {default}]"
     return click.option(
-        "--" + name.replace("_", "-"),
+        "--" + (flag or name).replace("_", "-"),
         name,
         type=kind,
         envvar="ZYGOTE_" + name.upper(),
@@ -56,6 +59,50 @@ _SERVER_OPTIONS = [
     _server_option("max_workers", click.IntRange(1), "Live workers at most."),
     _server_option("queue_size", click.IntRange(1), "Requests waiting for a slot at most."),
     _server_option("validate_timeout", float, "Seconds a new worker has to become ready."),
+    _server_option(
+        "validators",
+        str,
+        "Extra validator, module:function (repeatable).",
+        flag="validator",
+        multiple=True,
+    ),
+    _server_option(
+        "disable_validators",
+        str,
+        "Validator not to run, by name: openssl, logging, stdio, resolver, or one of yours"
+        " (repeatable).",
+        flag="disable_validator",
+        multiple=True,
+    ),
+    _server_option(
+        "kill_signal",
+        str,
+        "Signal for a child that failed or hung in its checks (SIGABRT"
+        " makes it print its stack first).",
+    ),
+    _server_option(
+        "thread_policy",
+        click.Choice(["warn", "refuse"]),
+        "Threads in the zygote at fork time: warn, or refuse to fork.",
+    ),
+    _server_option(
+        "allow_threads",
+        str,
+        "Thread name pattern known to be fork-safe (repeatable; fnmatch).",
+        flag="allow_thread",
+        multiple=True,
+    ),
+    _server_option(
+        "prevent_fork_warning", float, "Seconds a fork may wait on prevent_fork() before a warning."
+    ),
+    _server_option(
+        "corrupt_limit", click.IntRange(1), "Corrupt children in a row that retire a zygote."
+    ),
+    _server_option(
+        "zygote_failure_limit",
+        click.IntRange(1),
+        "Failed zygotes in a row that stop the server.",
+    ),
     _server_option("fork_timeout", float, "Seconds the zygote has to answer a fork request."),
     _server_option("spawn_retries", click.IntRange(0), "Failed starts retried per request."),
     _server_option("kill_grace", float, "Seconds from SIGTERM to SIGKILL."),
@@ -91,7 +138,7 @@ def main() -> None:
 def start(**options: Any) -> None:
     """Start a server in the foreground; stop it with `zygote stop` or SIGTERM."""
     settings: dict[str, Any] = {
-        name: list(value) if name == "preload" else value
+        name: list(value) if isinstance(value, tuple) else value
         for name, value in options.items()
         if value is not None and value != ()
     }

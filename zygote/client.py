@@ -25,6 +25,10 @@ from typing import Any
 import msgpack
 import zmq
 
+from .codec import (
+    decode_reply,
+    encode,
+)
 from .config import default_endpoint
 from .errors import (
     ServerBusy,
@@ -59,8 +63,6 @@ from .protocol import (
     Stats,
     Stop,
     check_task_name,
-    decode_reply,
-    encode,
 )
 
 __all__ = ["ExitInfo", "Handle", "Zygote"]

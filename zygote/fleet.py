@@ -20,6 +20,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .children import ZygoteProc, ZygoteState
+from .codec import (
+    encode,
+)
 from .config import ServerConfig
 from .linux import describe_wait_status, send_signal
 from .loop import EventLoop
@@ -33,7 +36,6 @@ from .protocol import (
     ProtocolError,
     Reaped,
     Threads,
-    encode,
 )
 
 log = logging.getLogger("zygote.supervisor")

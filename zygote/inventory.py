@@ -20,6 +20,11 @@ from typing import Any
 from . import hooks
 from .linux import native_threads
 
+#: native thread id -> the preload module whose import started it. Native
+#: threads rarely have telling names (OpenBLAS's are called "python"), so
+#: the zygote notes, module by module, which import made them.
+ORIGINS: dict[int, str] = {}
+
 
 @dataclass(frozen=True)
 class ThreadInfo:
@@ -29,6 +34,7 @@ class ThreadInfo:
     ident: int | None = None
     daemon: bool | None = None
     where: str = ""  # the Python thread's current file:line and function
+    origin: str = ""  # the preload module whose import started it, if known
     allowed: bool = False  # on the allowlist, or marked fork-safe
 
     def describe(self) -> str:
@@ -39,6 +45,8 @@ class ThreadInfo:
                 what += f" at {self.where}"
         else:
             what = f"native thread {self.name!r} (tid {self.native_id})"
+            if self.origin:
+                what += f", started by importing {self.origin},"
         return what + " was running in the zygote at fork time"
 
     def as_dict(self) -> dict[str, Any]:
@@ -66,15 +74,29 @@ def take(allow: Sequence[str] = ()) -> list[ThreadInfo]:
             where = f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
         allowed = thread in hooks.FORK_SAFE_THREADS or _matches(thread.name, allow)
         found.append(
-            ThreadInfo("python", thread.name, tid, thread.ident, thread.daemon, where, allowed)
+            ThreadInfo(
+                "python", thread.name, tid, thread.ident, thread.daemon, where, allowed=allowed
+            )
         )
     for tid, comm in sorted(natives.items()):
-        allowed = tid in hooks.FORK_SAFE_NATIVE or _matches(comm, allow)
-        found.append(ThreadInfo("native", comm, tid, allowed=allowed))
+        origin = ORIGINS.get(tid, "")
+        allowed = (
+            tid in hooks.FORK_SAFE_NATIVE
+            or _matches(comm, allow)
+            or bool(origin and _matches(origin, allow))
+        )
+        found.append(ThreadInfo("native", comm, tid, origin=origin, allowed=allowed))
     return found
 
 
+def note_origins(module: str, before: set[int]) -> None:
+    """Attribute native threads that appeared since `before` to `module`."""
+    for tid in native_threads().keys() - before:
+        ORIGINS.setdefault(tid, module)
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """Patterns match a thread's name, or the module whose import started it."""
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 

@@ -3,6 +3,7 @@ poll, callbacks per descriptor, and deadlines. Single-threaded."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import zmq
 from .timers import Timer, Timers
 
 Handler = Callable[[], object]
+log = logging.getLogger("zygote.supervisor")
 
 
 class EventLoop:
@@ -18,6 +20,7 @@ class EventLoop:
         self.poller = zmq.Poller()
         self.timers = Timers()
         self._handlers: dict[Any, Handler] = {}
+        self.internal_errors = 0
 
     def watch(self, source: Any, handler: Handler, flags: int = zmq.POLLIN) -> None:
         """Call `handler()` whenever `source` (an fd or a ZeroMQ socket) is ready."""
@@ -36,7 +39,7 @@ class EventLoop:
 
     def later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
         """Call `callback(*args)` after `delay` seconds (cancel the Timer to not)."""
-        return self.timers.add(delay, callback, *args)
+        return self.timers.add(delay, self._guarded, callback, *args)
 
     def run_once(self, cap: float) -> None:
         """Wait up to `cap` seconds (less if a timer is due sooner), then run
@@ -47,5 +50,17 @@ class EventLoop:
         for source, _ in self.poller.poll(int(timeout * 1000) + (delay is not None)):
             handler = self._handlers.get(source)
             if handler is not None:
-                handler()
+                self._guarded(handler)
         self.timers.run_due()
+
+    def _guarded(self, callback: Callable[..., object], *args: Any) -> None:
+        # A bug in handling one event must not take the server down: that
+        # would kill every worker (their lifelines) and lose every result.
+        # Log it loudly, count it, carry on.
+        try:
+            callback(*args)
+        except Exception:
+            self.internal_errors += 1
+            log.exception(
+                "internal error in %s; carrying on", getattr(callback, "__qualname__", callback)
+            )

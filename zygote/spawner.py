@@ -16,6 +16,11 @@ from typing import Any, Protocol
 import zmq
 
 from .children import Job, JobState, Worker, ZygoteProc, ZygoteState
+from .codec import (
+    decode_channel,
+    encode,
+    frame,
+)
 from .config import ServerConfig, signal_by_name
 from .fleet import Fleet
 from .linux import describe_wait_status, send_signal, wait_status_parts
@@ -37,9 +42,6 @@ from .protocol import (
     Result,
     Task,
     ValidatorFailed,
-    decode_channel,
-    encode,
-    frame,
 )
 from .store import Record
 
@@ -92,7 +94,7 @@ class Spawner:
         worker = job.worker if job else None
         if worker is None or not worker.alive:
             return None
-        send_signal(worker.pidfd, sig)
+        worker.signal(sig)
         return worker.pid
 
     def dispatch(self) -> None:
@@ -231,9 +233,9 @@ class Spawner:
     def _kill_corrupt(self, worker: Worker) -> None:
         """Kill a child that failed its start-up; with SIGABRT, faulthandler
         prints where it was first. SIGKILL follows if that does not do it."""
-        send_signal(worker.pidfd, self.kill_signal)
+        worker.signal(self.kill_signal)
         if self.kill_signal != signal.SIGKILL:
-            self.loop.later(self.config.kill_grace, self._kill_if_alive, worker)
+            self.loop.later(self.config.kill_grace, worker.signal, signal.SIGKILL)
 
     def _task_overdue(self, worker: Worker) -> None:
         if not worker.alive or worker.result_seen:
@@ -246,12 +248,8 @@ class Spawner:
             worker.job.spawn.task,
             worker.job.spawn.timeout,
         )
-        send_signal(worker.pidfd, signal.SIGTERM)
-        self.loop.later(self.config.kill_grace, self._kill_if_alive, worker)
-
-    def _kill_if_alive(self, worker: Worker) -> None:
-        if worker.alive:
-            send_signal(worker.pidfd, signal.SIGKILL)
+        worker.signal(signal.SIGTERM)
+        self.loop.later(self.config.kill_grace, worker.signal, signal.SIGKILL)
 
     # -- start failures ---------------------------------------------------------
 
@@ -334,7 +332,7 @@ class Spawner:
     def _misbehaved(self, worker: Worker, what: str) -> None:
         worker.failure = worker.failure or what
         log.error("worker %d [%s] %s; killing it", worker.pid, worker.job.handle, what)
-        send_signal(worker.pidfd, signal.SIGKILL)
+        worker.signal(signal.SIGKILL)
 
     def _on_ready(self, worker: Worker) -> None:
         job = worker.job
@@ -458,7 +456,7 @@ class Spawner:
         """Signal every live worker; how many there were."""
         alive = [worker for worker in self.workers.values() if worker.alive]
         for worker in alive:
-            send_signal(worker.pidfd, sig)
+            worker.signal(sig)
         return len(alive)
 
     def stats(self) -> dict[str, Any]:

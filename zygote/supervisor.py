@@ -27,6 +27,11 @@ import zmq
 
 from . import __version__
 from .children import Job
+from .codec import (
+    decode_request,
+    encode,
+    request_id,
+)
 from .config import ConfigError, ServerConfig, ensure_private_dir
 from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
 from .linux import set_child_subreaper, signal_name
@@ -46,9 +51,6 @@ from .protocol import (
     Spawned,
     Stats,
     Stop,
-    decode_request,
-    encode,
-    request_id,
 )
 from .spawner import Spawner
 from .store import Envelope, Record, ResultStore
@@ -352,6 +354,7 @@ class Supervisor:
             "queue_size": self.config.queue_size,
             "results_kept": self.store.undelivered,
             "busy_rejections": self.busy_rejections,
+            "internal_errors": self.loop.internal_errors,
         }
 
 

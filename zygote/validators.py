@@ -90,8 +90,9 @@ def builtin() -> dict[str, Callable[[], None]]:
     return probes
 
 
-#: every built-in probe's name, for configuration checks and docs
-NAMES = ("openssl", "logging", "stdio", "resolver")
+#: Probes with lazy set-up (loading OpenSSL's tables, NSS modules) that the
+#: zygote runs once itself, so that children do not each pay for it.
+WARM_UP = frozenset({"openssl", "resolver"})
 
 
 def _loaded(library: str) -> bool:

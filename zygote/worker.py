@@ -19,21 +19,23 @@ from typing import Any
 
 import msgpack
 
+from .codec import (
+    FrameDecoder,
+    decode_channel,
+    encode,
+    frame,
+    ok_result_prefix,
+)
 from .linux import lifeline_cut
 from .protocol import (
     EXITED,
     RAISED,
-    FrameDecoder,
     Go,
     Phase,
     Ready,
     Result,
     Task,
     ValidatorFailed,
-    decode_channel,
-    encode,
-    frame,
-    ok_result_prefix,
 )
 
 READY_FRAME = frame(encode(Ready()))

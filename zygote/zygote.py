@@ -26,8 +26,12 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from . import hooks, inventory, validators, worker
+from .codec import (
+    decode_control,
+    encode,
+)
 from .config import LOG_FORMAT
-from .linux import arm_lifeline, open_lifeline, set_parent_death_signal
+from .linux import arm_lifeline, native_threads, open_lifeline, set_parent_death_signal
 from .protocol import (
     Boot,
     Booted,
@@ -37,8 +41,6 @@ from .protocol import (
     ForkFailed,
     Reaped,
     Threads,
-    decode_control,
-    encode,
 )
 
 log = logging.getLogger("zygote.zygote")
@@ -229,9 +231,10 @@ def _fork(*, quiet: bool) -> int:
 
 def startup_steps(boot: Boot) -> tuple[list[worker.Step], list[worker.Step]]:
     """The steps of a new child: after-fork hooks, then validators. Returns
-    (without the built-in probes, with them). Built-in probes run once here
-    so that their lazy set-up happens before the fork, not in every child;
-    one that fails even here is dropped with a warning."""
+    (without the built-in probes, with them). Probes with lazy set-up run
+    once here, so that it happens before the fork and not in every child;
+    one that fails even here (no "localhost" to resolve, say) would fail
+    every child, so it is dropped with a warning instead."""
     disabled = set(boot.disable_validators)
     user = dict(hooks.VALIDATORS)
     for name in boot.validators:
@@ -241,7 +244,8 @@ def startup_steps(boot: Boot) -> tuple[list[worker.Step], list[worker.Step]]:
         if name in disabled:
             continue
         try:
-            probe()
+            if name in validators.WARM_UP:
+                probe()
         except Exception as exc:
             log.warning(
                 "built-in validator %r fails in the zygote itself (%s); not using it", name, exc
@@ -260,7 +264,9 @@ def preload(boot: Boot) -> None:
     if boot.cwd not in sys.path:
         sys.path.insert(0, boot.cwd)
     for name in boot.preload:
+        before = set(native_threads())
         importlib.import_module(name)
+        inventory.note_origins(name, before)
 
 
 def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:

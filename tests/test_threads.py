@@ -1,0 +1,106 @@
+"""Thread inventory, allowlist, refuse mode, prevent_fork and fork_lock (fork-safety #5, #6)."""
+
+from __future__ import annotations
+
+import pytest
+
+from zygote import SpawnError
+
+from .conftest import wait_until
+
+
+def test_numpy_and_a_python_thread_show_up_in_stats_and_warnings(start_server) -> None:
+    server = start_server(preload=("tests.tasks", "numpy", "tests.threaded"))
+    client = server.client(timeout=30)
+    first = client.spawn("tests.tasks:add", 1, 2)
+    assert first.result() == 3
+    text = "\n".join(first.warnings)
+    # OpenBLAS's pool: a native thread, named after the import that started it.
+    assert "native thread" in text and "started by importing numpy" in text
+    assert "Python thread 'metrics-flusher'" in text
+    assert "tests/threaded.py:" in text and "in _flush_metrics" in text
+    # The thread vouched for with zygote.mark_fork_safe() is not a warning.
+    assert "vouched-heartbeat" not in text
+    threads = {t["name"]: t for t in server.stats()["threads"]}
+    assert (
+        threads["metrics-flusher"]["kind"] == "python" and not threads["metrics-flusher"]["allowed"]
+    )
+    assert threads["vouched-heartbeat"]["allowed"]
+    # One warning per thread when the set appears, not one per fork.
+    second = client.spawn("tests.tasks:add", 2, 2)
+    assert second.result() == 4
+    assert any("metrics-flusher" in w for w in second.warnings)
+    log = server.log()
+    assert log.count("Python thread 'metrics-flusher'") == 1
+
+
+def test_allowlist_silences_threads(start_server) -> None:
+    server = start_server(
+        "--allow-thread",
+        "metrics-*",
+        "--allow-thread",
+        "numpy",
+        preload=("tests.tasks", "numpy", "tests.threaded"),
+    )
+    client = server.client(timeout=30)
+    handle = client.spawn("tests.tasks:add", 1, 2)
+    assert handle.result() == 3
+    assert handle.warnings == []
+    assert all(t["allowed"] for t in server.stats()["threads"])
+    assert "WARNING" not in server.log()
+
+
+def test_refuse_policy_turns_threads_into_spawn_errors(start_server) -> None:
+    server = start_server("--thread-policy", "refuse", preload=("tests.tasks", "tests.threaded"))
+    client = server.client(timeout=30)
+    with pytest.raises(SpawnError, match=r"refused to fork.*metrics-flusher"):
+        client.spawn("tests.tasks:add", 1, 2)
+    allowed = start_server(
+        "--thread-policy",
+        "refuse",
+        "--allow-thread",
+        "metrics-flusher",
+        preload=("tests.tasks", "tests.threaded"),
+    )
+    with allowed.client(timeout=30) as other:
+        assert other.spawn("tests.tasks:add", 1, 2).result() == 3
+
+
+def test_no_threads_means_no_warnings(client) -> None:
+    handle = client.spawn("tests.tasks:add", 1, 2)
+    assert handle.result() == 3 and handle.warnings == []
+
+
+def test_fork_waits_for_an_open_prevent_fork_section(start_server, tmp_path) -> None:
+    server = start_server(
+        "--prevent-fork-warning",
+        "0.2",
+        preload=("tests.tasks", "tests.gate"),
+        env={"ZYGOTE_TEST_DIR": str(tmp_path), "ZYGOTE_TEST_HOLD": "1.0"},
+    )
+    client = server.client(timeout=30)
+    (tmp_path / "open-section").write_text("")
+    wait_until((tmp_path / "section-opened").exists, what="the section to open")
+    started = client.spawn("tests.gate:started_at").result()
+    closed = float((tmp_path / "section-closed").read_text())
+    assert started > closed  # the child began only after the section ended
+    log = server.log()
+    assert "waited" in log and "prevent_fork() in 'section-holder'" in log
+
+
+def test_fork_waits_for_a_fork_lock(start_server, tmp_path) -> None:
+    server = start_server(
+        "--prevent-fork-warning",
+        "0.2",
+        preload=("tests.tasks", "tests.gate"),
+        env={"ZYGOTE_TEST_DIR": str(tmp_path), "ZYGOTE_TEST_HOLD": "0.6"},
+    )
+    client = server.client(timeout=30)
+    (tmp_path / "hold-lock").write_text("")
+    wait_until((tmp_path / "lock-taken").exists, what="the lock to be taken")
+    started = client.spawn("tests.gate:started_at").result()
+    released = float((tmp_path / "lock-released").read_text())
+    assert started > released
+    assert "zygote.fork_lock() is held" in server.log()
+    # The child got the lock released: it can take it.
+    assert client.spawn("tests.gate:take_lock").result() is True

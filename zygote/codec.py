@@ -1,0 +1,258 @@
+"""The codec: messages to msgpack bytes and back, and stream framing. No I/O.
+
+A message travels as one msgpack map, ``{"v": 1, "kind": ..., fields...}``.
+Decoding is bounded (a size limit first, then msgpack's own limits, which
+follow the input's size) and strict: every field's type is checked against
+the message class's annotations, and anything else raises a `ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    OK,
+    PROTOCOL_VERSION,
+    Attach,
+    Boot,
+    Booted,
+    BootFailed,
+    ChannelMessage,
+    Control,
+    Error,
+    Exited,
+    Fork,
+    Forked,
+    ForkFailed,
+    Go,
+    Kill,
+    MalformedMessage,
+    Message,
+    MessageTooLarge,
+    Ok,
+    Phase,
+    Ping,
+    ProtocolError,
+    Ready,
+    Reaped,
+    Reply,
+    Request,
+    Result,
+    Spawn,
+    Spawned,
+    Stats,
+    Stop,
+    Task,
+    Threads,
+    UnknownKind,
+    UnsupportedVersion,
+    ValidatorFailed,
+)
+
+_Checker = Callable[[object], bool]
+
+
+def _checker(tp: Any) -> _Checker:
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        parts = [_checker(a) for a in typing.get_args(tp)]
+        return lambda v: any(p(v) for p in parts)
+    if tp is type(None):
+        return lambda v: v is None
+    if tp is Any:
+        return lambda v: True
+    if tp is int:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp in (str, bytes, bool):
+        return lambda v: isinstance(v, tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        check = _checker(item)
+        return lambda v: isinstance(v, list) and all(check(i) for i in v)
+    if origin is dict:
+        key, value = typing.get_args(tp)
+        check_k, check_v = _checker(key), _checker(value)
+        return lambda v: (
+            isinstance(v, dict) and all(check_k(k) and check_v(x) for k, x in v.items())
+        )
+    raise TypeError(f"no wire checker for {tp!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    cls: type[Message]
+    # (name, checker, required)
+    fields: tuple[tuple[str, _Checker, bool], ...]
+
+
+def _spec(cls: type[Message]) -> _Spec:
+    hints = typing.get_type_hints(cls)
+    fields = tuple(
+        (
+            f.name,
+            _checker(hints[f.name]),
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        )
+        for f in dataclasses.fields(cls)
+    )
+    return _Spec(cls, fields)
+
+
+def _registry(*classes: type[Message]) -> dict[str, _Spec]:
+    return {cls.KIND: _spec(cls) for cls in classes}
+
+
+_REQUESTS = _registry(Spawn, Attach, Kill, Stats, Ping, Stop)
+_REPLIES = _registry(Spawned, Result, Exited, Ok, Error)
+_CONTROL = _registry(Boot, Booted, BootFailed, Fork, Forked, ForkFailed, Threads, Reaped)
+_CHANNEL = _registry(Ready, Phase, ValidatorFailed, Result, Task, Go)
+_FIELD_NAMES = {
+    spec.cls: tuple(name for name, _, _ in spec.fields)
+    for registry in (_REQUESTS, _REPLIES, _CONTROL, _CHANNEL)
+    for spec in registry.values()
+}
+
+
+def encode(message: Message) -> bytes:
+    """One message as one msgpack map."""
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": message.KIND}
+    for name in _FIELD_NAMES[type(message)]:
+        body[name] = getattr(message, name)
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _decode(data: bytes, registry: dict[str, _Spec], max_bytes: int) -> Message:
+    if len(data) > max_bytes:
+        raise MessageTooLarge(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise MalformedMessage(f"not a msgpack message: {exc}") from None
+    if not isinstance(body, dict):
+        raise MalformedMessage(f"a message must be a msgpack map, not {type(body).__name__}")
+    version = body.get("v")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {version!r} is not supported (this server speaks {PROTOCOL_VERSION})"
+        )
+    kind = body.get("kind")
+    spec = registry.get(kind) if isinstance(kind, str) else None
+    if spec is None:
+        raise UnknownKind(f"unknown message kind {kind!r:.60}")
+    kwargs = {}
+    for name, check, required in spec.fields:
+        if name in body:
+            value = body[name]
+            if not check(value):
+                raise MalformedMessage(
+                    f"{kind}: field {name!r} has the wrong type ({type(value).__name__})"
+                )
+            kwargs[name] = value
+        elif required:
+            raise MalformedMessage(f"{kind}: missing field {name!r}")
+    try:
+        return spec.cls(**kwargs)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise MalformedMessage(f"{kind}: {exc}") from None
+
+
+def decode_request(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Request:
+    """A client's message, as seen by the supervisor."""
+    return _decode(data, _REQUESTS, max_bytes)  # type: ignore[return-value]
+
+
+def decode_reply(data: bytes) -> Reply:
+    """A supervisor's message, as seen by the client."""
+    return _decode(data, _REPLIES, 1 << 62)  # type: ignore[return-value]
+
+
+def decode_control(data: bytes) -> Control:
+    """A message between supervisor and zygote."""
+    return _decode(data, _CONTROL, 1 << 62)  # type: ignore[return-value]
+
+
+def decode_channel(data: bytes, max_bytes: int = 1 << 62) -> ChannelMessage:
+    """A message on a worker's channel."""
+    return _decode(data, _CHANNEL, max_bytes)  # type: ignore[return-value]
+
+
+def request_id(data: bytes) -> int:
+    """Best-effort `req` of a message that failed to decode, so the error
+    reply can still be matched to its request (0 when there is none)."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:
+        return 0
+    req = body.get("req") if isinstance(body, dict) else None
+    return req if isinstance(req, int) and not isinstance(req, bool) else 0
+
+
+def ok_result_prefix(handle: str) -> bytes:
+    """The start of an encoded ``Result(handle, OK, value=...)``: append
+    ``msgpack.packb(value)`` (a bin) to complete it. Workers get it built
+    before the fork, so that they pay neither for the dataclass nor for the
+    generic encoder on the way to the result."""
+    fields = {"v": PROTOCOL_VERSION, "kind": Result.KIND, "handle": handle, "outcome": OK}
+    head: bytes = msgpack.packb(fields, use_bin_type=True)
+    assert head[0] == 0x80 | len(fields)  # a fixmap; one more entry follows
+    return bytes([head[0] + 1]) + head[1:] + b"\xa5value"  # the key, a fixstr
+
+
+# -- stream framing (worker channels) -----------------------------------------
+
+_HEADER = struct.Struct(">I")
+HEADER_SIZE = _HEADER.size
+MAX_FRAME_BYTES = (1 << 32) - 1
+
+
+def frame(payload: bytes) -> bytes:
+    """Length-prefix one encoded message for a stream socket."""
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Splits a byte stream into length-prefixed frames; no I/O.
+
+    `feed()` bytes as they arrive and get every complete frame back. A frame
+    announced bigger than `max_frame` raises MessageTooLarge at once, before
+    its body is buffered.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buffer
+        buf += data
+        frames = []
+        start = 0
+        while len(buf) - start >= HEADER_SIZE:
+            (size,) = _HEADER.unpack_from(buf, start)
+            if size > self._max:
+                raise MessageTooLarge(f"frame of {size} bytes exceeds the limit of {self._max}")
+            end = start + HEADER_SIZE + size
+            if len(buf) < end:
+                break
+            frames.append(bytes(buf[start + HEADER_SIZE : end]))
+            start = end
+        del buf[:start]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame still buffered."""
+        return len(self._buffer)
