@@ -5,10 +5,11 @@ validators catch before the task runs.
 
 The zygote preloads examples.openssl_threads (two threads looping on
 ssl.create_default_context() and hashlib.pbkdf2_hmac). Each job runs a task
-that uses OpenSSL itself, with a per-task timeout. Run twice, validators on
-and off: a hang caught at start-up is a child killed and replaced (the
-client never sees it); a hang that got past start-up shows as a task
-timeout.
+that uses OpenSSL itself (a TLS context and a digest), with a per-task
+timeout. Run with validators on and off (and, with --variants, with each
+half of the openssl probe alone): a hang caught at start-up is a child
+killed and replaced (the client never sees it); a hang that got past
+start-up shows as a task timeout.
 """
 
 from __future__ import annotations
@@ -79,10 +80,22 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--validate-timeout", type=float, default=1.0)
     parser.add_argument("--task-timeout", type=float, default=3.0)
+    parser.add_argument(
+        "--variants", action="store_true", help="also run the openssl probe's halves on their own"
+    )
     args = parser.parse_args()
+    configurations = {
+        "validators on": [],
+        "validators off": OFF,
+        # The openssl probe's two halves on their own, as custom validators.
+        "only RAND + digest fetch": [*OFF, "--validator", "benchmarks.probes:rand_and_fetch"],
+        "only SSLContext": [*OFF, "--validator", "benchmarks.probes:context"],
+    }
+    if not args.variants:
+        configurations = dict(list(configurations.items())[:2])
     report = {
-        "validators on": run(args.n, args.validate_timeout, args.task_timeout, []),
-        "validators off": run(args.n, args.validate_timeout, args.task_timeout, OFF),
+        name: run(args.n, args.validate_timeout, args.task_timeout, options)
+        for name, options in configurations.items()
     }
     print(f"# {machine()}; n={args.n} per run")
     print(json.dumps(report, indent=2))

@@ -3,10 +3,11 @@
     python -m benchmarks.validator_cost [-n 300] [--pause 0.010]
 
 Four servers, all with numpy + pandas preloaded, measured in one run with
-spawns interleaved round-robin (one to each per round, the same pause after
-each): built-in validators on / off, in a thread-free zygote (where they are
-skipped by design) and in a zygote with one idle thread (where every child
-runs them). Prints spawn->result p50/p99 and the differences.
+spawns interleaved round-robin (one to each per round, the order rotated
+every round, the same pause after each): built-in validators on / off, in a
+thread-free zygote (where they are skipped by design) and in a zygote with
+one idle thread (where every child runs them). Prints spawn->result p50/p99
+and the differences.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def main() -> None:
         for client in clients.values():
             for _ in range(20):
                 client.spawn("benchmarks.jobs:noop").result()
+        order = list(clients.items())
         for _ in range(args.n):
-            for name, client in clients.items():
+            order.append(order.pop(0))  # rotate: no variant always goes first
+            for name, client in order:
                 start = time.perf_counter()
                 client.spawn("benchmarks.jobs:noop").result()
                 samples[name].append(time.perf_counter() - start)

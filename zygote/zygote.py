@@ -62,9 +62,7 @@ class Zygote:
         self.control = control
         self.lifeline_fd = lifeline_fd
         self.boot = boot
-        # Without other threads no lock can be left held, so the built-in
-        # probes only run in children forked while threads were present.
-        self.steps_alone, self.steps_threaded = startup_steps(boot)
+        self.steps = StartupSteps(boot)
         self._buffer = bytearray(_CONTROL_BUFFER)
         self._poller = select.poll()
         self._children: dict[int, int] = {}  # pidfd -> pid, until reaped
@@ -131,7 +129,7 @@ class Zygote:
             channel=theirs,
             lifeline=lifeline,
             close=(self.control.fileno(), ours),
-            steps=self.steps_threaded if threads else self.steps_alone,
+            steps=self.steps.threaded() if threads else self.steps.alone,
             task=task,
             max_result_bytes=self.boot.max_result_bytes,
         )
@@ -229,34 +227,41 @@ def _fork(*, quiet: bool) -> int:
         return os.fork()
 
 
-def startup_steps(boot: Boot) -> tuple[list[worker.Step], list[worker.Step]]:
-    """The steps of a new child: after-fork hooks, then validators. Returns
-    (without the built-in probes, with them). Probes with lazy set-up run
-    once here, so that it happens before the fork and not in every child;
-    one that fails even here (no "localhost" to resolve, say) would fail
-    every child, so it is dropped with a warning instead."""
-    disabled = set(boot.disable_validators)
-    user = dict(hooks.VALIDATORS)
-    for name in boot.validators:
-        user[name] = worker.resolve(name)
-    builtins = {}
-    for name, probe in validators.builtin().items():
-        if name in disabled:
-            continue
-        try:
-            if name in validators.WARM_UP:
-                probe()
-        except Exception as exc:
-            log.warning(
-                "built-in validator %r fails in the zygote itself (%s); not using it", name, exc
-            )
-            continue
-        builtins[name] = probe
-    hook_steps = [(f"after_fork:{hooks._name(f)}", f) for f in hooks.AFTER_FORK]
-    mine = [(name, f) for name, f in user.items() if name not in disabled]
-    alone = worker.Step.of(hook_steps + mine)
-    threaded = worker.Step.of(hook_steps + list(builtins.items()) + mine)
-    return alone, threaded
+class StartupSteps:
+    """What a new child runs before it reports ready: the after-fork hooks,
+    then the validators — the built-in probes only when the zygote has other
+    threads (without them nothing can have been left locked)."""
+
+    def __init__(self, boot: Boot) -> None:
+        disabled = set(boot.disable_validators)
+        user = dict(hooks.VALIDATORS)
+        for name in boot.validators:
+            user[name] = worker.resolve(name)
+        self._hooks = [(f"after_fork:{hooks._name(f)}", f) for f in hooks.AFTER_FORK]
+        self._user = [(name, f) for name, f in user.items() if name not in disabled]
+        self._probes = {n: p for n, p in validators.builtin().items() if n not in disabled}
+        self.alone = worker.Step.of(self._hooks + self._user)
+        self._threaded: list[worker.Step] | None = None
+
+    def threaded(self) -> list[worker.Step]:
+        """The steps with the built-in probes. Probes with lazy set-up run once
+        here first (at the first fork with threads, so that a thread-free
+        zygote never loads what they need), so that it happens before the fork
+        and not in every child; one that fails even here (no "localhost" to
+        resolve, say) would fail every child, so it is dropped with a warning."""
+        if self._threaded is None:
+            for name in validators.WARM_UP & self._probes.keys():
+                try:
+                    self._probes[name]()
+                except Exception as exc:
+                    log.warning(
+                        "built-in validator %r fails in the zygote itself (%s); not using it",
+                        name,
+                        exc,
+                    )
+                    del self._probes[name]
+            self._threaded = worker.Step.of(self._hooks + list(self._probes.items()) + self._user)
+        return self._threaded
 
 
 def preload(boot: Boot) -> None:
