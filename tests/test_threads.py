@@ -10,7 +10,8 @@ from .conftest import wait_until
 
 
 def test_numpy_and_a_python_thread_show_up_in_stats_and_warnings(start_server) -> None:
-    server = start_server(preload=("tests.tasks", "numpy", "tests.threaded"))
+    # OpenBLAS stops its pool at the first fork: make that fork the spawn's.
+    server = start_server("--prefork", "0", preload=("tests.tasks", "numpy", "tests.threaded"))
     client = server.client(timeout=30)
     first = client.spawn("tests.tasks:add", 1, 2)
     assert first.result() == 3
@@ -75,6 +76,8 @@ def test_fork_waits_for_an_open_prevent_fork_section(start_server, tmp_path) -> 
     server = start_server(
         "--prevent-fork-warning",
         "0.2",
+        "--prefork",
+        "0",  # the spawn must fork, not take a child forked earlier
         preload=("tests.tasks", "tests.gate"),
         env={"ZYGOTE_TEST_DIR": str(tmp_path), "ZYGOTE_TEST_HOLD": "1.0"},
     )
@@ -92,6 +95,8 @@ def test_fork_waits_for_a_fork_lock(start_server, tmp_path) -> None:
     server = start_server(
         "--prevent-fork-warning",
         "0.2",
+        "--prefork",
+        "0",  # the spawn must fork, not take a child forked earlier
         preload=("tests.tasks", "tests.gate"),
         env={"ZYGOTE_TEST_DIR": str(tmp_path), "ZYGOTE_TEST_HOLD": "0.6"},
     )

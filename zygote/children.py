@@ -19,7 +19,7 @@ from .codec import (
     FrameDecoder,
     decode_control,
 )
-from .linux import send_signal
+from .linux import describe_wait_status, send_signal, wait_status_parts
 from .protocol import (
     Control,
     Spawn,
@@ -68,6 +68,24 @@ class Job:
 
 
 @dataclass(eq=False)
+class PoolFork:
+    """A child being forked for the ready pool: no task yet, until it is
+    validated and handed one."""
+
+    handle: str
+    state: JobState = JobState.FORKING
+    zygote: ZygoteProc | None = None
+    worker: Worker | None = None
+    requested: float = 0.0
+    timers: list[Timer] = field(default_factory=list)
+
+    def cancel_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
+
+
+@dataclass(eq=False)
 class ZygoteProc:
     generation: int
     process: subprocess.Popen[bytes]
@@ -76,7 +94,7 @@ class ZygoteProc:
     started: float = field(default_factory=time.monotonic)
     state: ZygoteState = ZygoteState.BOOTING
     #: fork requests sent and not yet answered, by handle
-    pending: dict[str, Job] = field(default_factory=dict)
+    pending: dict[str, Job | PoolFork] = field(default_factory=dict)
     reaped: bool = False
     boot_timer: Timer | None = None
     healthy_children: int = 0
@@ -131,7 +149,8 @@ class Worker:
     pid: int
     pidfd: int
     channel: socket.socket
-    job: Job
+    #: its task's job; for a pool child, its PoolFork until it is handed a job
+    job: Job | PoolFork
     zygote: ZygoteProc
     requested: float  # when the fork was requested: the start of the ready deadline
     decoder: FrameDecoder = field(default_factory=lambda: FrameDecoder(MAX_FRAME_BYTES))
@@ -149,6 +168,10 @@ class Worker:
     #: the start-up step (validator, hook) it failed in, for the stats
     failed_step: str | None = None
     timed_out: bool = False
+    warnings: list[str] = field(default_factory=list)  # the zygote's, at its fork
+    timers: list[Timer] = field(default_factory=list)  # its task's time limit
+    pooled: bool = False  # validated and waiting in the ready pool
+    retired: bool = False  # a pool child let go (old generation, stopping)
 
     @property
     def generation(self) -> int:
@@ -157,6 +180,25 @@ class Worker:
     def signal(self, sig: int) -> bool:
         """Signal it if it still runs (through its pidfd: never a recycled pid)."""
         return self.alive and send_signal(self.pidfd, sig)
+
+    def reap_orphan(self) -> None:
+        """Its zygote is gone: it became our child (we are the subreaper) and
+        is ours to reap — unless the zygote reaped it and died before saying."""
+        try:
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            self.status_lost = True
+            return
+        if pid:
+            self.status = status
+            self.rusage = (usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
+
+    def exit_status(self) -> tuple[int | None, int | None, str]:
+        """(exit code, signal, in words) once it has ended."""
+        if self.status is None:
+            return None, None, "ended (exit status lost with its zygote)"
+        code, sig, _ = wait_status_parts(self.status)
+        return code, sig, describe_wait_status(self.status)
 
     @property
     def ended(self) -> bool:

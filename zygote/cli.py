@@ -58,6 +58,11 @@ _SERVER_OPTIONS = [
     ),
     _server_option("max_workers", click.IntRange(1), "Live workers at most."),
     _server_option("queue_size", click.IntRange(1), "Requests waiting for a slot at most."),
+    _server_option(
+        "prefork",
+        click.IntRange(0),
+        "Children kept forked and validated ahead of need (0: fork on demand).",
+    ),
     _server_option("validate_timeout", float, "Seconds a new worker has to become ready."),
     _server_option(
         "validators",
@@ -248,6 +253,43 @@ def status(as_json: bool, endpoint: str | None) -> None:
         elif isinstance(value, (list, dict)):
             value = json.dumps(value)
         click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
+
+
+@main.command()
+@click.option("--wait/--no-wait", default=True, help="Wait until the new generation serves.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the new generation.",
+)
+@_endpoint_option
+def refork(wait: bool, timeout: float, endpoint: str | None) -> None:
+    """Start a new zygote generation (preloading your code afresh); it takes
+    over once booted, and the old one and its ready pool are retired."""
+    from .client import Zygote
+
+    try:
+        with Zygote(endpoint, timeout=10.0) as client:
+            generation = client.refork()
+            click.echo(f"generation {generation} starting")
+            deadline = time.monotonic() + timeout
+            while wait:
+                stats = client.stats()
+                if stats["generation"] == generation and stats["zygote_state"] == "ready":
+                    click.echo(f"generation {generation} serving")
+                    return
+                if stats["incoming_generation"] != generation:
+                    raise click.ClickException(
+                        f"generation {generation} failed to start; generation "
+                        f"{stats['generation']} keeps serving (see the server's log)"
+                    )
+                if time.monotonic() > deadline:
+                    raise click.ClickException(f"generation {generation} not ready in {timeout:g}s")
+                time.sleep(0.1)
+    except ZygoteError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()

@@ -57,6 +57,7 @@ from .protocol import (
     Ok,
     Ping,
     ProtocolError,
+    Refork,
     Result,
     Spawn,
     Spawned,
@@ -273,6 +274,15 @@ class Zygote:
         start = time.perf_counter()
         self._call(lambda req: Ping(req), self.timeout if self.timeout is not None else 10.0)
         return time.perf_counter() - start
+
+    def refork(self) -> int:
+        """Start a new zygote generation (a fresh interpreter that preloads your
+        code again); it takes over new spawns once booted, and the old one and
+        its ready pool are retired. Returns the new generation's number
+        without waiting for it to boot."""
+        reply = self._call(lambda req: Refork(req), self.timeout)
+        assert isinstance(reply, Ok)
+        return int(reply.info["generation"])
 
     def stop(self) -> None:
         """Ask the server to stop gracefully: it refuses new work, lets running

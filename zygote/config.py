@@ -73,6 +73,8 @@ class ServerConfig:
     preload: list[str] = field(default_factory=list)
     #: live workers at most; further spawns wait in the queue
     max_workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
+    #: children forked and validated ahead of need (not counted as workers)
+    prefork: int = 2
     #: spawns waiting for a free slot at most; past it clients get ServerBusy
     queue_size: int = 1000
     #: a new child must pass its hooks and validators and report ready within this
@@ -137,6 +139,8 @@ class ServerConfig:
         for name in ("kill_grace", "shutdown_grace"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        if self.prefork < 0:
+            raise ConfigError("prefork must not be negative")
         if self.spawn_retries < 0:
             raise ConfigError("spawn_retries must not be negative")
         if not self.endpoint.startswith(("ipc://", "tcp://")):

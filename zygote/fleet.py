@@ -69,6 +69,7 @@ class Fleet:
         self.events = events
         self.give_up = give_up
         self.current: ZygoteProc | None = None  # the one that takes fork requests
+        self.incoming: ZygoteProc | None = None  # a refork's generation, booting
         self.zygotes: dict[int, ZygoteProc] = {}  # by pid: current and retiring
         self.generation = 0
         self.failed_in_a_row = 0  # zygotes that failed before any healthy child
@@ -84,10 +85,19 @@ class Fleet:
 
     def start(self) -> None:
         """Exec the next generation; it takes fork requests once it has booted."""
+        self.current = self._launch()
+
+    def refork(self) -> int:
+        """Start a new generation while the current one keeps serving; it takes
+        over once booted. Returns its number."""
+        if self.incoming is None:
+            self.incoming = self._launch()
+        return self.incoming.generation
+
+    def _launch(self) -> ZygoteProc:
         self.generation += 1
         zygote = ZygoteProc.start(self.generation, self.lifeline_fd)
         self.zygotes[zygote.pid] = zygote
-        self.current = zygote
         config = self.config
         boot = Boot(
             zygote.generation,
@@ -110,6 +120,7 @@ class Fleet:
             zygote.pid,
             ", ".join(config.preload) or "nothing",
         )
+        return zygote
 
     def send_fork(self, zygote: ZygoteProc, request: Fork) -> bool:
         """Send a fork request; False if the zygote cannot take it now."""
@@ -187,6 +198,8 @@ class Fleet:
                 self._boot_failed(zygote, msg.error.strip().splitlines()[-1])
 
     def _on_booted(self, zygote: ZygoteProc) -> None:
+        if zygote.state is not ZygoteState.BOOTING:  # retired while it booted
+            return
         if zygote.boot_timer is not None:
             zygote.boot_timer.cancel()
         zygote.state = ZygoteState.READY
@@ -197,6 +210,11 @@ class Fleet:
             zygote.pid,
             (time.monotonic() - zygote.started) * 1000,
         )
+        if zygote is self.incoming:  # a refork: take over, retire the old one
+            old, self.current, self.incoming = self.current, zygote, None
+            if old is not None:
+                log.info("generation %d takes over from %d", zygote.generation, old.generation)
+                self.retire(old)
         self.events.on_zygote_ready()
 
     def _boot_overdue(self, zygote: ZygoteProc) -> None:
@@ -233,6 +251,15 @@ class Fleet:
         if zygote.boot_timer is not None:
             zygote.boot_timer.cancel()
         self.events.on_zygote_gone(zygote)
+        if zygote is self.incoming:  # a refork that did not boot: the old one stays
+            self.incoming = None
+            log.error(
+                "refork to generation %d failed (%s); generation %s keeps serving",
+                zygote.generation,
+                why,
+                self.current.generation if self.current else "-",
+            )
+            return
         if retiring:
             return
         log.warning("zygote generation %d (pid %d) lost: %s", zygote.generation, zygote.pid, why)
@@ -256,6 +283,9 @@ class Fleet:
     def stop(self) -> None:
         """No more zygotes: retire the current one once nothing is pending."""
         self.accepting = False
+        if self.incoming is not None:
+            self.retire(self.incoming)
+            self.incoming = None
         zygote = self.current
         if zygote is not None and not zygote.pending:
             self.retire(zygote)
@@ -283,6 +313,7 @@ class Fleet:
             "generation": zygote.generation if zygote else None,
             "zygote_pid": zygote.pid if zygote else None,
             "zygote_state": zygote.state.value if zygote else None,
+            "incoming_generation": self.incoming.generation if self.incoming else None,
             "threads": zygote.threads if zygote else [],
             "zygote_restarts": self.restarts,
             "zygotes_retired_corrupt": self.retired_corrupt,

@@ -9,7 +9,7 @@ never takes a process down.
 Four conversations use this module:
 
 * client <-> supervisor, over ZeroMQ: `Spawn`, `Attach`, `Kill`, `Stats`,
-  `Ping`, `Stop` and the replies `Spawned`, `Result`, `Exited`, `Ok`, `Error`;
+  `Ping`, `Refork`, `Stop` and the replies `Spawned`, `Result`, `Exited`, `Ok`, `Error`;
 * supervisor <-> zygote, over a SOCK_SEQPACKET socket: `Boot`, `Booted`,
   `BootFailed`, `Fork`, `Forked`, `ForkFailed`, `Threads`, `Reaped`;
 * worker <-> supervisor, over the worker's own stream socket, framed by
@@ -129,6 +129,15 @@ class Stats(Message):
 @dataclass(frozen=True, slots=True)
 class Ping(Message):
     KIND = "ping"
+    req: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refork(Message):
+    """Start a new zygote generation (a fresh interpreter, preloaded again);
+    it takes over once booted, and the old one and its pool are retired."""
+
+    KIND = "refork"
     req: int
 
 
@@ -330,7 +339,7 @@ class Go(Message):
     KIND = "go"
 
 
-Request = Spawn | Attach | Kill | Stats | Ping | Stop
+Request = Spawn | Attach | Kill | Stats | Ping | Refork | Stop
 Reply = Spawned | Result | Exited | Ok | Error
 Control = Boot | Booted | BootFailed | Fork | Forked | ForkFailed | Threads | Reaped
 ChannelMessage = Ready | Phase | ValidatorFailed | Result | Task | Go

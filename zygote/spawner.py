@@ -1,6 +1,8 @@
-"""From an accepted request to a finished worker: the queue, fork requests,
-start-up checks under a deadline, replacement of corrupt children, task
-timeouts, and exits decoded in words. Part of the supervisor process.
+"""From an accepted request to a finished worker: the queue, fork requests
+(or a child from the ready pool), start-up deadlines, replacement of corrupt
+children and retries, and each job's outcome and exit, decoded in words.
+The worker processes themselves are watched by the tracker. Part of the
+supervisor process.
 """
 
 from __future__ import annotations
@@ -13,18 +15,16 @@ import socket
 import time
 from typing import Any, Protocol
 
-import zmq
-
-from .children import Job, JobState, Worker, ZygoteProc, ZygoteState
+from .children import Job, JobState, PoolFork, Worker, ZygoteProc
 from .codec import (
-    decode_channel,
     encode,
     frame,
 )
-from .config import ServerConfig, signal_by_name
+from .config import ServerConfig
 from .fleet import Fleet
-from .linux import describe_wait_status, send_signal, wait_status_parts
+from .linux import describe_wait_status, send_signal
 from .loop import EventLoop
+from .pool import ReadyPool
 from .protocol import (
     LOST,
     SHUTTING_DOWN,
@@ -35,15 +35,11 @@ from .protocol import (
     Forked,
     ForkFailed,
     Go,
-    Message,
-    Phase,
-    ProtocolError,
-    Ready,
     Result,
     Task,
-    ValidatorFailed,
 )
 from .store import Record
+from .tracker import Tracker
 
 log = logging.getLogger("zygote.supervisor")
 
@@ -69,12 +65,18 @@ class Spawner:
         self.fleet: Fleet  # set by the supervisor, which wires the two together
         self.queue: collections.deque[Job] = collections.deque()
         self.jobs: dict[str, Job] = {}
-        self.workers: dict[int, Worker] = {}
         self.slots = 0  # workers alive or being forked
         self.stopping: str | None = None
-        self.kill_signal = signal_by_name(config.kill_signal)
         self.counts: collections.Counter[str] = collections.Counter()
         self.failures_by_step: collections.Counter[str] = collections.Counter()
+        self.tracker = Tracker(config, loop, self)
+        self.pool = ReadyPool(
+            config.prefork, loop, self._request_pool_fork, self.tracker.close_channel
+        )
+
+    @property
+    def workers(self) -> dict[int, Worker]:
+        return self.tracker.workers
 
     # -- requests -----------------------------------------------------------
 
@@ -98,8 +100,13 @@ class Spawner:
         return worker.pid
 
     def dispatch(self) -> None:
-        """Start queued jobs while there are free slots and a ready zygote."""
+        """Start queued jobs while there are free slots: on a child from the
+        ready pool if there is one, else on a new fork."""
         while self.queue and self.slots < self.config.max_workers:
+            worker = self.pool.take(self.fleet.current)
+            if worker is not None:
+                self._assign(worker, self.queue.popleft())
+                continue
             zygote = self.fleet.ready
             if zygote is None or not self._request_fork(zygote, self.queue[0]):
                 return
@@ -111,25 +118,60 @@ class Spawner:
         request = Fork(job.handle, env=spawn.env, cwd=spawn.cwd)
         if job.carried:
             request = Fork(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd)
-        if not self.fleet.send_fork(zygote, request):
+        if not self._fork(zygote, job, request):
             return False
         self.slots += 1
-        job.requested = time.monotonic()
-        job.state = JobState.FORKING
-        job.zygote = zygote
-        zygote.pending[job.handle] = job
+        return True
+
+    def _request_pool_fork(self, fork: PoolFork) -> bool:
+        zygote = self.fleet.ready
+        return (
+            zygote is not None and not self.stopping and self._fork(zygote, fork, Fork(fork.handle))
+        )
+
+    def _fork(self, zygote: ZygoteProc, start: Job | PoolFork, request: Fork) -> bool:
+        if not self.fleet.send_fork(zygote, request):
+            return False
+        start.requested = time.monotonic()
+        start.state = JobState.FORKING
+        start.zygote = zygote
+        zygote.pending[start.handle] = start
         # Both deadlines are armed before the fork: a child that deadlocks
         # after it never reports anything, so only the parent side can tell.
-        job.timers = [
-            self.loop.later(self.config.fork_timeout, self._fork_overdue, job),
-            self.loop.later(self.config.validate_timeout, self._ready_overdue, job),
+        start.timers = [
+            self.loop.later(self.config.fork_timeout, self._fork_overdue, start),
+            self.loop.later(self.config.validate_timeout, self._ready_overdue, start),
         ]
         return True
+
+    def _assign(self, worker: Worker, job: Job) -> None:
+        """Hand a ready pool child its task: it is running the moment it reads it."""
+        self.slots += 1
+        worker.job, job.worker, job.zygote = job, worker, worker.zygote
+        worker.requested = job.requested = time.monotonic()
+        job.state = JobState.RUNNING
+        job.record.warnings = worker.warnings
+        self._running(worker, job)
+        self._send_task(worker, job)
+        log.debug("spawn %s %s: pool worker %d", job.handle, job.spawn.task, worker.pid)
+
+    def _running(self, worker: Worker, job: Job) -> None:
+        """The job has a ready worker: answer its clients, start its clock."""
+        self.clients.on_started(job)
+        if job.spawn.timeout is not None:
+            self.tracker.time_limit(worker, job.spawn.timeout, f"[{job.handle}] {job.spawn.task}")
+
+    def _send_task(self, worker: Worker, job: Job) -> None:
+        spawn = job.spawn
+        task = Task(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd)
+        self.tracker.send(worker, frame(encode(task)))
 
     # -- what zygotes report (fleet.ZygoteEvents) -----------------------------
 
     def on_zygote_ready(self) -> None:
+        self.pool.retire_stale(self.fleet.current)
         self.dispatch()
+        self.pool.refill()
 
     def on_forked(self, zygote: ZygoteProc, msg: Forked, fds: list[int]) -> None:
         job = zygote.pending.pop(msg.handle, None)
@@ -151,15 +193,13 @@ class Spawner:
         job.worker = worker
         job.state = JobState.STARTING
         job.timers[0].cancel()  # the fork deadline; the ready one stays
+        worker.warnings = list(msg.warnings)
+        self.tracker.track(worker)
+        if isinstance(job, PoolFork):
+            return
         job.record.warnings = list(msg.warnings)
-        self.workers[worker.pid] = worker
-        self.loop.watch(channel_fd, lambda: self._on_channel(worker))
-        self.loop.watch(pidfd, lambda: self._on_exit(worker))
         if not job.carried:
-            spawn = job.spawn
-            task = Task(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd)
-            if not worker.write(frame(encode(task))):
-                self.loop.modify(channel_fd, zmq.POLLIN | zmq.POLLOUT)
+            self._send_task(worker, job)
         log.debug(
             "spawn %s %s: worker %d forked by generation %d",
             job.handle,
@@ -172,6 +212,12 @@ class Spawner:
         job = zygote.pending.pop(msg.handle, None)
         if job is None or job.state is not JobState.FORKING:
             return
+        if isinstance(job, PoolFork):
+            job.cancel_timers()
+            log.warning("ready pool: %s", msg.error)
+            self.counts["failed_starts"] += 1
+            self.pool.lost()
+            return
         self.slots -= 1
         if msg.refused:  # the thread policy: retrying cannot help
             log.error("spawn %s: %s", job.handle, msg.error)
@@ -181,23 +227,18 @@ class Spawner:
             self._start_failed(job, msg.error, zygote)
 
     def on_reaped(self, pid: int, status: int, rusage: tuple[float, float, int]) -> None:
-        worker = self.workers.get(pid)
-        if worker is None:
+        if not self.tracker.reaped(pid, status, rusage):
             log.debug("reaped process %d (%s)", pid, describe_wait_status(status))
-            return
-        worker.status = status
-        worker.rusage = rusage
-        if worker.alive:
-            self._on_exit(worker)
-        else:
-            self._finish(worker)
 
     def on_zygote_gone(self, zygote: ZygoteProc) -> None:
         for job in reversed(list(zygote.pending.values())):
+            job.cancel_timers()
+            if isinstance(job, PoolFork):
+                self.pool.lost()
+                continue
             # Never forked, or forked into a child that will see its channel
             # close and exit without running anything: safe to run again.
             self.slots -= 1
-            job.cancel_timers()
             job.state = JobState.QUEUED
             job.zygote = None
             self.queue.appendleft(job)
@@ -205,51 +246,29 @@ class Spawner:
         for worker in list(self.workers.values()):
             if worker.zygote is not zygote:
                 continue
-            if worker.job.carried and worker.channel_open:
+            if worker.pooled:  # the old generation's code: let it go
+                self.pool.retire(worker)
+            elif isinstance(worker.job, Job) and worker.job.carried:
                 # It may have died between handing us the channel and
                 # telling the child to go; one more Go is harmless.
-                worker.write(_GO_FRAME)
-            if zygote.reaped and not worker.alive and worker.status is None:
-                self._reap_orphan(worker)
-                self._finish(worker)
+                self.tracker.send(worker, _GO_FRAME)
+        self.tracker.zygote_gone(zygote)
 
     # -- deadlines ------------------------------------------------------------
 
-    def _fork_overdue(self, job: Job) -> None:
+    def _fork_overdue(self, job: Job | PoolFork) -> None:
         if job.state is JobState.FORKING and job.zygote is not None:
             timeout = self.config.fork_timeout
             self.fleet.broken(job.zygote, f"did not answer a fork request within {timeout:g}s")
 
-    def _ready_overdue(self, job: Job) -> None:
+    def _ready_overdue(self, job: Job | PoolFork) -> None:
         worker = job.worker
         if job.state is JobState.FORKING:
             self._fork_overdue(job)
         elif job.state is JobState.STARTING and worker is not None and worker.alive:
             where = f" (stuck in {worker.phase})" if worker.phase else ""
-            worker.failure = f"not ready within {self.config.validate_timeout:g}s{where}"
-            worker.failed_step = worker.phase or "start-up"
-            self._kill_corrupt(worker)
-
-    def _kill_corrupt(self, worker: Worker) -> None:
-        """Kill a child that failed its start-up; with SIGABRT, faulthandler
-        prints where it was first. SIGKILL follows if that does not do it."""
-        worker.signal(self.kill_signal)
-        if self.kill_signal != signal.SIGKILL:
-            self.loop.later(self.config.kill_grace, worker.signal, signal.SIGKILL)
-
-    def _task_overdue(self, worker: Worker) -> None:
-        if not worker.alive or worker.result_seen:
-            return
-        worker.timed_out = True
-        log.warning(
-            "worker %d [%s] %s ran past its %gs timeout; sending SIGTERM",
-            worker.pid,
-            worker.job.handle,
-            worker.job.spawn.task,
-            worker.job.spawn.timeout,
-        )
-        worker.signal(signal.SIGTERM)
-        self.loop.later(self.config.kill_grace, worker.signal, signal.SIGKILL)
+            failure = f"not ready within {self.config.validate_timeout:g}s{where}"
+            self.tracker.fail_start(worker, failure, worker.phase or "start-up")
 
     # -- start failures ---------------------------------------------------------
 
@@ -289,52 +308,9 @@ class Spawner:
         self.jobs.pop(job.handle, None)
         self.clients.on_failed(job, code, text)
 
-    # -- workers ------------------------------------------------------------
+    # -- what the tracker reports (tracker.WorkerEvents) -----------------------
 
-    def _on_channel(self, worker: Worker) -> None:
-        if worker.outbox and worker.flush():
-            self.loop.modify(worker.channel.fileno(), zmq.POLLIN)
-        try:
-            frames, closed = worker.read()
-        except ProtocolError as exc:
-            frames, closed = [], True
-            self._misbehaved(worker, f"sent an oversized frame: {exc}")
-        for data in frames:
-            try:
-                msg = decode_channel(data)
-            except ProtocolError as exc:
-                self._misbehaved(worker, f"sent garbage: {exc}")
-                break
-            self._on_message(worker, msg, data)
-        if closed:
-            self._close_channel(worker)
-
-    def _on_message(self, worker: Worker, msg: Message, data: bytes) -> None:
-        job = worker.job
-        if isinstance(msg, Phase):
-            worker.phase = msg.name
-        elif isinstance(msg, Ready):
-            self._on_ready(worker)
-        elif isinstance(msg, Result) and msg.handle == job.handle and not worker.result_seen:
-            worker.result_seen = True
-            job.record.result = data
-            self.clients.on_outcome(job.record)
-            self._close_channel(worker)  # the worker's cue to exit
-        elif isinstance(msg, ValidatorFailed) and job.state is JobState.STARTING:
-            error = msg.error.strip()
-            worker.failure = f"{msg.name} failed: {error.splitlines()[-1] if error else '?'}"
-            worker.failed_step = msg.name
-            log.warning("worker %d [%s] failed %s:\n%s", worker.pid, job.handle, msg.name, error)
-            self._kill_corrupt(worker)
-        else:
-            self._misbehaved(worker, f"sent an unexpected {msg.KIND} message")
-
-    def _misbehaved(self, worker: Worker, what: str) -> None:
-        worker.failure = worker.failure or what
-        log.error("worker %d [%s] %s; killing it", worker.pid, worker.job.handle, what)
-        worker.signal(signal.SIGKILL)
-
-    def _on_ready(self, worker: Worker) -> None:
+    def on_ready(self, worker: Worker) -> None:
         job = worker.job
         if job.state is not JobState.STARTING:
             return
@@ -342,9 +318,12 @@ class Spawner:
         job.state = JobState.RUNNING
         job.cancel_timers()
         self.fleet.child_healthy(worker.zygote)
-        self.clients.on_started(job)
-        if job.spawn.timeout is not None:
-            job.timers.append(self.loop.later(job.spawn.timeout, self._task_overdue, worker))
+        if isinstance(job, PoolFork):
+            self.pool.add(worker)
+            self.pool.retire_stale(self.fleet.current)
+            self.dispatch()
+            return
+        self._running(worker, job)
         log.debug(
             "worker %d [%s] ready in %.1f ms",
             worker.pid,
@@ -352,55 +331,27 @@ class Spawner:
             (worker.ready_at - worker.requested) * 1000,
         )
 
-    def _close_channel(self, worker: Worker) -> None:
-        if worker.channel_open:
-            worker.channel_open = False
-            self.loop.unwatch(worker.channel.fileno())
-            worker.channel.close()
+    def on_result(self, worker: Worker, data: bytes) -> None:
+        if isinstance(worker.job, Job):
+            worker.job.record.result = data
+            self.clients.on_outcome(worker.job.record)
 
-    def _on_exit(self, worker: Worker) -> None:
-        """Its pidfd turned readable: the process has exited."""
-        if not worker.alive:
-            return
-        worker.alive = False
-        self.slots -= 1
-        self.loop.unwatch(worker.pidfd)
-        os.close(worker.pidfd)
-        # Whatever it wrote before dying is in the channel now: read it
-        # before deciding anything from the exit, or a finished result
-        # would be reported as lost.
-        if worker.channel_open:
-            self._on_channel(worker)
-            self._close_channel(worker)
-        if worker.status is None and worker.zygote.state is ZygoteState.DEAD:
-            self._reap_orphan(worker)
-        self._finish(worker)
+    def on_gone(self, worker: Worker) -> None:
+        if isinstance(worker.job, Job):
+            self.slots -= 1
+            self.dispatch()
 
-    def _reap_orphan(self, worker: Worker) -> None:
-        """The worker's zygote is gone: the worker became our child (we are
-        the subreaper), unless the zygote reaped it and died before saying."""
-        try:
-            pid, status, usage = os.wait4(worker.pid, os.WNOHANG)
-        except ChildProcessError:
-            worker.status_lost = True
-            return
-        if pid:
-            worker.status = status
-            worker.rusage = (usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
-
-    def _finish(self, worker: Worker) -> None:
-        if not worker.ended or self.workers.get(worker.pid) is not worker:
-            return
-        del self.workers[worker.pid]
+    def on_ended(self, worker: Worker) -> None:
         job = worker.job
-        if worker.status is not None:
-            code, sig, _ = wait_status_parts(worker.status)
-            words = describe_wait_status(worker.status)
-        else:
-            code, sig, words = None, None, "ended (exit status lost with its zygote)"
+        code, sig, words = worker.exit_status()
         lifetime = time.monotonic() - worker.requested
         if job.state in (JobState.FORKING, JobState.STARTING):
             self._corrupt_child(worker, words)
+            return
+        if isinstance(job, PoolFork):  # a pool child that never got a task
+            if not worker.retired:
+                log.warning("pool worker %d %s while waiting for a task", worker.pid, words)
+                self.pool.lost(worker)
             return
         record = job.record
         if not worker.result_seen:
@@ -431,37 +382,43 @@ class Spawner:
             words,
             lifetime * 1000,
         )
-        self.dispatch()
 
     def _corrupt_child(self, worker: Worker, words: str) -> None:
         """A child that ended before ready: count it against its step and its
-        zygote, and try the job again."""
+        zygote, and try the job again (or fork another pool child)."""
         step = worker.failed_step or worker.phase or "start-up"
         self.failures_by_step[step] += 1
         reason = worker.failure or f"worker {worker.pid} {words} before it was ready"
         if worker.phase and not worker.failure:
             reason += f" (in {worker.phase})"
-        log.warning("worker %d [%s] %s; it was %s", worker.pid, worker.job.handle, reason, words)
-        self._start_failed(worker.job, reason, worker.zygote)
+        job = worker.job
+        log.warning("worker %d [%s] %s; it was %s", worker.pid, job.handle, reason, words)
+        if isinstance(job, Job):
+            self._start_failed(job, reason, worker.zygote)
+            return
+        job.cancel_timers()
+        self.counts["failed_starts"] += 1
+        if worker.zygote is self.fleet.current:
+            self.fleet.child_corrupt(worker.zygote)
+        self.pool.lost()
 
     # -- stopping -------------------------------------------------------------
 
     def stop(self, reason: str) -> None:
         """Refuse what waits in the queue; running and starting workers go on."""
         self.stopping = reason
+        self.pool.retire_all()
         while self.queue:
             self._fail(self.queue.popleft(), SHUTTING_DOWN, f"server shutting down: {reason}")
 
-    def terminate(self, sig: int) -> int:
-        """Signal every live worker; how many there were."""
-        alive = [worker for worker in self.workers.values() if worker.alive]
-        for worker in alive:
-            worker.signal(sig)
-        return len(alive)
-
     def stats(self) -> dict[str, Any]:
+        busy = sum(isinstance(worker.job, Job) for worker in self.workers.values())
         return {
-            "workers": len(self.workers),
+            "workers": busy,
+            "pool_ready": len(self.pool.ready),
+            "pool_starting": self.pool.starting,
+            "pool_size": self.pool.size,
+            "pool_taken": self.pool.taken,
             "queued": len(self.queue),
             "accepted": self.counts["accepted"],
             "completed": self.counts["completed"],

@@ -47,6 +47,7 @@ from .protocol import (
     Ok,
     Ping,
     ProtocolError,
+    Refork,
     Spawn,
     Spawned,
     Stats,
@@ -106,7 +107,7 @@ class Supervisor:
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
         self.loop.watch(self.router, self._on_client_messages)
         self.loop.watch(self._wake_r.fileno(), self._on_signals)
@@ -154,6 +155,8 @@ class Supervisor:
             signum = self.signals.popleft()
             if signum == signal.SIGCHLD:
                 self._reap()
+            elif signum == signal.SIGHUP and not self.stopping:
+                log.info("SIGHUP: refork to generation %d", self.fleet.refork())
             elif signum == signal.SIGQUIT or (signum == signal.SIGINT and self.stopping):
                 self.stop(f"{signal_name(signum)}: fast stop", EXIT_OK, grace=0.0)
             else:
@@ -212,6 +215,11 @@ class Supervisor:
             self._send(envelope, Ok(msg.req, self._identity()))
         elif isinstance(msg, Stats):
             self._send(envelope, Ok(msg.req, self.stats()))
+        elif isinstance(msg, Refork):
+            if self.stopping:
+                self._send(envelope, Error(msg.req, SHUTTING_DOWN, self._stop_message()))
+            else:
+                self._send(envelope, Ok(msg.req, {"generation": self.fleet.refork()}))
         elif isinstance(msg, Stop):
             self._send(envelope, Ok(msg.req, {"stopping": True}))
             self.stop("stop requested by a client", EXIT_OK)
@@ -325,7 +333,7 @@ class Supervisor:
         self.loop.later(grace, self._terminate, signal.SIGTERM)
 
     def _terminate(self, sig: int) -> None:
-        count = self.spawner.terminate(sig)
+        count = self.spawner.tracker.terminate(sig)
         if sig == signal.SIGTERM and count:
             log.warning("grace period over: sent SIGTERM to %d workers", count)
             self.loop.later(self.config.kill_grace, self._terminate, signal.SIGKILL)

@@ -1,0 +1,137 @@
+"""The ready pool: refill, retirement on a new generation, replacement of a
+pool child that fails validation; and refork."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+
+from .conftest import REPO, Server, wait_until
+
+
+def _pool_full(server: Server) -> bool:
+    stats = server.stats()
+    return stats["pool_ready"] == stats["pool_size"] and stats["pool_starting"] == 0
+
+
+def _idle_children(server: Server) -> set[int]:
+    zygote = server.stats()["zygote_pid"]
+    return {p.pid for p in server.descendants() if p.pid != zygote}
+
+
+def test_spawn_takes_a_child_forked_before_the_request_and_the_pool_refills(start_server) -> None:
+    server = start_server("--prefork", "2")
+    wait_until(lambda: _pool_full(server), what="a full pool")
+    stats = server.stats()
+    assert stats["workers"] == 0  # pool children are not workers
+    pooled = _idle_children(server)
+    assert len(pooled) == 2
+    client = server.client(timeout=30)
+    handle = client.spawn("tests.tasks:whoami")
+    assert handle.pid in pooled  # no fork on the request's path
+    assert handle.result()["pid"] == handle.pid
+    wait_until(
+        lambda: _pool_full(server) and handle.pid not in _idle_children(server),
+        what="the pool to refill",
+    )
+    refilled = _idle_children(server)
+    assert len(refilled) == 2 and refilled != pooled
+    assert server.stats()["pool_taken"] == 1
+
+
+def test_pool_children_run_one_task_each(start_server) -> None:
+    server = start_server("--prefork", "2")
+    wait_until(lambda: _pool_full(server), what="a full pool")
+    client = server.client(timeout=30)
+    pids = [client.spawn("tests.tasks:whoami").result()["pid"] for _ in range(6)]
+    assert len(set(pids)) == 6  # never reused: no task state carried over
+
+
+def test_pool_child_failing_validation_is_replaced(start_server, tmp_path) -> None:
+    server = start_server(
+        "--prefork",
+        "2",
+        preload=("tests.tasks", "tests.flaky_validator"),
+        env={"ZYGOTE_TEST_DIR": str(tmp_path), "ZYGOTE_TEST_FLAKY": "raise"},
+    )
+    wait_until(lambda: _pool_full(server), what="the pool to fill despite a bad child")
+    stats = server.stats()
+    assert stats["failed_starts"] == 1 and stats["validator_failures"] == {"flaky": 1}
+    bad = int((tmp_path / "flaky-validator-ran").read_text())
+    assert bad not in _idle_children(server)
+    client = server.client(timeout=30)
+    assert client.spawn("tests.tasks:add", 2, 3).result() == 5
+
+
+def test_refork_retires_the_old_generation_and_its_pool(start_server) -> None:
+    server = start_server("--prefork", "2")
+    wait_until(lambda: _pool_full(server), what="a full pool")
+    old_zygote = server.stats()["zygote_pid"]
+    old_pool = _idle_children(server)
+    client = server.client(timeout=30)
+    assert client.refork() == 2
+    wait_until(
+        lambda: server.stats()["generation"] == 2 and _pool_full(server),
+        what="generation 2 with a full pool",
+    )
+    wait_until(
+        lambda: (
+            not any(
+                psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                for pid in old_pool | {old_zygote}
+            )
+        ),
+        what="the old zygote and its pool gone",
+    )
+    handle = client.spawn("tests.tasks:add", 1, 1)
+    assert handle.generation == 2 and handle.result() == 2
+    assert "generation 2 takes over from 1" in server.log()
+
+
+def test_zygote_death_retires_its_pool(start_server) -> None:
+    server = start_server("--prefork", "2")
+    wait_until(lambda: _pool_full(server), what="a full pool")
+    old_pool = _idle_children(server)
+    os.kill(server.stats()["zygote_pid"], signal.SIGKILL)
+    wait_until(
+        lambda: server.stats()["generation"] == 2 and _pool_full(server),
+        what="generation 2 with a full pool",
+    )
+    wait_until(lambda: not (old_pool & _idle_children(server)), what="the old pool retired")
+    client = server.client(timeout=30)
+    assert client.spawn("tests.tasks:add", 1, 1).generation == 2
+
+
+def test_refork_that_cannot_preload_keeps_the_old_generation(start_server, tmp_path) -> None:
+    module = tmp_path / "changing.py"
+    module.write_text("VALUE = 1\n")
+    server = start_server(preload=("tests.tasks", "changing"), env={"PYTHONPATH": str(tmp_path)})
+    module.write_text("raise RuntimeError('broken deploy')\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "zygote", "refork", "--endpoint", server.endpoint],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "failed to start" in proc.stderr and "keeps serving" in proc.stderr
+    assert server.stats()["generation"] == 1
+    with server.client(timeout=30) as client:
+        assert client.spawn("tests.tasks:add", 1, 1).result() == 2
+    module.write_text("VALUE = 2\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "zygote", "refork", "--endpoint", server.endpoint],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "generation 3 serving" in proc.stdout
+    with server.client(timeout=30) as client:
+        assert client.spawn("changing:VALUE.__int__").result() == 2
