@@ -8,7 +8,6 @@ import platform
 import shutil
 import signal
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,34 +33,6 @@ def summary(values: list[float]) -> dict[str, float]:
         "mean": statistics.fmean(values) * 1000,
         "n": len(values),
     }
-
-
-def fork_floor(n: int, pause: float) -> list[float]:
-    """Raw os.fork() -> first instruction of the child, from this process.
-
-    The child's first act is to write the monotonic clock to a pipe; the
-    parent subtracts the time it took just before fork(). The caller has
-    imported the same modules as the zygote, so the page tables copied are
-    comparable.
-    """
-    samples = []
-    for _ in range(n):
-        r, w = os.pipe()
-        start = time.perf_counter_ns()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.write(w, struct.pack("q", time.perf_counter_ns()))
-            finally:
-                os._exit(0)
-        os.close(w)
-        (child_start,) = struct.unpack("q", os.read(r, 8))
-        os.close(r)
-        os.waitpid(pid, 0)
-        samples.append((child_start - start) / 1e9)
-        if pause:
-            time.sleep(pause)
-    return samples
 
 
 @contextlib.contextmanager

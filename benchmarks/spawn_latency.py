@@ -2,41 +2,42 @@
 
     python -m benchmarks.spawn_latency [-n 300] [--pause 0.010]
 
-With numpy + pandas imported both here (for the floor) and in the zygote,
-measures in one run, interleaved, each followed by the same pause:
+With numpy + pandas imported both in a helper process (for the floor) and in
+the zygote, measures in one run, interleaved, each followed by the same pause:
 
-* floor: os.fork() -> the child's first instruction, from this process;
+* floor: os.fork() -> the child's first instruction, from the helper (this
+  process never forks: see benchmarks/floor.py);
 * spawn -> handle: `Zygote.spawn()` returning (the worker is ready);
 * spawn -> result: `spawn(...).result()` of a no-op task.
 
-The tight-loop floor (no pause) is printed for information. Needs the
-`bench` extra: pip install -e '.[bench]'.
+The zygote runs with --prefork 0 (every spawn forks). The tight-loop floor
+(no pause) is printed for information. Needs the `bench` extra:
+pip install -e '.[bench]'.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 
-import numpy  # noqa: F401  -- the same heap as the zygote's, for the floor
-import pandas  # noqa: F401
-
 from zygote import Zygote
 
-from .common import fork_floor, machine, preload_versions, summary, zygote_server
+from .common import machine, preload_versions, summary, zygote_server
+from .floor import FloorProbe
 
 
 def measure(endpoint: str, n: int, pause: float) -> dict[str, list[float]]:
     """Floor and spawn samples interleaved, one of each per round, so that
     drift on a shared machine hits both alike."""
     samples: dict[str, list[float]] = {"floor": [], "handle": [], "result": []}
-    with Zygote(endpoint, timeout=60) as client:
+    with Zygote(endpoint, timeout=60) as client, FloorProbe() as floor:
         for _ in range(20):  # warm-up: connection, first forks
             client.spawn("benchmarks.jobs:noop").result()
+            floor.sample()
         for _ in range(n):
-            samples["floor"] += fork_floor(1, pause)
+            samples["floor"].append(floor.sample())
+            time.sleep(pause)
             start = time.perf_counter()
             handle = client.spawn("benchmarks.jobs:noop")
             ready = time.perf_counter()
@@ -54,12 +55,11 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.010)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
-    gc.collect()
-    gc.freeze()
 
-    with zygote_server("--max-workers", "4") as endpoint:
+    with zygote_server("--max-workers", "4", "--prefork", "0") as endpoint:
         samples = measure(endpoint, args.n, args.pause)
-        floor_tight = fork_floor(args.n, 0.0)
+    with FloorProbe() as floor:
+        floor_tight = [floor.sample() for _ in range(args.n)]
     rows = {
         "fork floor, paused": summary(samples["floor"]),
         "fork floor, tight loop": summary(floor_tight),

@@ -151,6 +151,8 @@ class Spawner:
         worker.requested = job.requested = time.monotonic()
         job.state = JobState.RUNNING
         job.record.warnings = worker.warnings
+        # Answer the client first: measured, writing the task first made the
+        # child's wake-up compete with the reply, slowing both.
         self._running(worker, job)
         self._send_task(worker, job)
         log.debug("spawn %s %s: pool worker %d", job.handle, job.spawn.task, worker.pid)

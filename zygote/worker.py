@@ -42,6 +42,13 @@ READY_FRAME = frame(encode(Ready()))
 GO_FRAME = frame(encode(Go()))
 GO = object()  # the order to run the task that came with the fork
 
+
+def _idle() -> None:
+    """What a pool child runs to warm up its task path."""
+
+
+_WARM_UP = frame(encode(Task("warm-up", "zygote.worker:_idle", msgpack.packb([[], {}]))))
+
 # Exit code of a child whose handover never completed (its zygote died
 # before the supervisor got the channel): it ran nothing.
 EXIT_ORPHANED = 0
@@ -163,6 +170,10 @@ def run(setup: ChildSetup) -> int:
             error = "".join(traceback.format_exception(exc))
             _write_all(channel, frame(encode(ValidatorFailed(step.name, error))))
             return 1
+    if setup.task is None:
+        # A pool child waits for its task: walk the task path once now, so
+        # that the pages it touches are copied while nobody waits for them.
+        _run_task(PreparedTask.from_message(decode_channel(_WARM_UP[4:])), 1 << 20)  # type: ignore[arg-type]
     _write_all(channel, READY_FRAME)
 
     order = _receive_order(channel)
