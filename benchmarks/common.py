@@ -36,7 +36,9 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def zygote_server(*options: str, preload: tuple[str, ...] = PRELOAD) -> Iterator[str]:
+def zygote_server(
+    *options: str, preload: tuple[str, ...] = PRELOAD, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """A `zygote start` process for the duration of the block; yields its endpoint."""
     from zygote import Zygote
     from zygote.errors import ZygoteError
@@ -57,7 +59,9 @@ def zygote_server(*options: str, preload: tuple[str, ...] = PRELOAD) -> Iterator
     for module in preload:
         command += ["--preload", module]
     log = open(Path(sockdir) / "server.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

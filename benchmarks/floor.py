@@ -41,8 +41,11 @@ def fork_once() -> float:
 class FloorProbe:
     """A helper process holding `preload`; `sample()` forks it once."""
 
-    def __init__(self, preload: tuple[str, ...] = PRELOAD) -> None:
+    def __init__(
+        self, preload: tuple[str, ...] = PRELOAD, env: dict[str, str] | None = None
+    ) -> None:
         self.preload = preload
+        self.env = env
 
     def __enter__(self) -> FloorProbe:
         self.process = subprocess.Popen(
@@ -50,6 +53,7 @@ class FloorProbe:
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            env={**os.environ, **(self.env or {})},
         )
         assert self.process.stdout is not None
         if self.process.stdout.read(5) != b"ready":

@@ -147,6 +147,30 @@ def test_zygote_exiting_during_a_spawn_loses_nothing(start_server) -> None:
     assert "exited with code 17" in server.log()
 
 
+def test_child_of_a_zygote_that_died_before_reporting_it_is_killed(start_server, tmp_path) -> None:
+    # The zygote dies between fork() and Forked; its child hangs in a
+    # validator. Nobody armed its lifeline or its deadline: the supervisor,
+    # now its parent, must find and kill it.
+    server = start_server(
+        "--validate-timeout",
+        "0.5",
+        preload=("tests.tasks", "tests.fork_faults", "tests.flaky_validator"),
+        env={
+            "ZYGOTE_TEST_FORK_FAULT": "die-after",
+            "ZYGOTE_TEST_FLAKY": "hang",
+            "ZYGOTE_TEST_DIR": str(tmp_path),
+        },
+        wait=False,
+    )
+    wait_until((tmp_path / "flaky-validator-ran").exists, what="the orphan's validator")
+    orphan = int((tmp_path / "flaky-validator-ran").read_text())
+    wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), what="the orphan killed and reaped")
+    assert "never handed over" in server.log()
+    with server.client(timeout=30) as client:
+        handle = client.spawn("tests.tasks:add", 1, 2)
+        assert handle.result() == 3 and handle.generation == 2
+
+
 def test_zygote_that_stops_answering_is_replaced(start_server) -> None:
     server = start_server("--fork-timeout", "1", "--prefork", "0")  # the spawn must fork
     client = server.client(timeout=30)

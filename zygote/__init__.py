@@ -21,6 +21,7 @@ from .errors import (
     ZygoteTimeout,
 )
 from .hooks import after_fork, fork_lock, mark_fork_safe, prevent_fork, validator
+from .sharing import share
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,7 @@ __all__ = [
     "fork_lock",
     "mark_fork_safe",
     "prevent_fork",
+    "share",
     "validator",
 ]
 

@@ -301,6 +301,8 @@ class Fleet:
         words = describe_wait_status(status)
         self.lost(zygote, words)
         log.info("zygote generation %d (pid %d) %s", zygote.generation, pid, words)
+        # Its children are ours now (we are the subreaper): settle them.
+        self.events.on_zygote_gone(zygote)
         return zygote
 
     def kill_all(self) -> None:

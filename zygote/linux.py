@@ -22,7 +22,9 @@ import signal
 
 __all__ = [
     "arm_lifeline",
+    "child_pids",
     "describe_wait_status",
+    "kill_child",
     "lifeline_cut",
     "native_threads",
     "open_fd_count",
@@ -111,6 +113,31 @@ def native_threads(pid: int | str = "self") -> dict[int, str]:
         except FileNotFoundError:  # the thread ended while we looked
             continue
     return threads
+
+
+def child_pids() -> set[int]:
+    """Pids of this process's children (re-parented orphans included)."""
+    pids: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as children:
+                pids.update(int(pid) for pid in children.read().split())
+        except FileNotFoundError:  # the thread ended while we looked
+            continue
+    return pids
+
+
+def kill_child(pid: int) -> None:
+    """SIGKILL a child of ours. Its pid cannot have been reused: an unreaped
+    child keeps it."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
 
 
 def open_fd_count(pid: int | str = "self") -> int:

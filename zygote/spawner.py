@@ -254,7 +254,7 @@ class Spawner:
                 # It may have died between handing us the channel and
                 # telling the child to go; one more Go is harmless.
                 self.tracker.send(worker, _GO_FRAME)
-        self.tracker.zygote_gone(zygote)
+        self.tracker.zygote_gone(zygote, set(self.fleet.zygotes))
 
     # -- deadlines ------------------------------------------------------------
 

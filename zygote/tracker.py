@@ -18,6 +18,7 @@ import zmq
 from .children import Worker, ZygoteProc, ZygoteState
 from .codec import decode_channel
 from .config import ServerConfig, signal_by_name
+from .linux import child_pids, kill_child
 from .loop import EventLoop
 from .protocol import Message, Phase, ProtocolError, Ready, Result, ValidatorFailed
 
@@ -92,14 +93,26 @@ class Tracker:
             self._settle(worker)
         return True
 
-    def zygote_gone(self, zygote: ZygoteProc) -> None:
-        """Workers whose zygote is gone and that already ended are ours to
-        reap now (or their status went with the zygote)."""
+    def zygote_gone(self, zygote: ZygoteProc, known: set[int]) -> None:
+        """Once a dead zygote is reaped its children are ours (we are the
+        subreaper). Workers of it that already ended are ours to reap now (or
+        their status went with it). And a child it forked but never told us
+        about — it died between fork() and saying so — is killed: it was never
+        handed a task, and no deadline of ours covers it."""
+        if not zygote.reaped:
+            return
         for worker in list(self.workers.values()):
-            if worker.zygote is zygote and zygote.reaped and not worker.alive:
+            if worker.zygote is zygote and not worker.alive:
                 if worker.status is None:
                     worker.reap_orphan()
                 self._settle(worker)
+        for pid in child_pids() - known - self.workers.keys():
+            log.warning(
+                "killing process %d: forked by zygote generation %d, never handed over",
+                pid,
+                zygote.generation,
+            )
+            kill_child(pid)
 
     def terminate(self, sig: int) -> int:
         """Signal every live worker; how many there were."""
