@@ -2,8 +2,9 @@
 of live workers.
 
 Heap: extra memory of 0, 230 and 950 MiB on top of numpy + pandas (about
-70 MiB, so roughly 70 MB / 300 MB / 1 GB in all), as an ordinary heap (4 KiB
-pages), on transparent huge pages, and in shared memory (`zygote.share`);
+70 MiB, so roughly 70 MB / 300 MB / 1 GB in all), as Python objects (an
+ordinary heap), as a numpy array on transparent huge pages, and as the same
+array in shared memory (`zygote.share`);
 for each, on-demand spawn -> result against the fork floor of a helper
 process holding the same memory, interleaved. Concurrency: spawn -> result
 with 0 to 63 other workers alive.
@@ -35,6 +36,11 @@ HEAPS = (
     ("shared", 950),
 )
 CONCURRENCY = (0, 7, 15, 31, 63)
+KINDS = {
+    "ordinary": "of Python objects",
+    "hugepages": "numpy array (huge pages)",
+    "shared": "numpy array, zygote.share()",
+}
 
 
 def _memory_of(pid: int) -> tuple[float, float]:
@@ -126,7 +132,7 @@ def markdown(results: dict[str, Any]) -> str:
         what = (
             "numpy + pandas"
             if not case["extra_mb"]
-            else (f"+ {case['extra_mb']} MiB {case['kind']}")
+            else (f"+ {case['extra_mb']} MiB {KINDS[case['kind']]}")
         )
         lines.append(
             f"| {what} ({case['zygote_rss_mb']:.0f} MiB resident) | {case['huge_mb']:.0f} MiB | "
@@ -157,7 +163,8 @@ def plot(results: dict[str, Any], outdir: Path) -> list[Path]:
     for kind, marker in (("ordinary", "o"), ("hugepages", "s"), ("shared", "^")):
         cases = [c for c in results["heaps"] if c["kind"] == kind or c["extra_mb"] == 0]
         cases.sort(key=lambda c: c["extra_mb"])
-        sizes = [c["zygote_rss_mb"] for c in cases]
+        base = cases[0]["zygote_rss_mb"]  # numpy + pandas alone
+        sizes = [base + c["extra_mb"] for c in cases]
         left.plot(sizes, [c["spawn"]["p50"] for c in cases], marker=marker, label=f"{kind}: spawn")
         left.plot(
             sizes,
@@ -166,7 +173,7 @@ def plot(results: dict[str, Any], outdir: Path) -> list[Path]:
             linestyle=":",
             label=f"{kind}: fork floor",
         )
-    left.set_xlabel("zygote resident memory (MiB)")
+    left.set_xlabel("memory the zygote holds (MiB)")
     left.set_ylabel("p50 (ms)")
     left.set_title("Latency against heap size")
     left.legend(fontsize=7)

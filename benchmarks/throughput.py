@@ -240,7 +240,7 @@ def markdown(results: dict[str, Any]) -> str:
     best = results["zygote_best_clients"]
     ratios = results["ratios"]
     lines = [
-        "### Throughput against the raw fork ceiling",
+        "### b. Throughput against the raw fork ceiling",
         "",
         f"Completed no-op tasks per second over {results['duration']:g} s (after "
         f"{results['warmup']:g} s of warm-up, not counted), with {results['preload']} "

@@ -135,3 +135,20 @@ def test_refork_that_cannot_preload_keeps_the_old_generation(start_server, tmp_p
     assert "generation 3 serving" in proc.stdout
     with server.client(timeout=30) as client:
         assert client.spawn("changing:VALUE.__int__").result() == 2
+
+
+def test_stop_with_a_pool_fork_in_flight_exits_promptly(start_server) -> None:
+    # A pool fork requested before the stop, answered after it: its child
+    # must be let go, or the server would wait for it forever.
+    server = start_server("--prefork", "2", "--kill-grace", "30")
+    wait_until(lambda: _pool_full(server), what="a full pool")
+    zygote = server.stats()["zygote_pid"]
+    os.kill(zygote, signal.SIGSTOP)
+    try:
+        client = server.client(timeout=30)
+        assert client.spawn("tests.tasks:add", 1, 1).result() == 2  # takes a pool child
+        wait_until(lambda: server.stats()["pool_starting"] == 1, what="a refill in flight")
+        client.stop()
+    finally:
+        os.kill(zygote, signal.SIGCONT)
+    assert server.wait_exit(10) == 0

@@ -281,14 +281,14 @@ class Fleet:
             self.current = None
 
     def stop(self) -> None:
-        """No more zygotes: retire the current one once nothing is pending."""
+        """No more zygotes. The current one is retired at once: the fork
+        requests it already has are ahead of the end-of-file it will read, so
+        it still answers them before it exits."""
         self.accepting = False
-        if self.incoming is not None:
-            self.retire(self.incoming)
-            self.incoming = None
-        zygote = self.current
-        if zygote is not None and not zygote.pending:
-            self.retire(zygote)
+        for zygote in (self.incoming, self.current):
+            if zygote is not None:
+                self.retire(zygote)
+        self.incoming = None
 
     def reaped(self, pid: int, status: int) -> ZygoteProc | None:
         """A child of ours was reaped: if it was a zygote, settle it."""

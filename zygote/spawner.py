@@ -241,8 +241,11 @@ class Spawner:
             # Never forked, or forked into a child that will see its channel
             # close and exit without running anything: safe to run again.
             self.slots -= 1
-            job.state = JobState.QUEUED
             job.zygote = None
+            if self.stopping:
+                self._fail(job, SHUTTING_DOWN, f"server shutting down: {self.stopping}")
+                continue
+            job.state = JobState.QUEUED
             self.queue.appendleft(job)
         zygote.pending.clear()
         for worker in list(self.workers.values()):
@@ -322,6 +325,8 @@ class Spawner:
         self.fleet.child_healthy(worker.zygote)
         if isinstance(job, PoolFork):
             self.pool.add(worker)
+            if self.stopping:  # forked before the stop, ready after it
+                self.pool.retire(worker)
             self.pool.retire_stale(self.fleet.current)
             self.dispatch()
             return
