@@ -4,9 +4,10 @@ All in one run, interleaved round-robin, with the same preload (numpy +
 pandas) everywhere and the same pause after every sample: the raw fork floor,
 zygote forking on demand, zygote with its ready pool, multiprocessing's fork,
 forkserver and spawn start methods, and a fresh `python` per job. The two
-slow ones (hundreds of ms each) get fewer samples, spread over the run.
+slow ones (hundreds of ms each) can be given fewer samples, spread over the
+run (--slow-n); by default every method gets n.
 
-    python -m benchmarks.latency [-n 300] [--slow-n 30] [--pause 0.010]
+    python -m benchmarks.latency [-n 300] [--slow-n 300] [--pause 0.010]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ FAST = ("fork floor", "zygote on demand", "zygote pool", "mp fork", "mp forkserv
 SLOW = ("mp spawn", "fresh python")
 
 
-def run(n: int = 300, slow_n: int = 30, pause: float = 0.010) -> dict[str, Any]:
+def run(n: int = 300, slow_n: int = 300, pause: float = 0.010) -> dict[str, Any]:
     samples: dict[str, list[float]] = {name: [] for name in (*FAST, *SLOW)}
     handles: dict[str, list[float]] = {"zygote on demand": [], "zygote pool": []}
     every = max(1, n // slow_n)
@@ -160,7 +161,7 @@ def plot(results: dict[str, Any], outdir: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-n", type=int, default=300)
-    parser.add_argument("--slow-n", type=int, default=30)
+    parser.add_argument("--slow-n", type=int, default=300)
     parser.add_argument("--pause", type=float, default=0.010)
     args = parser.parse_args()
     print(markdown(run(args.n, args.slow_n, args.pause)))
