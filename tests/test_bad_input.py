@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -116,7 +117,7 @@ def test_client_refuses_arguments_over_the_limit_before_sending(start_server) ->
     server = start_server("--max-message-bytes", "65536")
     client = server.client(timeout=20)
     client.ping()  # learns the server's limit
-    with pytest.raises(ValueError, match="exceed the server's limit"):
+    with pytest.raises(ValueError, match="exceeds the server's limit"):
         client.spawn("tests.tasks:identity", b"x" * 70000)
     assert client.spawn("tests.tasks:identity", b"x" * 1000).result() == b"x" * 1000
 
@@ -158,3 +159,16 @@ def test_client_rejects_bad_arguments_locally(client: Zygote) -> None:
         client.spawn("tests.tasks:identity", object())
     with pytest.raises(ValueError, match="_timeout"):
         client.spawn("tests.tasks:identity", 1, _timeout=0)
+
+
+def test_a_task_name_cannot_make_the_zygote_import_anything(start_server) -> None:
+    # "zygote:Zygote" names the client class, reached through a module
+    # __getattr__ that imports pyzmq: the zygote must not run it (it would
+    # then hold libzmq, and every later child with it); the child may.
+    server = start_server("--prefork", "0")  # tasks travel with fork requests
+    client = server.client(timeout=20)
+    with pytest.raises(TaskError):  # a class of the client, called with no endpoint
+        client.spawn("zygote:Zygote", "ipc:///nonexistent/x").result()
+    zygote_pid = server.stats()["zygote_pid"]
+    maps = Path(f"/proc/{zygote_pid}/maps").read_text()
+    assert "zmq" not in maps

@@ -50,6 +50,31 @@ def test_oldest_undelivered_dropped_past_the_bound() -> None:
     assert store.get("h0") is None and store.get("h2") is records[2]
 
 
+def test_a_dropped_record_is_not_filed_again() -> None:
+    # Its result found no client, so it was dropped at the bound; its exit
+    # report arrives later and must not bring it back (or expire() crashes).
+    clock = Clock()
+    store = ResultStore(ttl=10, max_kept=1, clock=clock)
+    first, second = (store.open(h, "t:f", (b"c",), 1) for h in ("h1", "h2"))
+    for record in (first, second):
+        record.result = b"r"
+        store.settle(record)
+    assert store.get("h1") is None
+    first.exited = b"e"
+    assert store.settle(first) == []
+    clock.now += 11
+    assert store.expire() == [second]
+    assert len(store) == 0
+
+
+def test_delivered_result_awaiting_its_exit_is_not_owed() -> None:
+    store = ResultStore(ttl=1, max_kept=1, clock=Clock())
+    record = store.open("h1", "t:f", (b"c",), 1)
+    record.result, record.result_delivered = b"r", True
+    store.settle(record)
+    assert store.undelivered == 0 and store.get("h1") is record
+
+
 def test_running_jobs_are_never_dropped() -> None:
     store = ResultStore(ttl=1, max_kept=1, clock=Clock())
     running = [store.open(f"h{i}", "t:f", (b"c",), i) for i in range(5)]

@@ -14,20 +14,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codec import (
-    MAX_FRAME_BYTES,
-    FrameDecoder,
-    decode_control,
-)
+from .codec import FrameDecoder, decode_control
 from .linux import describe_wait_status, send_signal, wait_status_parts
-from .protocol import (
-    Control,
-    Spawn,
-)
+from .protocol import Control, ProtocolError, Spawn
 from .store import Record
 from .timers import Timer
 
 _RECV_CHUNK = 1 << 18
+#: Control messages are small (a fork request carries at most CARRY_LIMIT);
+#: anything longer is a protocol error, not a reason to allocate more.
+_CONTROL_MAX = 1 << 17
 
 
 class JobState(enum.Enum):
@@ -99,6 +95,7 @@ class ZygoteProc:
     boot_timer: Timer | None = None
     healthy_children: int = 0
     corrupt_in_a_row: int = 0
+    trouble: str | None = None  # why it is to be killed, once the current batch is done
     #: its latest thread inventory (ThreadInfo dicts)
     threads: list[dict[str, Any]] = field(default_factory=list)
 
@@ -119,6 +116,9 @@ class ZygoteProc:
             process = subprocess.Popen(
                 argv, pass_fds=(theirs.fileno(), lifeline_fd), process_group=0
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -128,20 +128,36 @@ class ZygoteProc:
     def pid(self) -> int:
         return self.process.pid
 
-    def receive(self) -> tuple[list[tuple[Control, list[int]]], bool]:
-        """Every control message waiting, with the descriptors that came along;
+    def receive(self) -> tuple[list[tuple[Control | str, list[int]]], bool]:
+        """Every control message waiting, with the descriptors that came along
+        (a message that cannot be used is replaced by what is wrong with it);
         and whether the zygote closed its end."""
-        messages: list[tuple[Control, list[int]]] = []
+        messages: list[tuple[Control | str, list[int]]] = []
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self.control, 1 << 17, 4)
+                data, fds, flags, _ = socket.recv_fds(self.control, _CONTROL_MAX, 4)
             except BlockingIOError:
                 return messages, False
             except ConnectionResetError:
                 return messages, True
             if not data and not fds:
                 return messages, True
-            messages.append((decode_control(data), fds))
+            if flags & socket.MSG_CTRUNC:
+                # The kernel dropped descriptors meant for us: we are most
+                # likely out of file descriptors (EMFILE), not the zygote's fault.
+                messages.append(
+                    (
+                        "its descriptors were dropped: is the supervisor out of file descriptors?",
+                        fds,
+                    )
+                )
+            elif flags & socket.MSG_TRUNC:
+                messages.append((f"sent a message over {_CONTROL_MAX} bytes", fds))
+            else:
+                try:
+                    messages.append((decode_control(data), fds))
+                except ProtocolError as exc:
+                    messages.append((f"sent garbage: {exc}", fds))
 
 
 @dataclass(eq=False)
@@ -153,7 +169,8 @@ class Worker:
     job: Job | PoolFork
     zygote: ZygoteProc
     requested: float  # when the fork was requested: the start of the ready deadline
-    decoder: FrameDecoder = field(default_factory=lambda: FrameDecoder(MAX_FRAME_BYTES))
+    #: frames bigger than the largest result allowed are refused (set by the spawner)
+    decoder: FrameDecoder = field(default_factory=FrameDecoder)
     outbox: bytearray = field(default_factory=bytearray)
     ready_at: float | None = None
     alive: bool = True

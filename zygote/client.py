@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import secrets
 import signal as _signal
 import time
 import weakref
@@ -141,8 +142,10 @@ class Handle:
     def kill(self, signal: int = _signal.SIGTERM) -> bool:
         """Send `signal` to the worker; False if it is no longer running."""
         try:
-            self._client._call(lambda req: Kill(req, self.id, int(signal)), None)
-        except ZygoteError:
+            self._client._call(lambda req: Kill(req, self.id, int(signal)), self._client.timeout)
+        except (ZygoteTimeout, ServerUnavailable):
+            raise
+        except ZygoteError:  # the server's answer: no running worker
             return False
         return True
 
@@ -166,6 +169,9 @@ class Zygote:
                 )
         self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # A name of our own: if the connection drops and comes back, the
+        # server (ROUTER_HANDOVER) still knows where our replies go.
+        self._socket.setsockopt(zmq.ROUTING_ID, b"z" + secrets.token_bytes(15))
         self._socket.connect(self.endpoint)
         self._requests = itertools.count(1)
         self._replies: dict[int, Message] = {}
@@ -231,9 +237,9 @@ class Zygote:
         run, counted from this call.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        window = max_in_flight or self._server_max_workers()
-        if window < 1:
+        if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        window = max_in_flight or self._server_max_workers()
         items = iter(iterable)
         pending: collections.deque[int] = collections.deque()
 
@@ -251,7 +257,9 @@ class Zygote:
                     fill()
                     yield value
             finally:
-                self._abandoned.update(pending)
+                for req in pending:  # replies already here, or still to come
+                    if self._replies.pop(req, None) is None:
+                        self._abandoned.add(req)
 
         fill()
         return results()
@@ -305,14 +313,20 @@ class Zygote:
         except ProtocolError as exc:
             raise ValueError(str(exc)) from None
         payload = msgpack.packb([list(args), kwargs], use_bin_type=True)
-        if len(payload) > self._max_message:
-            raise ValueError(
-                f"arguments of {len(payload)} bytes exceed the server's limit of "
-                f"{self._max_message}: pass a file path instead"
-            )
         if env is not None:
             env = {str(k): str(v) for k, v in env.items()}
         cwd = os.fspath(cwd) if cwd is not None else None
+        size = len(payload) + len(task) + len(cwd or "")
+        size += sum(len(k) + len(v) for k, v in (env or {}).items())
+        if size > 65536 and self._server is None:
+            # Too big to guess: the server drops (and disconnects) anything
+            # past its limit without a word, so learn the limit first.
+            self._wait(lambda: self._server is not None, self.timeout or 10.0)
+        if size + 1024 > self._max_message:
+            raise ValueError(
+                f"a request of {size} bytes (arguments and environment) exceeds the "
+                f"server's limit of {self._max_message}: pass a file path instead"
+            )
         if timeout is not None and not timeout > 0:
             raise ValueError("_timeout must be a positive number of seconds")
         return lambda req: Spawn(req, task, payload, timeout, env, cwd)
@@ -351,6 +365,9 @@ class Zygote:
         while not done():
             now = time.monotonic()
             if deadline is not None and now >= deadline:
+                self._receive_ready()  # what has arrived by now still counts
+                if done():
+                    return
                 raise ZygoteTimeout(f"no answer from the server within {timeout:g}s")
             if probe_sent is not None and now - probe_sent >= PROBE_TIMEOUT:
                 raise ServerUnavailable(
@@ -378,7 +395,11 @@ class Zygote:
                 data = self._socket.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._take(decode_reply(data))
+            try:
+                msg = decode_reply(data)
+            except ProtocolError as exc:
+                raise ZygoteError(f"the server at {self.endpoint} sent garbage: {exc}") from None
+            self._take(msg)
 
     def _take(self, msg: Message) -> None:
         if isinstance(msg, (Result, Exited)):

@@ -10,7 +10,6 @@ giving a single healthy child — the server gives up and stops.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -33,7 +32,6 @@ from .protocol import (
     Fork,
     Forked,
     ForkFailed,
-    ProtocolError,
     Reaped,
     Threads,
 )
@@ -84,8 +82,22 @@ class Fleet:
         return zygote if zygote is not None and zygote.state is ZygoteState.READY else None
 
     def start(self) -> None:
-        """Exec the next generation; it takes fork requests once it has booted."""
-        self.current = self._launch()
+        """Exec the next generation; it takes fork requests once it has booted.
+        If the system refuses (no memory, no processes, no descriptors), that
+        counts as a failed zygote, and it is tried again a second later."""
+        try:
+            self.current = self._launch()
+        except OSError as exc:
+            log.error("cannot start a zygote: %s", exc)
+            self.failed_in_a_row += 1
+            if self.failed_in_a_row >= self.config.zygote_failure_limit:
+                self.give_up(f"cannot start a zygote: {exc}", EXIT_UNHEALTHY)
+            elif self.accepting:
+                self.loop.later(1.0, self._start_again)
+
+    def _start_again(self) -> None:
+        if self.accepting and self.current is None:
+            self.start()
 
     def refork(self) -> int:
         """Start a new generation while the current one keeps serving; it takes
@@ -165,18 +177,29 @@ class Fleet:
     # -- control messages ---------------------------------------------------
 
     def _on_control(self, zygote: ZygoteProc) -> None:
-        try:
-            messages, closed = zygote.receive()
-        except ProtocolError as exc:
-            self.broken(zygote, f"sent garbage: {exc}")
-            return
+        messages, closed = zygote.receive()
         self._handle(zygote, messages)
-        if closed:
+        # Whatever went wrong in the batch is acted on after all of it was
+        # handled: a fork reported later in the same batch still counts, so
+        # its job is not run a second time by the zygote's successor.
+        if zygote.trouble is not None:
+            self.broken(zygote, zygote.trouble)
+        elif closed:
             self.lost(zygote, "it closed its control socket")
+
+    def trouble(self, zygote: ZygoteProc, why: str) -> None:
+        """Note that a zygote cannot be trusted; it is killed once the batch of
+        messages being handled is done."""
+        if zygote.trouble is None:
+            zygote.trouble = why
 
     def _handle(self, zygote: ZygoteProc, messages: list[tuple[Any, list[int]]]) -> None:
         for msg, fds in messages:
-            if isinstance(msg, Forked):
+            if isinstance(msg, str):  # what was wrong with a message
+                for fd in fds:
+                    os.close(fd)
+                self.trouble(zygote, msg)
+            elif isinstance(msg, Forked):
                 self.events.on_forked(zygote, msg, fds)
                 continue
             for fd in fds:
@@ -244,8 +267,7 @@ class Fleet:
         # Messages still queued (forks done, children reaped) count first.
         if self.loop.watching(zygote.control.fileno()):
             self.loop.unwatch(zygote.control.fileno())
-            with contextlib.suppress(ProtocolError):
-                self._handle(zygote, zygote.receive()[0])
+            self._handle(zygote, zygote.receive()[0])
         zygote.state = ZygoteState.DEAD
         zygote.control.close()
         if zygote.boot_timer is not None:
@@ -295,7 +317,7 @@ class Fleet:
         zygote = self.zygotes.pop(pid, None)
         if zygote is None:
             return None
-        zygote.process.returncode = status
+        zygote.process.returncode = os.waitstatus_to_exitcode(status)
         zygote.reaped = True
         os.close(zygote.pidfd)
         words = describe_wait_status(status)

@@ -47,9 +47,12 @@ class EventLoop:
         delay = self.timers.next_delay()
         timeout = cap if delay is None else min(delay, cap)
         # Round up: waking a hair early would spin until the timer is due.
-        for source, _ in self.poller.poll(int(timeout * 1000) + (delay is not None)):
-            handler = self._handlers.get(source)
-            if handler is not None:
+        events = self.poller.poll(int(timeout * 1000) + (delay is not None))
+        # Take the handlers now: one of them may close a descriptor whose
+        # number another source reuses before its turn in this batch.
+        ready = [(source, self._handlers.get(source)) for source, _ in events]
+        for source, handler in ready:
+            if handler is not None and self._handlers.get(source) is handler:
                 self._guarded(handler)
         self.timers.run_due()
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from .children import Job, JobState, PoolFork, Worker, ZygoteProc
 from .codec import (
+    FrameDecoder,
     encode,
     frame,
 )
@@ -81,8 +82,8 @@ class Spawner:
     # -- requests -----------------------------------------------------------
 
     def full(self) -> bool:
-        busy = self.slots >= self.config.max_workers or bool(self.queue)
-        return busy and len(self.queue) >= self.config.queue_size
+        """No room in the queue. (It only fills when every slot is taken.)"""
+        return len(self.queue) >= self.config.queue_size
 
     def submit(self, job: Job) -> None:
         self.jobs[job.handle] = job
@@ -114,8 +115,13 @@ class Spawner:
 
     def _request_fork(self, zygote: ZygoteProc, job: Job) -> bool:
         spawn = job.spawn
-        job.carried = len(spawn.payload) <= CARRY_LIMIT
-        request = Fork(job.handle, env=spawn.env, cwd=spawn.cwd)
+        # A fork request must stay small (the zygote reads a bounded buffer):
+        # a task too big to travel with it, env and cwd included, goes down
+        # the worker's channel.
+        size = len(spawn.payload) + len(spawn.task) + len(spawn.cwd or "")
+        size += sum(len(k) + len(v) + 8 for k, v in (spawn.env or {}).items())
+        job.carried = size + 1024 <= CARRY_LIMIT
+        request = Fork(job.handle)
         if job.carried:
             request = Fork(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd)
         if not self._fork(zygote, job, request):
@@ -147,6 +153,7 @@ class Spawner:
     def _assign(self, worker: Worker, job: Job) -> None:
         """Hand a ready pool child its task: it is running the moment it reads it."""
         self.slots += 1
+        job.carried = False  # its task goes down the channel, not with a fork
         worker.job, job.worker, job.zygote = job, worker, worker.zygote
         worker.requested = job.requested = time.monotonic()
         job.state = JobState.RUNNING
@@ -176,12 +183,15 @@ class Spawner:
         self.pool.refill()
 
     def on_forked(self, zygote: ZygoteProc, msg: Forked, fds: list[int]) -> None:
-        job = zygote.pending.pop(msg.handle, None)
         if len(fds) != 2:
+            # The job stays pending: it is queued again when the zygote goes.
+            # (The child cannot run it: its channel's other end is gone, so
+            # its first write fails and it exits.)
             for fd in fds:
                 os.close(fd)
-            self.fleet.broken(zygote, f"sent {len(fds)} descriptors with a fork reply")
+            self.fleet.trouble(zygote, f"sent {len(fds)} descriptors with a fork reply")
             return
+        job = zygote.pending.pop(msg.handle, None)
         channel_fd, pidfd = fds
         if job is None or job.state is not JobState.FORKING:
             # We gave up on this fork already; the child must not run.
@@ -192,6 +202,7 @@ class Spawner:
         channel = socket.socket(fileno=channel_fd)
         channel.setblocking(False)
         worker = Worker(msg.pid, pidfd, channel, job, zygote, job.requested)
+        worker.decoder = FrameDecoder(self.config.max_message_bytes + 65536)
         job.worker = worker
         job.state = JobState.STARTING
         job.timers[0].cancel()  # the fork deadline; the ready one stays
@@ -239,14 +250,20 @@ class Spawner:
                 self.pool.lost()
                 continue
             # Never forked, or forked into a child that will see its channel
-            # close and exit without running anything: safe to run again.
+            # close and exit without running anything: safe to run again. It
+            # counts as an attempt all the same, so that a request that kills
+            # every zygote it meets ends in an error, not in a loop.
             self.slots -= 1
             job.zygote = None
+            job.attempts += 1
+            job.reasons.append(f"zygote generation {zygote.generation} was lost while forking it")
             if self.stopping:
                 self._fail(job, SHUTTING_DOWN, f"server shutting down: {self.stopping}")
-                continue
-            job.state = JobState.QUEUED
-            self.queue.appendleft(job)
+            elif job.attempts > self.config.spawn_retries:
+                self._fail(job, SPAWN_FAILED, f"no healthy worker: {job.reasons[-1]}")
+            else:
+                job.state = JobState.QUEUED
+                self.queue.appendleft(job)
         zygote.pending.clear()
         for worker in list(self.workers.values()):
             if worker.zygote is not zygote:
@@ -279,8 +296,8 @@ class Spawner:
 
     def _start_failed(self, job: Job, reason: str, zygote: ZygoteProc | None) -> None:
         """A start attempt failed: retry the job, or give up and tell the client.
-        Failures on a zygote that has since been replaced do not count against
-        the request: it gets its full retries on the fresh one."""
+        A failure reported after its zygote was replaced does not count
+        against the request: the zygote, not the request, was the problem."""
         job.cancel_timers()
         job.worker = None
         job.zygote = None

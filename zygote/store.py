@@ -24,7 +24,6 @@ Envelope = tuple[bytes, ...]
 class Record:
     handle: str
     task: str
-    created: float
     pid: int = 0
     generation: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -66,7 +65,7 @@ class ResultStore:
         return len(self._undelivered)
 
     def open(self, handle: str, task: str, client: Envelope, req: int) -> Record:
-        record = Record(handle, task, self._clock())
+        record = Record(handle, task)
         record.followers[client] = None
         record.waiting.append((client, req))
         self._records[handle] = record
@@ -83,15 +82,16 @@ class ResultStore:
         """File a record after a delivery attempt; returns records dropped to
         respect `max_kept` (the caller logs them)."""
         handle = record.handle
+        if self._records.get(handle) is not record:  # dropped already (TTL, bound)
+            return []
         if record.delivered:
             self.discard(handle)
             return []
-        if record.result is None and record.exited is None:
-            return []
+        if record.result is None or record.result_delivered:
+            return []  # nothing owed to anyone yet: still running, or awaiting its exit
         if record.finished_at is None:
             record.finished_at = self._clock()
-        if handle not in self._undelivered:
-            self._undelivered[handle] = None
+        self._undelivered[handle] = None
         dropped = []
         while len(self._undelivered) > self.max_kept:
             oldest, _ = self._undelivered.popitem(last=False)
@@ -99,14 +99,16 @@ class ResultStore:
         return dropped
 
     def expire(self) -> list[Record]:
-        """Drop finished records older than the TTL; returns them."""
+        """Drop results no client has taken within the TTL; returns their records."""
         deadline = self._clock() - self.ttl
         expired = []
         while self._undelivered:
             handle = next(iter(self._undelivered))
-            record = self._records[handle]
-            if record.finished_at is not None and record.finished_at > deadline:
-                break
+            record = self._records.get(handle)
+            if record is not None and record.finished_at is not None:
+                if record.finished_at > deadline:
+                    break
+                expired.append(record)
             self._undelivered.popitem(last=False)
-            expired.append(self._records.pop(handle))
+            self._records.pop(handle, None)
         return expired

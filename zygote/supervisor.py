@@ -32,7 +32,7 @@ from .codec import (
     encode,
     request_id,
 )
-from .config import ConfigError, ServerConfig, ensure_private_dir
+from .config import ConfigError, ServerConfig, ensure_private_dir, runtime_dir
 from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
 from .linux import set_child_subreaper, signal_name
 from .loop import EventLoop
@@ -84,10 +84,9 @@ class Supervisor:
         """Serve until stopped; returns the process exit code."""
         self._setup()
         try:
+            self.loop.later(_HOUSEKEEPING, self._housekeeping)
             while not (self.stopping and not self.spawner.jobs and not self.spawner.workers):
                 self.loop.run_once(_HOUSEKEEPING)
-                for record in self.store.expire():
-                    log.warning("result of %s (%s) expired undelivered", record.handle, record.task)
         finally:
             self._teardown()
         return self.exit_code
@@ -97,6 +96,9 @@ class Supervisor:
         self.context = zmq.Context(io_threads=1)
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Clients name themselves (a stable routing id): one that reconnects
+        # keeps its name and still gets the replies and results meant for it.
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.router.setsockopt(zmq.LINGER, 2000)
         # libzmq drops (and disconnects) anything bigger; between the two
         # limits a client gets a clear "too large" reply instead.
@@ -119,9 +121,9 @@ class Supervisor:
     def _bind(self, endpoint: str) -> str:
         if endpoint.startswith("ipc://"):
             path = endpoint[len("ipc://") :]
-            parent = os.path.dirname(path) or "."
-            if not os.path.isdir(parent):
-                ensure_private_dir(Path(parent))
+            parent = Path(os.path.dirname(path) or ".")
+            if parent == runtime_dir() or not parent.is_dir():
+                ensure_private_dir(parent)
             if os.path.exists(path) and _unix_socket_alive(path):
                 raise ConfigError(f"another server is already listening on {endpoint}")
         try:
@@ -146,6 +148,11 @@ class Supervisor:
         os.close(self.lifeline_w)
         level = logging.INFO if self.exit_code == EXIT_OK else logging.ERROR
         log.log(level, "stopped (exit status %d): %s", self.exit_code, self.stopping)
+
+    def _housekeeping(self) -> None:
+        self.loop.later(_HOUSEKEEPING, self._housekeeping)
+        for record in self.store.expire():
+            log.warning("result of %s (%s) expired undelivered", record.handle, record.task)
 
     def _on_signals(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -194,7 +201,12 @@ class Supervisor:
                 log.warning("rejected a client message: %s", exc)
                 self._send(envelope, Error(request_id(data), exc.code, str(exc)))
                 continue
-            self._on_request(envelope, msg)
+            try:
+                self._on_request(envelope, msg)
+            except Exception as exc:
+                # A bug of ours; the client still gets an answer, not a hang.
+                log.exception("internal error handling a %s request", msg.KIND)
+                self._send(envelope, Error(request_id(data), "internal", f"server error: {exc}"))
 
     def _on_request(self, envelope: Envelope, msg: Message) -> None:
         if isinstance(msg, Spawn):
@@ -324,7 +336,7 @@ class Supervisor:
         log.info(
             "stopping (%s): %d running, %d queued; grace %gs",
             reason,
-            len(self.spawner.workers),
+            self.spawner.stats()["workers"],
             len(self.spawner.queue),
             grace,
         )

@@ -9,6 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 
+def _nothing(*args: Any) -> None:
+    pass
+
+
 class Timer:
     __slots__ = ("args", "callback", "cancelled", "when")
 
@@ -19,7 +23,11 @@ class Timer:
         self.cancelled = False
 
     def cancel(self) -> None:
+        # The heap keeps the timer until its time comes: let go of what it
+        # refers to (a worker, a job and its payload) now.
         self.cancelled = True
+        self.callback = _nothing
+        self.args = ()
 
 
 class Timers:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import zmq
 
-from .children import Worker, ZygoteProc, ZygoteState
+from .children import Worker, ZygoteProc
 from .codec import decode_channel
 from .config import ServerConfig, signal_by_name
 from .linux import child_pids, kill_child
@@ -41,6 +41,15 @@ class Tracker:
         self.kill_signal = signal_by_name(config.kill_signal)
 
     def track(self, worker: Worker) -> None:
+        old = self.workers.get(worker.pid)
+        if old is not None:
+            # Its pid was reused, so it is long gone: another zygote's word of
+            # its exit is still on the way. Settle it now, status unknown.
+            old.status_lost = True
+            if old.alive:
+                self._on_exit(old)
+            else:
+                self._settle(old)
         self.workers[worker.pid] = worker
         self.loop.watch(worker.channel.fileno(), lambda: self._on_channel(worker))
         self.loop.watch(worker.pidfd, lambda: self._on_exit(worker))
@@ -146,12 +155,18 @@ class Tracker:
         if isinstance(msg, Phase) and starting:
             worker.phase = msg.name
         elif isinstance(msg, Ready) and starting:
-            self.events.on_ready(worker)
+            if worker.failure is None:  # not from a child already condemned
+                self.events.on_ready(worker)
         elif isinstance(msg, Result) and msg.handle == worker.job.handle and not starting:
             if not worker.result_seen:
                 worker.result_seen = True
                 self.events.on_result(worker, data)
                 self.close_channel(worker)  # the worker's cue to exit
+                # ... which it takes at once, unless something in it hangs
+                # (a flush to a full pipe): it does not keep its slot for that.
+                worker.timers.append(
+                    self.loop.later(self.config.kill_grace, worker.signal, signal.SIGKILL)
+                )
         elif isinstance(msg, ValidatorFailed) and starting:
             error = msg.error.strip()
             log.warning(
@@ -174,16 +189,18 @@ class Tracker:
         worker.alive = False
         self.loop.unwatch(worker.pidfd)
         os.close(worker.pidfd)
-        for timer in worker.timers:
-            timer.cancel()
         # Whatever it wrote before dying is in the channel now: read it
         # before deciding anything from the exit, or a finished result
         # would be reported as lost.
         if worker.channel_open:
             self._on_channel(worker)
             self.close_channel(worker)
+        for timer in worker.timers:
+            timer.cancel()
         self.events.on_gone(worker)
-        if worker.status is None and worker.zygote.state is ZygoteState.DEAD:
+        # Only once its zygote is reaped is an orphan ours to reap (before
+        # that, it is still the zygote's child, and wait4 would fail).
+        if worker.status is None and worker.zygote.reaped:
             worker.reap_orphan()
         self._settle(worker)
 

@@ -22,7 +22,6 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
 from typing import NoReturn
 
 from . import hooks, inventory, validators, worker
@@ -39,21 +38,22 @@ from .protocol import (
     Fork,
     Forked,
     ForkFailed,
+    ProtocolError,
     Reaped,
     Threads,
 )
 
 log = logging.getLogger("zygote.zygote")
 
-# Fork requests carry at most a small task (the supervisor sends bigger ones
-# down the worker's channel), so control messages stay far below this.
+# The supervisor keeps fork requests under CARRY_LIMIT (64 KiB: a bigger task
+# goes down the worker's channel instead), far below this.
 _CONTROL_BUFFER = 1 << 17
 
 
 class Zygote:
     """Serves fork requests from the supervisor until its control socket closes.
 
-    It installs no signal handler: children are reaped through pidfds in
+    It installs no Python signal handler: children are reaped through pidfds in
     the same poll() as the control socket, so a new child inherits no
     handler and no wakeup fd that it would have to undo.
     """
@@ -85,11 +85,20 @@ class Zygote:
                 if fd != control_fd:
                     self._reap(fd)
                     continue
-                size = self.control.recv_into(self._buffer)
+                size, _, flags, _ = self.control.recvmsg_into([self._buffer])
                 if not size:
                     log.debug("control socket closed; generation %d retires", self.boot.generation)
                     return
-                msg = decode_control(bytes(memoryview(self._buffer)[:size]))
+                # A bad request is the supervisor's bug, not a reason to die:
+                # its fork deadline will notice the missing answer.
+                if flags & socket.MSG_TRUNC:
+                    log.error("dropped a control message over %d bytes", _CONTROL_BUFFER)
+                    continue
+                try:
+                    msg = decode_control(bytes(memoryview(self._buffer)[:size]))
+                except ProtocolError as exc:
+                    log.error("dropped a control message: %s", exc)
+                    continue
                 if isinstance(msg, Fork):
                     self.fork(msg)
                 else:
@@ -128,7 +137,7 @@ class Zygote:
         setup = worker.ChildSetup(
             channel=theirs,
             lifeline=lifeline,
-            close=(self.control.fileno(), ours),
+            close=(self.control.fileno(), ours, self.lifeline_fd),
             steps=self.steps.threaded() if threads else self.steps.alone,
             task=task,
             max_result_bytes=self.boot.max_result_bytes,
@@ -169,34 +178,55 @@ class Zygote:
             self._kit = self._make_kit()
 
     def _hold_forks(self, threaded: bool) -> list[hooks._Lock]:
-        """Take every registered fork lock and, with other threads about,
-        wait for open prevent_fork() sections and keep new ones from opening.
-        Returns what to release (in the parent and in the child alike)."""
-        held: list[hooks._Lock] = []
-        for lock in hooks.FORK_LOCKS:
-            self._acquire(lock, lambda: "a lock registered with zygote.fork_lock() is held")
-            held.append(lock)
-        gate = hooks.GATE
-        if threaded and gate is not None:
-            gate.condition.acquire()
-            held.append(gate.condition)
-            waited = 0.0
-            while gate.sections:
-                gate.condition.wait(self.boot.prevent_fork_warning)
-                waited += self.boot.prevent_fork_warning
-                if gate.sections:
-                    holders = ", ".join(
-                        f"{name!r} (for {time.monotonic() - since:.1f}s)"
-                        for name, since, _ in gate.sections.values()
-                    )
-                    log.warning("a fork has waited %.1fs for prevent_fork() in %s", waited, holders)
-        return held
+        """Take every registered fork lock and, with other threads about, wait
+        for open prevent_fork() sections and keep new ones from opening.
+        Returns what to release (in the parent and in the child alike).
 
-    def _acquire(self, lock: hooks._Lock, why: Callable[[], str]) -> None:
-        waited = 0.0
-        while not lock.acquire(timeout=self.boot.prevent_fork_warning):
-            waited += self.boot.prevent_fork_warning
-            log.warning("a fork has waited %.1fs: %s", waited, why())
+        A thread may take a fork lock inside a section, or open a section
+        while holding a fork lock; so nothing is waited for while something
+        else is held: on a miss everything is let go and tried again shortly.
+        """
+        gate = hooks.GATE if threaded else None
+        locks = list(hooks.FORK_LOCKS)
+        if gate is None and not locks:
+            return []
+        started = warned = time.monotonic()
+        while True:
+            if gate is not None:
+                gate.condition.acquire()  # held by threads only for a moment
+                if gate.sections:
+                    gate.condition.wait(0.05)  # lets go while it waits
+                    holders = [(name, since) for name, since, _ in gate.sections.values()]
+                    gate.condition.release()
+                    warned = self._warn_held(started, warned, holders)
+                    continue
+            taken = []
+            for lock in locks:
+                if not lock.acquire(blocking=False):
+                    break
+                taken.append(lock)
+            if len(taken) == len(locks):
+                return ([gate.condition] if gate is not None else []) + taken
+            for lock in reversed(taken):
+                lock.release()
+            if gate is not None:
+                gate.condition.release()
+            warned = self._warn_held(started, warned, [])
+            time.sleep(0.001)
+
+    def _warn_held(self, started: float, warned: float, holders: list[tuple[str, float]]) -> float:
+        """Log, every prevent-fork-warning seconds, why a fork is waiting."""
+        now = time.monotonic()
+        if now - warned < self.boot.prevent_fork_warning:
+            return warned
+        if holders:
+            why = "prevent_fork() in " + ", ".join(
+                f"{name!r} (for {now - since:.1f}s)" for name, since in holders
+            )
+        else:
+            why = "a lock registered with zygote.fork_lock() is held"
+        log.warning("a fork has waited %.1fs for %s", now - started, why)
+        return now
 
     @staticmethod
     def _release_forks(held: list[hooks._Lock]) -> None:
