@@ -13,9 +13,16 @@ MARK = Path(os.environ.get("ZYGOTE_TEST_DIR", "/tmp")) / "flaky-validator-ran"
 
 @zygote.validator(name="flaky")
 def flaky() -> None:
-    if MARK.exists():
+    # Of children starting together exactly one is the first: a hard link
+    # fails if the name exists, and it appears with its content already in.
+    mine = MARK.with_name(f"{MARK.name}.{os.getpid()}")
+    mine.write_text(str(os.getpid()))
+    try:
+        os.link(mine, MARK)
+    except FileExistsError:
         return
-    MARK.write_text(str(os.getpid()))
+    finally:
+        mine.unlink()
     if MODE == "hang":
         time.sleep(3600)  # a deadlock, as far as anyone can tell
     raise RuntimeError("first child is bad")
