@@ -4,21 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
-from .conftest import REPO, Server, wait_until
-
-
-def zygote_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
-    return subprocess.run(
-        [sys.executable, "-m", "zygote", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+from .conftest import Server, wait_until, zygote_cli
 
 
 def test_spawn_examples_add_prints_5(start_server) -> None:

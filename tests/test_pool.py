@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import psutil
 
-from .conftest import REPO, Server, wait_until
+from .conftest import Server, wait_until, zygote_cli
 
 
 def _pool_full(server: Server) -> bool:
@@ -111,26 +109,14 @@ def test_refork_that_cannot_preload_keeps_the_old_generation(start_server, tmp_p
     module.write_text("VALUE = 1\n")
     server = start_server(preload=("tests.tasks", "changing"), env={"PYTHONPATH": str(tmp_path)})
     module.write_text("raise RuntimeError('broken deploy')\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "zygote", "refork", "--endpoint", server.endpoint],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = zygote_cli("refork", "--endpoint", server.endpoint)
     assert proc.returncode == 1
     assert "failed to start" in proc.stderr and "keeps serving" in proc.stderr
     assert server.stats()["generation"] == 1
     with server.client(timeout=30) as client:
         assert client.spawn("tests.tasks:add", 1, 1).result() == 2
     module.write_text("VALUE = 2\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "zygote", "refork", "--endpoint", server.endpoint],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = zygote_cli("refork", "--endpoint", server.endpoint)
     assert proc.returncode == 0, proc.stderr
     assert "generation 3 serving" in proc.stdout
     with server.client(timeout=30) as client:
