@@ -321,10 +321,13 @@ class Fleet:
         zygote.reaped = True
         os.close(zygote.pidfd)
         words = describe_wait_status(status)
-        self.lost(zygote, words)
+        already_lost = zygote.state is ZygoteState.DEAD
+        self.lost(zygote, words)  # if not already lost, this settles its children too
         log.info("zygote generation %d (pid %d) %s", zygote.generation, pid, words)
-        # Its children are ours now (we are the subreaper): settle them.
-        self.events.on_zygote_gone(zygote)
+        if already_lost:
+            # Lost before it was reaped: its children are ours only now (we
+            # are the subreaper), so settle them now.
+            self.events.on_zygote_gone(zygote)
         return zygote
 
     def kill_all(self) -> None:
