@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import signal
 
+import msgpack
 import pytest
+import zmq
 
 from zygote import ServerUnavailable, SpawnError, TaskError, Zygote, ZygoteError
 from zygote import client as client_module
+from zygote.codec import decode_reply, encode
+from zygote.protocol import Result, Spawn, Spawned
 
 from .conftest import Server, wait_until
 
@@ -57,6 +61,27 @@ def test_new_client_collects_result_by_handle_id(server: Server, tmp_path) -> No
     # Delivered: the server does not keep it any longer.
     with server.client(timeout=20) as third, pytest.raises(ZygoteError, match="unknown handle"):
         third.attach(handle_id)
+
+
+def test_a_result_sent_but_not_confirmed_is_kept(server: Server) -> None:
+    # A client that had the result on the wire when it went away (closing
+    # its socket throws away what ZeroMQ had queued for it, or it crashed
+    # before confirming): the server still has the result for a new client.
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(server.endpoint)
+    payload = msgpack.packb([[7], {}])
+    sock.send(encode(Spawn(1, "tests.tasks:identity", payload)))
+    spawned = decode_reply(sock.recv())
+    assert isinstance(spawned, Spawned)
+    result = decode_reply(sock.recv())
+    assert isinstance(result, Result) and result.handle == spawned.handle
+    sock.close()  # without a Collected message
+    assert server.stats()["results_kept"] == 1
+    with server.client(timeout=20) as second:
+        assert second.attach(spawned.handle).result() == 7
+    assert server.stats()["results_kept"] == 0
 
 
 def test_attach_while_running_gets_the_result_too(server: Server, tmp_path) -> None:

@@ -21,6 +21,7 @@ from zygote.codec import (
 )
 from zygote.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    Collected,
     Error,
     Kill,
     MalformedMessage,
@@ -38,6 +39,7 @@ def test_round_trip_of_every_request_and_reply() -> None:
     spawn = Spawn(1, "pkg.mod:func", b"\x92\x90\x80", 2.5, {"A": "b"}, "/tmp")
     assert decode_request(encode(spawn)) == spawn
     assert decode_request(encode(Kill(2, "h-1", 9))) == Kill(2, "h-1", 9)
+    assert decode_request(encode(Collected(["h-1", "h-2"]))) == Collected(["h-1", "h-2"])
     spawned = Spawned(3, "h-1", 1234, 2, ["warning"])
     assert decode_reply(encode(spawned)) == spawned
     result = Result("h-1", "raised", exc_type="ValueError", message="m", traceback="t")

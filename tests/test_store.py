@@ -14,30 +14,30 @@ class Clock:
         return self.now
 
 
-def test_record_leaves_once_result_delivered_and_process_ended() -> None:
+def test_record_leaves_once_result_collected_and_process_ended() -> None:
     store = ResultStore(ttl=10, max_kept=5, clock=Clock())
     record = store.open("h1", "t:f", (b"client",), 1)
-    record.result, record.result_delivered = b"r", True
+    record.result, record.collected = b"r", True
     assert store.settle(record) == [] and store.get("h1") is record
     record.exited = b"e"
     store.settle(record)
     assert store.get("h1") is None and len(store) == 0
 
 
-def test_undelivered_results_expire_after_ttl() -> None:
+def test_uncollected_results_expire_after_ttl() -> None:
     clock = Clock()
     store = ResultStore(ttl=10, max_kept=5, clock=clock)
     record = store.open("h1", "t:f", (b"c",), 1)
     record.result = b"r"
     store.settle(record)
     clock.now += 9
-    assert store.expire() == [] and store.undelivered == 1
+    assert store.expire() == [] and store.uncollected == 1
     clock.now += 2
     assert store.expire() == [record]
     assert store.get("h1") is None
 
 
-def test_oldest_undelivered_dropped_past_the_bound() -> None:
+def test_oldest_uncollected_dropped_past_the_bound() -> None:
     store = ResultStore(ttl=10, max_kept=2, clock=Clock())
     records = []
     for i in range(3):
@@ -67,12 +67,42 @@ def test_a_dropped_record_is_not_filed_again() -> None:
     assert len(store) == 0
 
 
-def test_delivered_result_awaiting_its_exit_is_not_owed() -> None:
+def test_collected_result_awaiting_its_exit_is_not_owed() -> None:
     store = ResultStore(ttl=1, max_kept=1, clock=Clock())
     record = store.open("h1", "t:f", (b"c",), 1)
-    record.result, record.result_delivered = b"r", True
+    record.result, record.collected = b"r", True
     store.settle(record)
-    assert store.undelivered == 0 and store.get("h1") is record
+    assert store.uncollected == 0 and store.get("h1") is record
+
+
+def test_a_sent_result_is_kept_until_collected() -> None:
+    # The send to a client that was closing at that moment succeeds and is
+    # then thrown away by ZeroMQ: only the client's confirmation counts.
+    clock = Clock()
+    store = ResultStore(ttl=10, max_kept=5, clock=clock)
+    record = store.open("h1", "t:f", (b"c",), 1)
+    record.result, record.result_sent = b"r", True
+    store.settle(record)
+    record.exited, record.exit_sent = b"e", True
+    store.settle(record)
+    assert store.uncollected == 1 and store.get("h1") is record
+    clock.now += 5
+    record.collected = True
+    store.settle(record)
+    assert store.uncollected == 0 and len(store) == 0
+
+
+def test_the_ttl_counts_from_the_result_not_the_exit() -> None:
+    clock = Clock()
+    store = ResultStore(ttl=10, max_kept=5, clock=clock)
+    record = store.open("h1", "t:f", (b"c",), 1)
+    record.result = b"r"
+    store.settle(record)
+    clock.now += 8
+    record.exited = b"e"
+    store.settle(record)
+    clock.now += 3
+    assert store.expire() == [record]
 
 
 def test_running_jobs_are_never_dropped() -> None:

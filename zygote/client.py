@@ -13,6 +13,7 @@ requests), raises `ServerUnavailable` instead of hanging forever.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import secrets
@@ -51,6 +52,7 @@ from .protocol import (
     SHUTTING_DOWN,
     SPAWN_FAILED,
     Attach,
+    Collected,
     Error,
     Exited,
     Kill,
@@ -73,6 +75,8 @@ __all__ = ["ExitInfo", "Handle", "Zygote"]
 #: stays unanswered for PROBE_TIMEOUT.
 PROBE_EVERY = 1.0
 PROBE_TIMEOUT = 4.0
+#: How long `close()` waits for the server to confirm it read our last message.
+_CLOSE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,10 @@ class Zygote:
         self._socket.setsockopt(zmq.ROUTING_ID, b"z" + secrets.token_bytes(15))
         self._socket.connect(self.endpoint)
         self._requests = itertools.count(1)
+        self._last_req = 0
+        # Set when results were confirmed (`Collected`) after request number
+        # `_collected_after` and no reply has proved the server read it yet.
+        self._collected_after: int | None = None
         self._replies: dict[int, Message] = {}
         self._abandoned: set[int] = set()
         self._handles: weakref.WeakValueDictionary[str, Handle] = weakref.WeakValueDictionary()
@@ -194,8 +202,18 @@ class Zygote:
     def close(self) -> None:
         """Close the connection. Jobs keep running; their results stay on the
         server for a new client to `attach()` to."""
-        if not self._socket.closed:
-            self._socket.close()
+        if self._socket.closed:
+            return
+        if self._collected_after is not None:
+            # Our last `Collected` may still sit in ZeroMQ's queue, which
+            # closing the socket throws away: the server would then keep
+            # those results for nobody until they expire. One round trip
+            # settles it (replies come in order), bounded for a dead server.
+            deadline = time.monotonic() + _CLOSE_TIMEOUT
+            with contextlib.suppress(ZygoteError):
+                while self._collected_after is not None:  # more may come meanwhile
+                    self._call(lambda req: Ping(req), _remaining(deadline))
+        self._socket.close()
 
     # -- the API ----------------------------------------------------------
 
@@ -334,7 +352,7 @@ class Zygote:
     def _send(self, make: Callable[[int], Message]) -> int:
         if self._socket.closed:
             raise ZygoteError("this client is closed")
-        req = next(self._requests)
+        req = self._last_req = next(self._requests)
         self._socket.send(encode(make(req)))
         return req
 
@@ -389,17 +407,28 @@ class Zygote:
                     self._followed[req] = follow
 
     def _receive_ready(self) -> None:
-        """Take in every message that has arrived, without blocking."""
-        while True:
-            try:
-                data = self._socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = decode_reply(data)
-            except ProtocolError as exc:
-                raise ZygoteError(f"the server at {self.endpoint} sent garbage: {exc}") from None
-            self._take(msg)
+        """Take in every message that has arrived, without blocking, and
+        confirm the results among them so the server can forget them."""
+        collected: list[str] = []
+        try:
+            while True:
+                try:
+                    data = self._socket.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                try:
+                    msg = decode_reply(data)
+                except ProtocolError as exc:
+                    raise ZygoteError(
+                        f"the server at {self.endpoint} sent garbage: {exc}"
+                    ) from None
+                if isinstance(msg, Result):
+                    collected.append(msg.handle)
+                self._take(msg)
+        finally:
+            if collected and not self._socket.closed:
+                self._socket.send(encode(Collected(collected)))
+                self._collected_after = self._last_req
 
     def _take(self, msg: Message) -> None:
         if isinstance(msg, (Result, Exited)):
@@ -422,6 +451,10 @@ class Zygote:
                 self, msg.handle, msg.pid, msg.generation, msg.warnings
             )
             self._handles[msg.handle] = reply
+        # Replies come in order: one to a request sent after our last
+        # `Collected` means the server has taken it in.
+        if self._collected_after is not None and req > self._collected_after:
+            self._collected_after = None
         if req in self._abandoned:
             self._abandoned.discard(req)
         else:

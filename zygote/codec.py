@@ -27,6 +27,7 @@ from .protocol import (
     Booted,
     BootFailed,
     ChannelMessage,
+    Collected,
     Control,
     Error,
     Exited,
@@ -114,7 +115,7 @@ def _registry(*classes: type[Message]) -> dict[str, _Spec]:
     return {cls.KIND: _spec(cls) for cls in classes}
 
 
-_REQUESTS = _registry(Spawn, Attach, Kill, Stats, Ping, Refork, Stop)
+_REQUESTS = _registry(Spawn, Attach, Collected, Kill, Stats, Ping, Refork, Stop)
 _REPLIES = _registry(Spawned, Result, Exited, Ok, Error)
 _CONTROL = _registry(Boot, Booted, BootFailed, Fork, Forked, ForkFailed, Threads, Reaped)
 _CHANNEL = _registry(Ready, Phase, ValidatorFailed, Result, Task, Go)

@@ -107,9 +107,9 @@ class ServerConfig:
     shutdown_grace: float = 30.0
     #: a new zygote must finish its preload within this
     boot_timeout: float = 120.0
-    #: an undelivered result is dropped (logged) after this
+    #: a result no client has confirmed is dropped (logged) after this
     result_ttl: float = 3600.0
-    #: undelivered results kept at most; the oldest is dropped (logged) past it
+    #: unconfirmed results kept at most; the oldest is dropped (logged) past it
     max_results: int = 10000
     #: largest client message accepted, and largest task result
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES

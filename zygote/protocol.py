@@ -8,8 +8,8 @@ never takes a process down.
 
 Four conversations use this module:
 
-* client <-> supervisor, over ZeroMQ: `Spawn`, `Attach`, `Kill`, `Stats`,
-  `Ping`, `Refork`, `Stop` and the replies `Spawned`, `Result`, `Exited`, `Ok`, `Error`;
+* client <-> supervisor, over ZeroMQ: `Spawn`, `Attach`, `Collected`, `Kill`,
+  `Stats`, `Ping`, `Refork`, `Stop` and the replies `Spawned`, `Result`, `Exited`, `Ok`, `Error`;
 * supervisor <-> zygote, over a SOCK_SEQPACKET socket: `Boot`, `Booted`,
   `BootFailed`, `Fork`, `Forked`, `ForkFailed`, `Threads`, `Reaped`;
 * worker <-> supervisor, over the worker's own stream socket, framed by
@@ -106,6 +106,15 @@ class Attach(Message):
     KIND = "attach"
     req: int
     handle: str
+
+
+@dataclass(frozen=True, slots=True)
+class Collected(Message):
+    """The client has these handles' results: the server may forget them.
+    No reply. Until it arrives a result is kept (see `zygote.store`)."""
+
+    KIND = "collected"
+    handles: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +348,7 @@ class Go(Message):
     KIND = "go"
 
 
-Request = Spawn | Attach | Kill | Stats | Ping | Refork | Stop
+Request = Spawn | Attach | Collected | Kill | Stats | Ping | Refork | Stop
 Reply = Spawned | Result | Exited | Ok | Error
 Control = Boot | Booted | BootFailed | Fork | Forked | ForkFailed | Threads | Reaped
 ChannelMessage = Ready | Phase | ValidatorFailed | Result | Task | Go

@@ -3,10 +3,13 @@
 A record is made when a spawn is accepted. The worker's `Result` and
 `Exited` messages land in it, already encoded, and are pushed to every
 client following the handle (the spawner, plus any that attached later).
-A record goes away once its result has reached a client and the process
-has ended; one whose result found no client stays for `ttl` seconds, and at most `max_kept`
-such records are kept (oldest dropped first). Every drop is reported to
-the caller, which logs it: nothing disappears silently.
+A successful send is not proof of delivery: ZeroMQ accepts a message for
+a client that is closing its socket at that moment and then throws it
+away. So a result counts as delivered only once a client confirms it
+(`Collected`). A record goes away once its result is collected and the
+process has ended; an uncollected result stays for `ttl` seconds, and at
+most `max_kept` of them are kept (oldest dropped first). Every drop is
+reported to the caller, which logs it: nothing disappears silently.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ class Record:
     #: encoded Result / Exited messages, once known
     result: bytes | None = None
     exited: bytes | None = None
-    result_delivered: bool = False
-    exit_delivered: bool = False
+    #: pushed to the followers at least once (sent again only on request)
+    result_sent: bool = False
+    exit_sent: bool = False
+    #: a client confirmed it has the result
+    collected: bool = False
     finished_at: float | None = None
     #: clients to push Result and Exited to (an ordered set)
     followers: dict[Envelope, None] = field(default_factory=dict)
@@ -40,10 +46,10 @@ class Record:
     waiting: list[tuple[Envelope, int]] = field(default_factory=list)
 
     @property
-    def delivered(self) -> bool:
+    def done(self) -> bool:
         # The exit report is pushed on a best-effort basis: once a client has
         # the result, the record is not kept just for it.
-        return self.result_delivered and self.exited is not None
+        return self.collected and self.exited is not None
 
 
 class ResultStore:
@@ -54,15 +60,15 @@ class ResultStore:
         self.max_kept = max_kept
         self._clock = clock
         self._records: dict[str, Record] = {}
-        # Finished records still owed to some client, oldest first.
-        self._undelivered: OrderedDict[str, None] = OrderedDict()
+        # Finished records whose result no client has confirmed, oldest first.
+        self._uncollected: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._records)
 
     @property
-    def undelivered(self) -> int:
-        return len(self._undelivered)
+    def uncollected(self) -> int:
+        return len(self._uncollected)
 
     def open(self, handle: str, task: str, client: Envelope, req: int) -> Record:
         record = Record(handle, task)
@@ -76,7 +82,7 @@ class ResultStore:
 
     def discard(self, handle: str) -> None:
         self._records.pop(handle, None)
-        self._undelivered.pop(handle, None)
+        self._uncollected.pop(handle, None)
 
     def settle(self, record: Record) -> list[Record]:
         """File a record after a delivery attempt; returns records dropped to
@@ -84,17 +90,19 @@ class ResultStore:
         handle = record.handle
         if self._records.get(handle) is not record:  # dropped already (TTL, bound)
             return []
-        if record.delivered:
+        if record.done:
             self.discard(handle)
             return []
-        if record.result is None or record.result_delivered:
-            return []  # nothing owed to anyone yet: still running, or awaiting its exit
-        if record.finished_at is None:
-            record.finished_at = self._clock()
-        self._undelivered[handle] = None
+        if record.collected:
+            self._uncollected.pop(handle, None)
+            return []  # awaiting its exit report, owed to nobody
+        if record.result is None or handle in self._uncollected:
+            return []  # still running, or filed already
+        record.finished_at = self._clock()
+        self._uncollected[handle] = None
         dropped = []
-        while len(self._undelivered) > self.max_kept:
-            oldest, _ = self._undelivered.popitem(last=False)
+        while len(self._uncollected) > self.max_kept:
+            oldest, _ = self._uncollected.popitem(last=False)
             dropped.append(self._records.pop(oldest))
         return dropped
 
@@ -102,13 +110,13 @@ class ResultStore:
         """Drop results no client has taken within the TTL; returns their records."""
         deadline = self._clock() - self.ttl
         expired = []
-        while self._undelivered:
-            handle = next(iter(self._undelivered))
+        while self._uncollected:
+            handle = next(iter(self._uncollected))
             record = self._records.get(handle)
             if record is not None and record.finished_at is not None:
                 if record.finished_at > deadline:
                     break
                 expired.append(record)
-            self._undelivered.popitem(last=False)
+            self._uncollected.popitem(last=False)
             self._records.pop(handle, None)
         return expired

@@ -3,8 +3,8 @@
 One thread, one loop (`run`): wait for anything — a client message, a
 zygote or worker event, a signal, a deadline — handle it, repeat. Signal
 handlers only enqueue. This module is the clients' side: requests, replies,
-results kept until delivered, stopping. Zygotes are the fleet's business
-(`fleet.py`), jobs and workers the spawner's (`spawner.py`). The supervisor
+results kept until a client confirms them, stopping. Zygotes are the
+fleet's business (`fleet.py`), jobs and workers the spawner's (`spawner.py`). The supervisor
 never imports user code and never forks the application: zygotes are fresh
 interpreters, workers are their forks.
 """
@@ -41,6 +41,7 @@ from .protocol import (
     SHUTTING_DOWN,
     UNKNOWN_HANDLE,
     Attach,
+    Collected,
     Error,
     Kill,
     Message,
@@ -152,7 +153,9 @@ class Supervisor:
     def _housekeeping(self) -> None:
         self.loop.later(_HOUSEKEEPING, self._housekeeping)
         for record in self.store.expire():
-            log.warning("result of %s (%s) expired undelivered", record.handle, record.task)
+            log.warning(
+                "result of %s (%s) expired: no client collected it", record.handle, record.task
+            )
 
     def _on_signals(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -213,6 +216,12 @@ class Supervisor:
             self._on_spawn(envelope, msg)
         elif isinstance(msg, Attach):
             self._on_attach(envelope, msg)
+        elif isinstance(msg, Collected):
+            for handle in msg.handles:
+                record = self.store.get(handle)
+                if record is not None and record.result is not None:
+                    record.collected = True
+                    self._deliver(record)
         elif isinstance(msg, Kill):
             pid = self.spawner.kill(msg.handle, msg.signal)
             if pid is None:
@@ -286,13 +295,13 @@ class Supervisor:
     def _deliver(self, record: Record, only: Envelope | None = None) -> None:
         """Push what is known of a record to its followers, then file it."""
         targets = [only] if only is not None else list(record.followers)
-        if record.result is not None and (only or not record.result_delivered):
-            record.result_delivered |= any([self._send_raw(t, record.result) for t in targets])
-        if record.exited is not None and (only or not record.exit_delivered):
-            record.exit_delivered |= any([self._send_raw(t, record.exited) for t in targets])
+        if record.result is not None and (only or not record.result_sent):
+            record.result_sent |= any([self._send_raw(t, record.result) for t in targets])
+        if record.exited is not None and (only or not record.exit_sent):
+            record.exit_sent |= any([self._send_raw(t, record.exited) for t in targets])
         for dropped in self.store.settle(record):
             log.warning(
-                "dropped the undelivered result of %s (%s): more than %d kept",
+                "dropped the uncollected result of %s (%s): more than %d kept",
                 dropped.handle,
                 dropped.task,
                 self.store.max_kept,
@@ -347,7 +356,8 @@ class Supervisor:
     def _terminate(self, sig: int) -> None:
         count = self.spawner.tracker.terminate(sig)
         if sig == signal.SIGTERM and count:
-            log.warning("grace period over: sent SIGTERM to %d workers", count)
+            # Counts ready-pool children that had not left yet, not just workers.
+            log.warning("grace period over: sent SIGTERM to %d child processes", count)
             self.loop.later(self.config.kill_grace, self._terminate, signal.SIGKILL)
 
     def _identity(self) -> dict[str, Any]:
@@ -372,7 +382,7 @@ class Supervisor:
             **self.fleet.stats(),
             **self.spawner.stats(),
             "queue_size": self.config.queue_size,
-            "results_kept": self.store.undelivered,
+            "results_kept": self.store.uncollected,
             "busy_rejections": self.busy_rejections,
             "internal_errors": self.loop.internal_errors,
         }

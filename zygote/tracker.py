@@ -124,7 +124,7 @@ class Tracker:
             kill_child(pid)
 
     def terminate(self, sig: int) -> int:
-        """Signal every live worker; how many there were."""
+        """Signal every live child (workers and ready-pool children); how many."""
         alive = [worker for worker in self.workers.values() if worker.alive]
         for worker in alive:
             worker.signal(sig)
