@@ -266,7 +266,7 @@ class Supervisor:
         if record is None:
             text = (
                 f"unknown handle {msg.handle!r}: it never existed, or its result was "
-                "delivered or expired"
+                "collected by a client or expired"
             )
             self._send(envelope, Error(msg.req, UNKNOWN_HANDLE, text))
             return
