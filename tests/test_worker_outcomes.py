@@ -129,3 +129,19 @@ def test_wait_reports_usage(client: Zygote) -> None:
     assert info.pid == handle.pid
     assert info.exit_code == 0 and info.description == "exited normally"
     assert info.duration > 0 and info.maxrss_kb > 0
+
+
+def test_a_worker_holds_no_descriptor_of_the_zygote_or_its_siblings(
+    client: Zygote, tmp_path
+) -> None:
+    # Siblings alive while the worker is forked: the zygote holds a pidfd for
+    # each, and a worker must inherit none of them (nor the zygote's control
+    # socket): stdio, its channel and its lifeline are all it needs.
+    go = tmp_path / "go"
+    siblings = [client.spawn("tests.tasks:wait_for_file", str(go)) for _ in range(2)]
+    fds = {int(fd): target for fd, target in client.spawn("tests.tasks:open_fds").result().items()}
+    go.write_text("go")
+    assert [s.result() for s in siblings] == [s.pid for s in siblings]
+    extra = {fd: target for fd, target in fds.items() if fd > 2}
+    assert not [t for t in extra.values() if "pidfd" in t], extra
+    assert len(extra) <= 2, extra

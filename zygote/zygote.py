@@ -137,7 +137,9 @@ class Zygote:
         setup = worker.ChildSetup(
             channel=theirs,
             lifeline=lifeline,
-            close=(self.control.fileno(), ours, self.lifeline_fd),
+            # Everything of the zygote's the child must not keep: the control
+            # socket, its channel's other end, and a pidfd per sibling.
+            close=(self.control.fileno(), ours, self.lifeline_fd, *self._children),
             steps=self.steps.threaded() if threads else self.steps.alone,
             task=task,
             max_result_bytes=self.boot.max_result_bytes,
