@@ -84,6 +84,30 @@ def test_a_result_sent_but_not_confirmed_is_kept(server: Server) -> None:
     assert server.stats()["results_kept"] == 0
 
 
+def test_a_result_whose_handle_was_dropped_stays_for_attach(server: Server) -> None:
+    client = server.client(timeout=20)
+    handle_id = client.spawn("tests.tasks:identity", "kept").id  # the Handle is gone
+    wait_until(lambda: server.stats()["completed"] == 1, what="the worker to end")
+    # On our connection the result came before this reply, and went unread.
+    assert client.stats()["results_kept"] == 1
+    with server.client(timeout=20) as other:
+        assert other.attach(handle_id).result() == "kept"
+
+
+def test_close_leaves_unread_results_on_the_server(server: Server, tmp_path) -> None:
+    # close() makes a round trip to flush its last confirmation; a result
+    # read meanwhile was never handed to user code: another process gets it.
+    go = tmp_path / "go"
+    client = server.client(timeout=20)
+    handle = client.spawn("tests.tasks:wait_for_file", str(go))
+    assert client.spawn("tests.tasks:add", 1, 2).result() == 3  # a confirmation pending
+    go.write_text("go")
+    wait_until(lambda: server.stats()["completed"] == 2, what="both workers to end")
+    client.close()
+    with server.client(timeout=20) as other:
+        assert other.attach(handle.id).result() == handle.pid
+
+
 def test_attach_while_running_gets_the_result_too(server: Server, tmp_path) -> None:
     go = tmp_path / "go"
     first = server.client(timeout=20)

@@ -107,6 +107,7 @@ class Handle:
         self._client = client
         self._result: Result | None = None
         self._exited: Exited | None = None
+        self._collected = False  # the server was told it may forget the result
 
     def __repr__(self) -> str:
         state = "done" if self._result is not None else "running"
@@ -120,10 +121,14 @@ class Handle:
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's return value; raises TaskError, WorkerLost, TaskTimeout,
-        or ZygoteTimeout if `timeout` seconds pass first."""
+        or ZygoteTimeout if `timeout` seconds pass first.
+
+        The server keeps a result until `result()` or `wait()` has returned
+        it here; a handle dropped unread leaves it there for `attach()`."""
         if self._result is None:
             self._client._wait(lambda: self._result is not None, timeout, follow=self.id)
         assert self._result is not None
+        self._client._confirm(self)
         return _outcome(self._result)
 
     def wait(self, timeout: float | None = None) -> ExitInfo:
@@ -132,6 +137,8 @@ class Handle:
             self._client._wait(lambda: self._exited is not None, timeout, follow=self.id)
         e = self._exited
         assert e is not None
+        if self._result is not None:
+            self._client._confirm(self)
         return ExitInfo(
             e.pid,
             e.exit_code,
@@ -173,6 +180,11 @@ class Zygote:
                 )
         self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # No receive bound: ZeroMQ's I/O thread then takes in every reply
+        # while our caller is busy elsewhere (say, between map() items). With
+        # the default bound the server's queue for us fills up, and it has to
+        # drop what it cannot send. What we take in is what we asked for.
+        self._socket.setsockopt(zmq.RCVHWM, 0)
         # A name of our own: if the connection drops and comes back, the
         # server (ROUTER_HANDOVER) still knows where our replies go.
         self._socket.setsockopt(zmq.ROUTING_ID, b"z" + secrets.token_bytes(15))
@@ -209,10 +221,8 @@ class Zygote:
             # closing the socket throws away: the server would then keep
             # those results for nobody until they expire. One round trip
             # settles it (replies come in order), bounded for a dead server.
-            deadline = time.monotonic() + _CLOSE_TIMEOUT
             with contextlib.suppress(ZygoteError):
-                while self._collected_after is not None:  # more may come meanwhile
-                    self._call(lambda req: Ping(req), _remaining(deadline))
+                self._call(lambda req: Ping(req), _CLOSE_TIMEOUT)
         self._socket.close()
 
     # -- the API ----------------------------------------------------------
@@ -407,28 +417,25 @@ class Zygote:
                     self._followed[req] = follow
 
     def _receive_ready(self) -> None:
-        """Take in every message that has arrived, without blocking, and
-        confirm the results among them so the server can forget them."""
-        collected: list[str] = []
-        try:
-            while True:
-                try:
-                    data = self._socket.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    return
-                try:
-                    msg = decode_reply(data)
-                except ProtocolError as exc:
-                    raise ZygoteError(
-                        f"the server at {self.endpoint} sent garbage: {exc}"
-                    ) from None
-                if isinstance(msg, Result):
-                    collected.append(msg.handle)
-                self._take(msg)
-        finally:
-            if collected and not self._socket.closed:
-                self._socket.send(encode(Collected(collected)))
-                self._collected_after = self._last_req
+        """Take in every message that has arrived, without blocking."""
+        while True:
+            try:
+                data = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode_reply(data)
+            except ProtocolError as exc:
+                raise ZygoteError(f"the server at {self.endpoint} sent garbage: {exc}") from None
+            self._take(msg)
+
+    def _confirm(self, handle: Handle) -> None:
+        """The result of `handle` has reached user code: the server may forget it."""
+        if handle._collected or self._socket.closed:
+            return
+        handle._collected = True
+        self._socket.send(encode(Collected([handle.id])))
+        self._collected_after = self._last_req
 
     def _take(self, msg: Message) -> None:
         if isinstance(msg, (Result, Exited)):

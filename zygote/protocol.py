@@ -110,8 +110,9 @@ class Attach(Message):
 
 @dataclass(frozen=True, slots=True)
 class Collected(Message):
-    """The client has these handles' results: the server may forget them.
-    No reply. Until it arrives a result is kept (see `zygote.store`)."""
+    """These handles' results have reached the client's caller: the server
+    may forget them. No reply. Until it arrives a result is kept (see
+    `zygote.store`)."""
 
     KIND = "collected"
     handles: list[str]
