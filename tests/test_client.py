@@ -33,6 +33,16 @@ def test_map_keeps_order_and_bounds_in_flight(server: Server) -> None:
     wait_until(lambda: server.stats()["completed"] == 20, what="20 completed workers")
 
 
+def test_map_with_a_busy_consumer_loses_nothing(server: Server) -> None:
+    # 800 jobs in flight make 2400 messages (Spawned, Result, Exited) while
+    # the caller reads none: more than ZeroMQ's default queue bounds on both
+    # sides (1000 each), past which the server would have to drop replies.
+    client = server.client(timeout=60)
+    results = client.map("tests.tasks:identity", range(800), max_in_flight=800, timeout=40)
+    wait_until(lambda: server.stats()["completed"] == 800, timeout=60, what="800 jobs")
+    assert list(results) == list(range(800))
+
+
 def test_map_raises_at_the_failing_item(client: Zygote) -> None:
     results = client.map("tests.tasks:raise_value_error", ["a"], max_in_flight=2)
     with pytest.raises(TaskError, match="a"):
