@@ -124,3 +124,10 @@ def open_fds():
         with contextlib.suppress(FileNotFoundError):
             fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
     return fds
+
+
+def append_pid(path):
+    """Record a run of this task: one line per run."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return os.getpid()

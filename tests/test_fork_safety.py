@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import threading
 import time
@@ -222,3 +223,28 @@ def test_builtin_probes_pass_in_a_healthy_threaded_zygote(start_server) -> None:
     with server.client(timeout=30) as client:
         assert list(client.map("tests.tasks:identity", range(5))) == list(range(5))
     assert server.stats()["failed_starts"] == 0
+
+
+def test_a_fork_reply_that_lost_its_descriptors_never_runs_the_task_twice(
+    start_server, tmp_path
+) -> None:
+    # At its descriptor limit the supervisor gets a fork reply whose
+    # descriptors the kernel dropped. The zygote has already told that child
+    # to go, so it may be running the task: it is killed and the request ends
+    # in an error rather than being run a second time by the next zygote.
+    server = start_server("--prefork", "0")
+    runs = tmp_path / "runs"
+    client = server.client(timeout=30)
+    assert client.spawn("tests.tasks:add", 1, 2).result() == 3  # connected, zygote up
+    wait_until(lambda: client.stats()["workers"] == 0, what="the first worker to end")
+    soft, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{server.pid}/fd"))
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (in_use + 1, hard))  # room for one
+    try:
+        with pytest.raises(SpawnError, match="not run again"):
+            client.spawn("tests.tasks:append_pid", str(runs))
+    finally:
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert client.spawn("tests.tasks:add", 3, 4).result() == 7  # a fresh zygote serves
+    assert len(runs.read_text().split() if runs.exists() else []) <= 1
+    assert "out of file descriptors" in server.log()

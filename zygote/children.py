@@ -5,8 +5,10 @@ about them live in the fleet (zygotes) and the spawner (jobs and workers).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from typing import Any
 
 from .codec import FrameDecoder, decode_control
 from .linux import describe_wait_status, send_signal, wait_status_parts
-from .protocol import Control, ProtocolError, Spawn
+from .protocol import Control, Forked, ProtocolError, Spawn
 from .store import Record
 from .timers import Timer
 
@@ -145,12 +147,16 @@ class ZygoteProc:
             if flags & socket.MSG_CTRUNC:
                 # The kernel dropped descriptors meant for us: we are most
                 # likely out of file descriptors (EMFILE), not the zygote's fault.
-                messages.append(
-                    (
-                        "its descriptors were dropped: is the supervisor out of file descriptors?",
-                        fds,
-                    )
-                )
+                # A fork reply still goes through, short of descriptors: its
+                # child exists and must be dealt with.
+                why = "its descriptors were dropped: is the supervisor out of file descriptors?"
+                forked = None
+                with contextlib.suppress(ProtocolError):
+                    forked = decode_control(data)
+                if isinstance(forked, Forked):
+                    messages += [(why, []), (forked, fds)]
+                else:
+                    messages.append((why, fds))
             elif flags & socket.MSG_TRUNC:
                 messages.append((f"sent a message over {_CONTROL_MAX} bytes", fds))
             else:
@@ -193,6 +199,11 @@ class Worker:
     @property
     def generation(self) -> int:
         return self.zygote.generation
+
+    def running(self) -> bool:
+        """Still running right now? `alive` turns False only once the loop
+        has handled the exit; the pidfd knows at once (one poll, no wait)."""
+        return self.alive and not select.select([self.pidfd], [], [], 0)[0]
 
     def signal(self, sig: int) -> bool:
         """Signal it if it still runs (through its pidfd: never a recycled pid)."""

@@ -199,7 +199,8 @@ class Fleet:
                 for fd in fds:
                     os.close(fd)
                 self.trouble(zygote, msg)
-            elif isinstance(msg, Forked):
+                continue
+            if isinstance(msg, Forked):
                 self.events.on_forked(zygote, msg, fds)
                 continue
             for fd in fds:

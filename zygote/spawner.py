@@ -8,6 +8,7 @@ supervisor process.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -184,12 +185,30 @@ class Spawner:
 
     def on_forked(self, zygote: ZygoteProc, msg: Forked, fds: list[int]) -> None:
         if len(fds) != 2:
-            # The job stays pending: it is queued again when the zygote goes.
-            # (The child cannot run it: its channel's other end is gone, so
-            # its first write fails and it exits.)
             for fd in fds:
                 os.close(fd)
             self.fleet.trouble(zygote, f"sent {len(fds)} descriptors with a fork reply")
+            job = zygote.pending.get(msg.handle)
+            if isinstance(job, Job) and job.carried and job.state is JobState.FORKING:
+                # The zygote has told this child to go: it may be running
+                # the task right now, so running it again could run it
+                # twice. Stop it and give up on the request instead. (The
+                # pid is still that child's: its zygote has not reaped it.)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(msg.pid, signal.SIGKILL)
+                del zygote.pending[msg.handle]
+                job.cancel_timers()
+                self.slots -= 1
+                text = (
+                    f"worker {msg.pid} was forked, but the supervisor lost its descriptors "
+                    "(out of file descriptors?); it was killed, and as the task may have "
+                    "started it is not run again"
+                )
+                log.error("spawn %s %s: %s", job.handle, job.spawn.task, text)
+                self._fail(job, SPAWN_FAILED, text)
+            # Otherwise the job stays pending and is queued again when the
+            # zygote goes: the child never got its task, and exits when it
+            # finds its channel's other end gone.
             return
         job = zygote.pending.pop(msg.handle, None)
         channel_fd, pidfd = fds
