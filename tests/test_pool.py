@@ -4,9 +4,16 @@ pool child that fails validation; and refork."""
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
+import subprocess
 
 import psutil
+
+from zygote.children import Worker
+from zygote.loop import EventLoop
+from zygote.pool import ReadyPool
 
 from .conftest import Server, wait_until, zygote_cli
 
@@ -138,3 +145,29 @@ def test_stop_with_a_pool_fork_in_flight_exits_promptly(start_server) -> None:
     finally:
         os.kill(zygote, signal.SIGCONT)
     assert server.wait_exit(10) == 0
+
+
+def test_a_pool_child_that_died_is_not_handed_a_task() -> None:
+    # Its death and a spawn can arrive in the same batch of events, the spawn
+    # handled first: the pool asks the child's pidfd, not the (stale) flag.
+    process = subprocess.Popen(["sleep", "60"])
+    pidfd = os.pidfd_open(process.pid)
+    a, b = socket.socketpair()
+    current = object()
+    worker = Worker(process.pid, pidfd, a, None, current, 0.0)  # type: ignore[arg-type]
+    retired: list[Worker] = []
+    pool = ReadyPool(0, EventLoop(), lambda fork: False, retired.append)
+    try:
+        assert worker.running()
+        process.kill()
+        assert select.select([pidfd], [], [], 10)[0], "the child did not die"
+        assert worker.alive and not worker.running()  # not reaped, not handled yet
+        pool.ready.append(worker)
+        assert pool.take(current) is None  # type: ignore[arg-type]
+        assert retired == [worker]
+    finally:
+        process.kill()
+        process.wait()
+        os.close(pidfd)
+        a.close()
+        b.close()

@@ -44,7 +44,9 @@ class ReadyPool:
         while self.ready:
             worker = self.ready.popleft()
             worker.pooled = False
-            if worker.zygote is current and worker.alive:
+            # Its death may sit unhandled in the same batch of events as this
+            # request: a child that died is not given a task it cannot run.
+            if worker.zygote is current and worker.running():
                 self.taken += 1
                 self.refill_soon()
                 return worker
