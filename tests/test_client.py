@@ -11,7 +11,7 @@ import zmq
 
 from zygote import ServerUnavailable, SpawnError, TaskError, Zygote, ZygoteError
 from zygote import client as client_module
-from zygote.codec import decode_reply, encode
+from zygote.codec import decode_reply, decode_request, encode
 from zygote.protocol import Result, Spawn, Spawned
 
 from .conftest import Server, wait_until
@@ -116,6 +116,69 @@ def test_close_leaves_unread_results_on_the_server(server: Server, tmp_path) -> 
     client.close()
     with server.client(timeout=20) as other:
         assert other.attach(handle.id).result() == handle.pid
+
+
+class LossySocket:
+    """The client's real socket, but the first message `lose` picks is lost
+    on the way (a TCP connection that broke, a queue that overflowed)."""
+
+    def __init__(self, sock, lose_sent=None, lose_received=None) -> None:
+        self._sock, self._lose_sent, self._lose_received = sock, lose_sent, lose_received
+        self.lost: list[object] = []
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def send(self, data, *args, **kwargs):
+        if self._lose_sent and not self.lost and self._lose_sent(decode_request(data)):
+            self.lost.append(decode_request(data))
+            return None
+        return self._sock.send(data, *args, **kwargs)
+
+    def recv(self, *args, **kwargs):
+        data = self._sock.recv(*args, **kwargs)
+        if self._lose_received and not self.lost and self._lose_received(decode_reply(data)):
+            self.lost.append(decode_reply(data))
+            data = self._sock.recv(*args, **kwargs)  # zmq.Again if nothing else came
+        return data
+
+
+def test_a_lost_spawned_reply_is_recovered_without_running_twice(server: Server) -> None:
+    client = server.client(timeout=20)
+    lossy = client._socket = LossySocket(  # type: ignore[assignment]
+        client._socket, lose_received=lambda msg: isinstance(msg, Spawned)
+    )
+    handle = client.spawn("tests.tasks:identity", 5)  # the probe asks after it
+    assert len(lossy.lost) == 1 and lossy.lost[0].handle == handle.id
+    assert handle.result() == 5
+    assert client.stats()["accepted"] == 1
+
+
+def test_a_spawn_that_never_arrived_is_sent_again(server: Server) -> None:
+    client = server.client(timeout=20)
+    lossy = client._socket = LossySocket(  # type: ignore[assignment]
+        client._socket, lose_sent=lambda msg: isinstance(msg, Spawn)
+    )
+    handle = client.spawn("tests.tasks:identity", 6)  # unknown to the server: sent again
+    assert len(lossy.lost) == 1 and lossy.lost[0].handle == handle.id
+    assert handle.result() == 6
+    assert client.stats()["accepted"] == 1
+
+
+def test_a_spawn_sent_twice_under_one_name_runs_once(server: Server) -> None:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(server.endpoint)
+    payload = msgpack.packb([[1], {}])
+    sock.send(encode(Spawn(1, "tests.tasks:slow_identity", payload, handle="mine-1")))
+    sock.send(encode(Spawn(2, "tests.tasks:slow_identity", payload, handle="mine-1")))
+    replies = [decode_reply(sock.recv()) for _ in range(3)]  # 2 Spawned, 1 Result
+    spawned = [r for r in replies if isinstance(r, Spawned)]
+    assert sorted(r.req for r in spawned) == [1, 2]
+    assert {r.handle for r in spawned} == {"mine-1"} and len({r.pid for r in spawned}) == 1
+    sock.close()
+    assert server.stats()["accepted"] == 1
 
 
 def test_attach_while_running_gets_the_result_too(server: Server, tmp_path) -> None:

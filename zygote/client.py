@@ -201,6 +201,11 @@ class Zygote:
         self._max_message = DEFAULT_MAX_MESSAGE_BYTES
         self._max_workers: int | None = None
         self._followed: dict[int, str] = {}  # Attach probes: request id -> handle
+        # We name our jobs (`_handle_for`), so a spawn whose reply went missing
+        # can be asked after, and sent again if it never arrived: handle ->
+        # (request id, message), until its Spawned or Error is here.
+        self._job_prefix = secrets.token_hex(6)
+        self._spawns: dict[str, tuple[int, Callable[[int], Message]]] = {}
         # Learn the server's identity and limits along with the first request,
         # without waiting for it: a restart is then noticed by every probe.
         self._abandoned.add(self._send(lambda req: Ping(req)))
@@ -243,8 +248,8 @@ class Zygote:
         environment variables, `_cwd` sets its working directory. Arguments
         and the result travel as msgpack (tuples arrive as lists).
         """
-        req = self._send(self._spawn_message(task, args, kwargs, _timeout, _env, _cwd))
-        reply = self._reply(req, self.timeout)
+        req = self._send_spawn(self._spawn_message(task, args, kwargs, _timeout, _env, _cwd))
+        reply = self._reply(req, self.timeout, follow=self._handle_for(req))
         assert isinstance(reply, Handle)
         return reply
 
@@ -273,13 +278,13 @@ class Zygote:
 
         def fill() -> None:
             for item in itertools.islice(items, window - len(pending)):
-                pending.append(self._send(self._spawn_message(task, (item,), {})))
+                pending.append(self._send_spawn(self._spawn_message(task, (item,), {})))
 
         def results() -> Iterator[Any]:
             try:
                 while pending:
                     req = pending.popleft()
-                    handle = self._reply(req, _remaining(deadline))
+                    handle = self._reply(req, _remaining(deadline), self._handle_for(req))
                     assert isinstance(handle, Handle)
                     value = handle.result(_remaining(deadline))
                     fill()
@@ -357,7 +362,7 @@ class Zygote:
             )
         if timeout is not None and not timeout > 0:
             raise ValueError("_timeout must be a positive number of seconds")
-        return lambda req: Spawn(req, task, payload, timeout, env, cwd)
+        return lambda req: Spawn(req, task, payload, timeout, env, cwd, self._handle_for(req))
 
     def _send(self, make: Callable[[int], Message]) -> int:
         if self._socket.closed:
@@ -366,13 +371,24 @@ class Zygote:
         self._socket.send(encode(make(req)))
         return req
 
+    def _send_spawn(self, make: Callable[[int], Message]) -> int:
+        req = self._send(make)
+        self._spawns[self._handle_for(req)] = (req, make)
+        return req
+
+    def _handle_for(self, req: int) -> str:
+        return f"{self._job_prefix}-{req}"
+
     def _call(self, make: Callable[[int], Message], timeout: float | None) -> Message | Handle:
         return self._reply(self._send(make), timeout)
 
-    def _reply(self, req: int, timeout: float | None) -> Message | Handle:
-        """Wait for the reply to request `req`; raise it if it is an error."""
+    def _reply(
+        self, req: int, timeout: float | None, follow: str | None = None
+    ) -> Message | Handle:
+        """Wait for the reply to request `req`; raise it if it is an error.
+        `follow`: the handle a spawn request named, for the probes."""
         try:
-            self._wait(lambda: req in self._replies, timeout)
+            self._wait(lambda: req in self._replies, timeout, follow)
         except BaseException:
             self._abandoned.add(req)
             raise
@@ -458,10 +474,21 @@ class Zygote:
                 self, msg.handle, msg.pid, msg.generation, msg.warnings
             )
             self._handles[msg.handle] = reply
+            spawn = self._spawns.pop(msg.handle, None)
+            if spawn is not None and spawn[0] != req:
+                # The answer to a probe, for a spawn whose own reply was lost.
+                self._file_reply(spawn[0], reply)
+        elif isinstance(msg, Error):
+            spawn = self._spawns.get(self._handle_for(req))
+            if spawn is not None and spawn[0] == req:
+                del self._spawns[self._handle_for(req)]
         # Replies come in order: one to a request sent after our last
         # `Collected` means the server has taken it in.
         if self._collected_after is not None and req > self._collected_after:
             self._collected_after = None
+        self._file_reply(req, reply)
+
+    def _file_reply(self, req: int, reply: Message | Handle) -> None:
         if req in self._abandoned:
             self._abandoned.discard(req)
         else:
@@ -478,7 +505,14 @@ class Zygote:
         self._max_workers = info.get("max_workers", self._max_workers)
 
     def _forgotten(self, handle_id: str, why: str) -> None:
-        """The server no longer knows a job we wait on: end the wait with it."""
+        """The server no longer knows a job we wait on: end the wait with it.
+        For a spawn not yet answered, the request itself never arrived (say,
+        a TCP connection broke): it is sent again, under the same name."""
+        spawn = self._spawns.get(handle_id)
+        if spawn is not None:
+            req, make = spawn
+            self._socket.send(encode(make(req)))
+            return
         handle = self._handles.get(handle_id)
         if handle is not None:
             lost = Result(handle_id, LOST, message=f"the server lost track of this job: {why}")

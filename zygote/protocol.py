@@ -31,6 +31,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 _TASK_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _MAX_TASK_LEN = 512
+_HANDLE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class ProtocolError(Exception):
@@ -82,7 +83,12 @@ class Message:
 class Spawn(Message):
     """Run `task` ("package.module:qualname") in a new worker. `payload` is
     ``msgpack.packb([args, kwargs])``: the supervisor passes it through
-    without decoding user data."""
+    without decoding user data.
+
+    `handle`, if given, names the job (the client picks a unique one, like a
+    Celery task id): a Spawn whose handle the server already knows is the
+    same request sent again and is answered like an `Attach`, so a client
+    that lost a reply can ask again without running the task twice."""
 
     KIND = "spawn"
     req: int
@@ -91,9 +97,12 @@ class Spawn(Message):
     timeout: float | None = None
     env: dict[str, str] | None = None
     cwd: str | None = None
+    handle: str | None = None
 
     def __post_init__(self) -> None:
         check_task_name(self.task)
+        if self.handle is not None and not _HANDLE_RE.match(self.handle):
+            raise MalformedMessage(f"a handle is 1-64 of [A-Za-z0-9_.-], not {self.handle!r:.80}")
         if self.timeout is not None and not self.timeout > 0:
             raise MalformedMessage(f"timeout must be a positive number, not {self.timeout!r}")
 

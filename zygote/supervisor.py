@@ -246,6 +246,9 @@ class Supervisor:
             self.stop("stop requested by a client", EXIT_OK)
 
     def _on_spawn(self, envelope: Envelope, msg: Spawn) -> None:
+        if msg.handle is not None and self.store.get(msg.handle) is not None:
+            self._on_attach(envelope, Attach(msg.req, msg.handle))  # the same, sent again
+            return
         if self.stopping:
             self._send(envelope, Error(msg.req, SHUTTING_DOWN, self._stop_message()))
             return
@@ -258,7 +261,7 @@ class Supervisor:
             )
             self._send(envelope, Error(msg.req, BUSY, text))
             return
-        handle = f"{self.server_id}-{next(self._handle_numbers)}"
+        handle = msg.handle or f"{self.server_id}-{next(self._handle_numbers)}"
         self.spawner.submit(Job(handle, msg, self.store.open(handle, msg.task, envelope, msg.req)))
 
     def _on_attach(self, envelope: Envelope, msg: Attach) -> None:
