@@ -50,6 +50,24 @@ def test_oldest_uncollected_dropped_past_the_bound() -> None:
     assert store.get("h0") is None and store.get("h2") is records[2]
 
 
+def test_oldest_uncollected_dropped_past_the_byte_bound() -> None:
+    store = ResultStore(ttl=10, max_kept=100, max_bytes=10, clock=Clock())
+    records = []
+    for i, size in enumerate((4, 4, 4, 30)):
+        record = store.open(f"h{i}", "t:f", (b"c",), i)
+        record.result = b"r" * size
+        records.append(record)
+    assert store.settle(records[0]) == [] and store.settle(records[1]) == []
+    assert store.settle(records[2]) == [records[0]]  # 12 bytes > 10
+    assert store.uncollected_bytes == 8
+    records[1].collected = True
+    store.settle(records[1])
+    assert store.uncollected_bytes == 4
+    # Alone over the bound, the newest still stays: it gets its chance.
+    assert store.settle(records[3]) == [records[2]]
+    assert store.uncollected == 1 and store.uncollected_bytes == 30
+
+
 def test_a_dropped_record_is_not_filed_again() -> None:
     # Its result found no client, so it was dropped at the bound; its exit
     # report arrives later and must not bring it back (or expire() crashes).

@@ -114,7 +114,10 @@ _SERVER_OPTIONS = [
     _server_option("shutdown_grace", float, "Seconds running workers get on stop."),
     _server_option("boot_timeout", float, "Seconds a zygote has to preload."),
     _server_option("result_ttl", float, "Seconds a result no client has confirmed is kept."),
-    _server_option("max_results", click.IntRange(1), "Undelivered results kept at most."),
+    _server_option("max_results", click.IntRange(1), "Unconfirmed results kept at most."),
+    _server_option(
+        "max_results_bytes", click.IntRange(1), "Bytes of unconfirmed results kept at most."
+    ),
     _server_option("max_message_bytes", click.IntRange(1024), "Largest request or result."),
     _server_option(
         "log_level",

@@ -111,6 +111,8 @@ class ServerConfig:
     result_ttl: float = 3600.0
     #: unconfirmed results kept at most; the oldest is dropped (logged) past it
     max_results: int = 10000
+    #: and at most this many bytes of them in all (the oldest dropped, logged)
+    max_results_bytes: int = 1 << 30
     #: largest client message accepted, and largest task result
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log_level: str = "INFO"
@@ -120,6 +122,7 @@ class ServerConfig:
             "max_workers",
             "queue_size",
             "max_results",
+            "max_results_bytes",
             "max_message_bytes",
             "corrupt_limit",
             "zygote_failure_limit",

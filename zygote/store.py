@@ -8,8 +8,9 @@ a client that is closing its socket at that moment and then throws it
 away. So a result counts as delivered only once a client confirms it
 (`Collected`). A record goes away once its result is collected and the
 process has ended; an uncollected result stays for `ttl` seconds, and at
-most `max_kept` of them are kept (oldest dropped first). Every drop is
-reported to the caller, which logs it: nothing disappears silently.
+most `max_kept` of them, `max_bytes` in all, are kept (oldest dropped
+first). Every drop is reported to the caller, which logs it: nothing
+disappears silently.
 """
 
 from __future__ import annotations
@@ -54,14 +55,21 @@ class Record:
 
 class ResultStore:
     def __init__(
-        self, ttl: float, max_kept: int, clock: Callable[[], float] = time.monotonic
+        self,
+        ttl: float,
+        max_kept: int,
+        max_bytes: int = 1 << 62,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl = ttl
         self.max_kept = max_kept
+        self.max_bytes = max_bytes
         self._clock = clock
         self._records: dict[str, Record] = {}
-        # Finished records whose result no client has confirmed, oldest first.
-        self._uncollected: OrderedDict[str, None] = OrderedDict()
+        # Finished records whose result no client has confirmed, oldest
+        # first, with the size of each result; and their total.
+        self._uncollected: OrderedDict[str, int] = OrderedDict()
+        self.uncollected_bytes = 0
 
     def __len__(self) -> int:
         return len(self._records)
@@ -82,11 +90,11 @@ class ResultStore:
 
     def discard(self, handle: str) -> None:
         self._records.pop(handle, None)
-        self._uncollected.pop(handle, None)
+        self._unfile(handle)
 
     def settle(self, record: Record) -> list[Record]:
         """File a record after a delivery attempt; returns records dropped to
-        respect `max_kept` (the caller logs them)."""
+        respect `max_kept` and `max_bytes` (the caller logs them)."""
         handle = record.handle
         if self._records.get(handle) is not record:  # dropped already (TTL, bound)
             return []
@@ -94,15 +102,21 @@ class ResultStore:
             self.discard(handle)
             return []
         if record.collected:
-            self._uncollected.pop(handle, None)
+            self._unfile(handle)
             return []  # awaiting its exit report, owed to nobody
         if record.result is None or handle in self._uncollected:
             return []  # still running, or filed already
         record.finished_at = self._clock()
-        self._uncollected[handle] = None
+        self._uncollected[handle] = len(record.result)
+        self.uncollected_bytes += len(record.result)
         dropped = []
-        while len(self._uncollected) > self.max_kept:
-            oldest, _ = self._uncollected.popitem(last=False)
+        # The newest result stays even alone over `max_bytes`: a result
+        # within the message limit always gets its chance to be collected.
+        while len(self._uncollected) > 1 and (
+            len(self._uncollected) > self.max_kept or self.uncollected_bytes > self.max_bytes
+        ):
+            oldest = next(iter(self._uncollected))
+            self._unfile(oldest)
             dropped.append(self._records.pop(oldest))
         return dropped
 
@@ -117,6 +131,9 @@ class ResultStore:
                 if record.finished_at > deadline:
                     break
                 expired.append(record)
-            self._uncollected.popitem(last=False)
+            self._unfile(handle)
             self._records.pop(handle, None)
         return expired
+
+    def _unfile(self, handle: str) -> None:
+        self.uncollected_bytes -= self._uncollected.pop(handle, 0)

@@ -72,7 +72,7 @@ class Supervisor:
         self.started = time.monotonic()
         self._handle_numbers = itertools.count(1)
         self.loop = EventLoop()
-        self.store = ResultStore(config.result_ttl, config.max_results)
+        self.store = ResultStore(config.result_ttl, config.max_results, config.max_results_bytes)
         self.spawner = Spawner(config, self.loop, self)
         self.signals: collections.deque[int] = collections.deque()
         self.stopping: str | None = None
@@ -304,10 +304,11 @@ class Supervisor:
             record.exit_sent |= any([self._send_raw(t, record.exited) for t in targets])
         for dropped in self.store.settle(record):
             log.warning(
-                "dropped the uncollected result of %s (%s): more than %d kept",
+                "dropped the uncollected result of %s (%s): more than %d results or %d bytes kept",
                 dropped.handle,
                 dropped.task,
                 self.store.max_kept,
+                self.store.max_bytes,
             )
 
     # -- what the spawner reports (spawner.Clients) ---------------------------
@@ -386,6 +387,7 @@ class Supervisor:
             **self.spawner.stats(),
             "queue_size": self.config.queue_size,
             "results_kept": self.store.uncollected,
+            "results_kept_bytes": self.store.uncollected_bytes,
             "busy_rejections": self.busy_rejections,
             "internal_errors": self.loop.internal_errors,
         }
