@@ -518,7 +518,7 @@ class Zygote:
             lost = Result(handle_id, LOST, message=f"the server lost track of this job: {why}")
             handle._result = handle._result or lost
             if handle._exited is None:
-                handle._exited = Exited(handle_id, handle.pid, None, None, "unknown", 0.0)
+                handle._exited = Exited(handle_id, handle.pid, None, None, f"unknown: {why}", 0.0)
 
     def _server_max_workers(self) -> int:
         if self._max_workers is None:
