@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 import pytest
+import zmq
 
 from zygote import Zygote
 from zygote.errors import ZygoteError
@@ -177,3 +178,14 @@ def server(start_server: Callable[..., Server]) -> Server:
 @pytest.fixture
 def client(server: Server) -> Zygote:
     return server.client(timeout=30)
+
+
+@pytest.fixture
+def raw(server: Server):
+    """A bare DEALER socket, to send what the real client never would."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(server.endpoint)
+    yield sock
+    sock.close()

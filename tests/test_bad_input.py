@@ -20,17 +20,6 @@ from zygote.protocol import (
 from .conftest import Server
 
 
-@pytest.fixture
-def raw(server: Server):
-    """A bare DEALER socket, to send what the real client never would."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    sock.connect(server.endpoint)
-    yield sock
-    sock.close()
-
-
 def _error_for(sock, *frames: bytes) -> Error:
     sock.send_multipart(list(frames))
     reply = decode_reply(sock.recv())

@@ -7,7 +7,6 @@ import signal
 
 import msgpack
 import pytest
-import zmq
 
 from zygote import ServerUnavailable, SpawnError, TaskError, Zygote, ZygoteError
 from zygote import client as client_module
@@ -73,14 +72,11 @@ def test_new_client_collects_result_by_handle_id(server: Server, tmp_path) -> No
         third.attach(handle_id)
 
 
-def test_a_result_sent_but_not_confirmed_is_kept(server: Server) -> None:
+def test_a_result_sent_but_not_confirmed_is_kept(server: Server, raw) -> None:
     # A client that had the result on the wire when it went away (closing
     # its socket throws away what ZeroMQ had queued for it, or it crashed
     # before confirming): the server still has the result for a new client.
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    sock.connect(server.endpoint)
+    sock = raw
     payload = msgpack.packb([[7], {}])
     sock.send(encode(Spawn(1, "tests.tasks:identity", payload)))
     spawned = decode_reply(sock.recv())
@@ -165,11 +161,8 @@ def test_a_spawn_that_never_arrived_is_sent_again(server: Server) -> None:
     assert client.stats()["accepted"] == 1
 
 
-def test_a_spawn_sent_twice_under_one_name_runs_once(server: Server) -> None:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    sock.connect(server.endpoint)
+def test_a_spawn_sent_twice_under_one_name_runs_once(server: Server, raw) -> None:
+    sock = raw
     payload = msgpack.packb([[1], {}])
     sock.send(encode(Spawn(1, "tests.tasks:slow_identity", payload, handle="mine-1")))
     sock.send(encode(Spawn(2, "tests.tasks:slow_identity", payload, handle="mine-1")))
@@ -177,7 +170,6 @@ def test_a_spawn_sent_twice_under_one_name_runs_once(server: Server) -> None:
     spawned = [r for r in replies if isinstance(r, Spawned)]
     assert sorted(r.req for r in spawned) == [1, 2]
     assert {r.handle for r in spawned} == {"mine-1"} and len({r.pid for r in spawned}) == 1
-    sock.close()
     assert server.stats()["accepted"] == 1
 
 
