@@ -58,6 +58,9 @@ def _spawn_body(**override) -> dict:
         (msgpack.packb(_spawn_body(task="no colon")), "bad_request", "package.module:function"),
         (msgpack.packb(_spawn_body(timeout=-1)), "bad_request", "timeout"),
         (msgpack.packb(_spawn_body(env={"A": 1})), "bad_request", "'env'"),
+        # The server's own names (ready-pool forks, raw clients' jobs) have a ":".
+        (msgpack.packb(_spawn_body(handle="pool:1")), "bad_request", "handle"),
+        (msgpack.packb(_spawn_body(handle="x" * 65)), "bad_request", "handle"),
         (msgpack.packb({"v": 1, "kind": "spawn", "req": 7}), "bad_request", "missing field"),
         (
             msgpack.packb({"v": 1, "kind": "kill", "req": 7, "handle": "x", "signal": 999}),

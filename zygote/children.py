@@ -203,7 +203,11 @@ class Worker:
     def running(self) -> bool:
         """Still running right now? `alive` turns False only once the loop
         has handled the exit; the pidfd knows at once (one poll, no wait)."""
-        return self.alive and not select.select([self.pidfd], [], [], 0)[0]
+        if not self.alive:
+            return False
+        poller = select.poll()  # not select(): descriptors past 1023 are common here
+        poller.register(self.pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def signal(self, sig: int) -> bool:
         """Signal it if it still runs (through its pidfd: never a recycled pid)."""

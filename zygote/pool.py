@@ -61,7 +61,8 @@ class ReadyPool:
         """Request forks until the pool (ready and starting) is full."""
         self._timer = None
         while len(self.ready) + self.starting < self.size:
-            fork = PoolFork(f"pool-{next(self._numbers)}")
+            # ":" is outside the alphabet of the handles clients pick.
+            fork = PoolFork(f"pool:{next(self._numbers)}")
             if not self.request_fork(fork):
                 return
             self.starting += 1

@@ -261,7 +261,8 @@ class Supervisor:
             )
             self._send(envelope, Error(msg.req, BUSY, text))
             return
-        handle = msg.handle or f"{self.server_id}-{next(self._handle_numbers)}"
+        # Ours have a ":", which the handles clients pick cannot contain.
+        handle = msg.handle or f"{self.server_id}:{next(self._handle_numbers)}"
         self.spawner.submit(Job(handle, msg, self.store.open(handle, msg.task, envelope, msg.req)))
 
     def _on_attach(self, envelope: Envelope, msg: Attach) -> None:
