@@ -11,7 +11,7 @@ import pytest
 from zygote import ServerUnavailable, SpawnError, TaskError, Zygote, ZygoteError
 from zygote import client as client_module
 from zygote.codec import decode_reply, decode_request, encode
-from zygote.protocol import Result, Spawn, Spawned
+from zygote.protocol import Collected, Error, Result, Spawn, Spawned
 
 from .conftest import Server, wait_until
 
@@ -173,6 +173,32 @@ def test_a_spawn_sent_twice_under_one_name_runs_once(server: Server, raw) -> Non
     assert server.stats()["accepted"] == 1
 
 
+def test_a_spawn_sent_again_after_its_job_ended_is_not_run_again(server: Server, raw) -> None:
+    spawn = Spawn(1, "tests.tasks:identity", msgpack.packb([[1], {}]), handle="once-1")
+    raw.send(encode(spawn))
+    assert isinstance(decode_reply(raw.recv()), Spawned)
+    assert isinstance(decode_reply(raw.recv()), Result)
+    raw.send(encode(Collected(["once-1"])))
+    wait_until(lambda: server.stats()["completed"] == 1, what="the worker to end")
+    raw.send(encode(Spawn(2, spawn.task, spawn.payload, handle="once-1")))
+    reply = decode_reply(raw.recv())
+    while not isinstance(reply, Error):  # the exit report may come first
+        reply = decode_reply(raw.recv())
+    assert reply.req == 2 and "already ended" in reply.message
+    assert "result was collected" in reply.message
+    assert server.stats()["accepted"] == 1
+
+
+def test_results_of_spawns_nobody_waits_for_are_not_kept(server: Server) -> None:
+    client = server.client(timeout=20)
+    results = client.map("tests.tasks:slow_identity", range(4), max_in_flight=4)
+    assert next(results) == 0
+    results.close()  # the caller leaves: three jobs run on, unseen
+    wait_until(lambda: server.stats()["completed"] == 4, what="all four jobs")
+    client.ping()  # takes in their results (pushed before this reply)
+    assert client.stats()["results_kept"] == 0
+
+
 def test_attach_while_running_gets_the_result_too(server: Server, tmp_path) -> None:
     go = tmp_path / "go"
     first = server.client(timeout=20)
@@ -211,6 +237,26 @@ def test_restarted_server_is_noticed(start_server, tmp_path) -> None:
     start_server(endpoint=endpoint)
     with pytest.raises((ServerUnavailable, ZygoteError)):
         handle.result(timeout=20)
+
+
+def test_after_a_restart_nothing_asked_of_the_old_server_reaches_the_new_one(
+    start_server, tmp_path
+) -> None:
+    endpoint = f"ipc://{tmp_path}/restart.sock"
+    first = start_server("--max-workers", "1", endpoint=endpoint)
+    client = first.client(timeout=30)
+    client.spawn("tests.tasks:sleep", 60)  # the only slot
+    queued = client.map("tests.tasks:identity", ["old"])  # sent at once, and queued
+    wait_until(lambda: first.stats()["queued"] == 1, what="a queued request")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait_exit()
+    start_server(endpoint=endpoint)
+    with pytest.raises(ServerUnavailable, match="restarted"):
+        next(queued)  # its probe meets the new server
+    # The same client goes on with the new server, and the old request (its
+    # probe's "unknown handle" still unread) is not sent to it again.
+    assert client.spawn("tests.tasks:identity", "new").result() == "new"
+    assert client.stats()["accepted"] == 1
 
 
 def test_no_server_at_endpoint(tmp_path) -> None:

@@ -8,6 +8,7 @@ import select
 import signal
 import socket
 import subprocess
+import time
 
 import psutil
 
@@ -159,7 +160,9 @@ def test_a_pool_child_that_died_is_not_handed_a_task() -> None:
     current = object()
     worker = Worker(process.pid, pidfd, a, None, current, 0.0)  # type: ignore[arg-type]
     retired: list[Worker] = []
-    pool = ReadyPool(0, EventLoop(), lambda fork: False, retired.append)
+    forks: list[object] = []
+    loop = EventLoop()
+    pool = ReadyPool(1, loop, lambda fork: forks.append(fork) is None, retired.append)
     try:
         assert worker.running()
         process.kill()
@@ -170,6 +173,10 @@ def test_a_pool_child_that_died_is_not_handed_a_task() -> None:
         pool.ready.append(worker)
         assert pool.take(current) is None  # type: ignore[arg-type]
         assert retired == [worker]
+        deadline = time.monotonic() + 5
+        while not forks and time.monotonic() < deadline:
+            loop.run_once(0.1)  # until the refill timer is due
+        assert len(forks) == 1, "the dead child was not replaced"
     finally:
         process.kill()
         process.wait()

@@ -123,6 +123,27 @@ def test_the_ttl_counts_from_the_result_not_the_exit() -> None:
     assert store.expire() == [record]
 
 
+def test_how_a_record_ended_is_remembered_after_it_is_gone() -> None:
+    clock = Clock()
+    store = ResultStore(ttl=10, max_kept=1, clock=clock)
+    collected, dropped, expired, running = (
+        store.open(h, "t:f", (b"c",), 1) for h in ("h1", "h2", "h3", "h4")
+    )
+    collected.result, collected.collected, collected.exited = b"r", True, b"e"
+    store.settle(collected)
+    for record in (dropped, expired):
+        record.result = b"r"
+        store.settle(record)
+    clock.now += 11
+    store.expire()
+    store.discard("h5", "never opened")  # nothing to remember
+    assert store.ended("h1") == "its result was collected"
+    assert "too many kept" in (store.ended("h2") or "")
+    assert "expired" in (store.ended("h3") or "")
+    assert store.ended("h4") is None and store.get("h4") is running
+    assert store.ended("h5") is None
+
+
 def test_running_jobs_are_never_dropped() -> None:
     store = ResultStore(ttl=1, max_kept=1, clock=Clock())
     running = [store.open(f"h{i}", "t:f", (b"c",), i) for i in range(5)]

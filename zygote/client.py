@@ -51,6 +51,7 @@ from .protocol import (
     RAISED,
     SHUTTING_DOWN,
     SPAWN_FAILED,
+    UNKNOWN_HANDLE,
     Attach,
     Collected,
     Error,
@@ -206,6 +207,7 @@ class Zygote:
         # (request id, message), until its Spawned or Error is here.
         self._job_prefix = secrets.token_hex(6)
         self._spawns: dict[str, tuple[int, Callable[[int], Message]]] = {}
+        self._unwanted: set[str] = set()  # handles of spawns nobody waits for
         # Learn the server's identity and limits along with the first request,
         # without waiting for it: a restart is then noticed by every probe.
         self._abandoned.add(self._send(lambda req: Ping(req)))
@@ -291,8 +293,7 @@ class Zygote:
                     yield value
             finally:
                 for req in pending:  # replies already here, or still to come
-                    if self._replies.pop(req, None) is None:
-                        self._abandoned.add(req)
+                    self._abandon(req)
 
         fill()
         return results()
@@ -390,7 +391,7 @@ class Zygote:
         try:
             self._wait(lambda: req in self._replies, timeout, follow)
         except BaseException:
-            self._abandoned.add(req)
+            self._abandon(req)
             raise
         reply = self._replies.pop(req)
         if isinstance(reply, Error):
@@ -461,12 +462,16 @@ class Zygote:
                     handle._result = handle._result or msg
                 else:
                     handle._exited = msg
+            elif isinstance(msg, Result) and msg.handle in self._unwanted:
+                self._unwanted.discard(msg.handle)
+                self._socket.send(encode(Collected([msg.handle])))
+                self._collected_after = self._last_req
             return
         req: int = msg.req  # type: ignore[attr-defined]
         if isinstance(msg, Ok) and "server" in msg.info:
             self._learn(msg.info)
         followed = self._followed.pop(req, None)
-        if followed is not None and isinstance(msg, Error):
+        if followed is not None and isinstance(msg, Error) and msg.code == UNKNOWN_HANDLE:
             self._forgotten(followed, msg.message)
         reply: Message | Handle = msg
         if isinstance(msg, Spawned):
@@ -476,8 +481,10 @@ class Zygote:
             self._handles[msg.handle] = reply
             spawn = self._spawns.pop(msg.handle, None)
             if spawn is not None and spawn[0] != req:
-                # The answer to a probe, for a spawn whose own reply was lost.
+                # The answer to a probe, for a spawn whose own reply was lost
+                # (or is late: then it is dropped when it comes).
                 self._file_reply(spawn[0], reply)
+                self._abandoned.add(spawn[0])
         elif isinstance(msg, Error):
             spawn = self._spawns.get(self._handle_for(req))
             if spawn is not None and spawn[0] == req:
@@ -488,6 +495,16 @@ class Zygote:
             self._collected_after = None
         self._file_reply(req, reply)
 
+    def _abandon(self, req: int) -> None:
+        """Nobody waits for the reply to `req` any longer. If it was a spawn,
+        its job runs on unseen: its result is confirmed when it comes, so
+        the server does not keep it for nobody."""
+        reply = self._replies.pop(req, None)
+        if reply is None:
+            self._abandoned.add(req)
+        if self._spawns.pop(self._handle_for(req), None) is not None or isinstance(reply, Handle):
+            self._unwanted.add(self._handle_for(req))
+
     def _file_reply(self, req: int, reply: Message | Handle) -> None:
         if req in self._abandoned:
             self._abandoned.discard(req)
@@ -497,6 +514,11 @@ class Zygote:
     def _learn(self, info: dict[str, Any]) -> None:
         server = info.get("server")
         if self._server is not None and server != self._server:
+            # Nothing asked of the old server may be asked of this one; the
+            # connection itself goes on, with the new server.
+            self._spawns.clear()
+            self._followed.clear()
+            self._server = server
             raise ServerUnavailable(
                 f"the server at {self.endpoint} restarted: requests in flight were lost"
             )

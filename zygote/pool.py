@@ -51,6 +51,7 @@ class ReadyPool:
                 self.refill_soon()
                 return worker
             self.retire(worker)
+            self.refill_soon()  # a child of the current zygote that died: replace it
         return None
 
     def refill_soon(self, delay: float = REFILL_DELAY) -> None:

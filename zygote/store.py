@@ -20,6 +20,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+#: How many ended jobs' handles are remembered (with how they ended).
+_ENDED_KEPT = 65536
+
 #: ZeroMQ routing frames that address one client connection.
 Envelope = tuple[bytes, ...]
 
@@ -70,6 +73,10 @@ class ResultStore:
         # first, with the size of each result; and their total.
         self._uncollected: OrderedDict[str, int] = OrderedDict()
         self.uncollected_bytes = 0
+        # How the latest records ended, by handle: a job is never started
+        # twice under one name, even when its request is sent again after
+        # the record is gone.
+        self._ended: OrderedDict[str, str] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -88,8 +95,15 @@ class ResultStore:
     def get(self, handle: str) -> Record | None:
         return self._records.get(handle)
 
-    def discard(self, handle: str) -> None:
-        self._records.pop(handle, None)
+    def ended(self, handle: str) -> str | None:
+        """How the job `handle` ended, if its record is gone (and recent)."""
+        return self._ended.get(handle)
+
+    def discard(self, handle: str, why: str) -> None:
+        if self._records.pop(handle, None) is not None:
+            self._ended[handle] = why
+            while len(self._ended) > _ENDED_KEPT:
+                self._ended.popitem(last=False)
         self._unfile(handle)
 
     def settle(self, record: Record) -> list[Record]:
@@ -99,7 +113,7 @@ class ResultStore:
         if self._records.get(handle) is not record:  # dropped already (TTL, bound)
             return []
         if record.done:
-            self.discard(handle)
+            self.discard(handle, "its result was collected")
             return []
         if record.collected:
             self._unfile(handle)
@@ -116,8 +130,8 @@ class ResultStore:
             len(self._uncollected) > self.max_kept or self.uncollected_bytes > self.max_bytes
         ):
             oldest = next(iter(self._uncollected))
-            self._unfile(oldest)
-            dropped.append(self._records.pop(oldest))
+            dropped.append(self._records[oldest])
+            self.discard(oldest, "its result was dropped uncollected: too many kept")
         return dropped
 
     def expire(self) -> list[Record]:
@@ -131,8 +145,7 @@ class ResultStore:
                 if record.finished_at > deadline:
                     break
                 expired.append(record)
-            self._unfile(handle)
-            self._records.pop(handle, None)
+            self.discard(handle, "its result expired uncollected")
         return expired
 
     def _unfile(self, handle: str) -> None:

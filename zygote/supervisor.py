@@ -39,6 +39,7 @@ from .loop import EventLoop
 from .protocol import (
     BUSY,
     SHUTTING_DOWN,
+    SPAWN_FAILED,
     UNKNOWN_HANDLE,
     Attach,
     Collected,
@@ -249,6 +250,11 @@ class Supervisor:
         if msg.handle is not None and self.store.get(msg.handle) is not None:
             self._on_attach(envelope, Attach(msg.req, msg.handle))  # the same, sent again
             return
+        ended = None if msg.handle is None else self.store.ended(msg.handle)
+        if ended is not None:  # sent again after its reply was lost, and gone since
+            text = f"job {msg.handle} already ended, and is not run again: {ended}"
+            self._send(envelope, Error(msg.req, SPAWN_FAILED, text))
+            return
         if self.stopping:
             self._send(envelope, Error(msg.req, SHUTTING_DOWN, self._stop_message()))
             return
@@ -268,9 +274,9 @@ class Supervisor:
     def _on_attach(self, envelope: Envelope, msg: Attach) -> None:
         record = self.store.get(msg.handle)
         if record is None:
-            text = (
-                f"unknown handle {msg.handle!r}: it never existed, or its result was "
-                "collected by a client or expired"
+            ended = self.store.ended(msg.handle)
+            text = f"unknown handle {msg.handle!r}: " + (
+                f"the job ended, {ended}" if ended else "no such job, or one long gone"
             )
             self._send(envelope, Error(msg.req, UNKNOWN_HANDLE, text))
             return
@@ -328,7 +334,7 @@ class Supervisor:
     def on_failed(self, job: Job, code: str, text: str) -> None:
         for envelope, req in job.record.waiting:
             self._send(envelope, Error(req, code, text, job.reasons))
-        self.store.discard(job.handle)
+        self.store.discard(job.handle, f"it failed: {text}")
 
     # -- stopping ---------------------------------------------------------
 
