@@ -106,7 +106,7 @@ class Zygote:
         # Set when results were confirmed (`Collected`) after request number
         # `_collected_after` and no reply has proved the server read it yet.
         self._collected_after: int | None = None
-        self._replies: dict[int, Message] = {}
+        self._replies: dict[int, Message | Handle] = {}
         self._abandoned: set[int] = set()
         self._handles: weakref.WeakValueDictionary[str, Handle] = weakref.WeakValueDictionary()
         self._server: str | None = None
@@ -413,14 +413,18 @@ class Zygote:
         reply = self._replies.pop(req, None)
         if reply is None:
             self._abandoned.add(req)
-        if self._spawns.pop(self._handle_for(req), None) is not None or isinstance(reply, Handle):
-            self._unwanted.add(self._handle_for(req))
+        handle_id = self._handle_for(req)
+        spawned = self._spawns.pop(handle_id, None) is not None
+        if isinstance(reply, Handle) and reply._result is not None:
+            self._confirm(reply)  # its result came with it, unseen
+        elif spawned or isinstance(reply, Handle):
+            self._unwanted.add(handle_id)
 
     def _file_reply(self, req: int, reply: Message | Handle) -> None:
         if req in self._abandoned:
             self._abandoned.discard(req)
         else:
-            self._replies[req] = reply  # type: ignore[assignment]
+            self._replies[req] = reply
 
     def _learn(self, info: dict[str, Any]) -> None:
         server = info.get("server")
