@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -310,11 +313,25 @@ def stop(wait: bool, timeout: float, endpoint: str | None) -> None:
     workers finish (within the server's shutdown grace)."""
     from .client import Zygote
 
+    server: int | None = None
     try:
         with Zygote(endpoint, timeout=10.0) as client:
+            if wait and client.endpoint.startswith("ipc://"):
+                # On this machine: wait for the process itself to end. Its
+                # socket goes a little before it does.
+                with contextlib.suppress(OSError):
+                    server = os.pidfd_open(int(client.stats()["pid"]))
             client.stop()
     except ZygoteError as exc:
         raise click.ClickException(str(exc)) from None
+    if server is not None:
+        ended = select.poll()
+        ended.register(server, select.POLLIN)
+        gone = ended.poll(int(timeout * 1000))
+        os.close(server)
+        if not gone:
+            raise click.ClickException(f"the server is still running after {timeout:g}s")
+        return
     deadline = time.monotonic() + timeout
     while wait:
         try:
