@@ -397,9 +397,7 @@ class Zygote:
                 self._file_reply(spawn[0], reply)
                 self._abandoned.add(spawn[0])
         elif isinstance(msg, Error):
-            spawn = self._spawns.get(self._handle_for(req))
-            if spawn is not None and spawn[0] == req:
-                del self._spawns[self._handle_for(req)]
+            self._spawns.pop(self._handle_for(req), None)  # if it answers a spawn
         # Replies come in order: one to a request sent after our last
         # `Collected` means the server has taken it in.
         if self._collected_after is not None and req > self._collected_after:
