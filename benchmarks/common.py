@@ -37,9 +37,14 @@ def summary(values: list[float]) -> dict[str, float]:
 
 @contextlib.contextmanager
 def zygote_server(
-    *options: str, preload: tuple[str, ...] = PRELOAD, env: dict[str, str] | None = None
+    *options: str,
+    preload: tuple[str, ...] = PRELOAD,
+    env: dict[str, str] | None = None,
+    tree: Path = REPO,
 ) -> Iterator[str]:
-    """A `zygote start` process for the duration of the block; yields its endpoint."""
+    """A `zygote start` process for the duration of the block; yields its
+    endpoint. `tree`: the checkout whose zygote runs (another commit's, to
+    compare)."""
     from zygote import Zygote
     from zygote.errors import ZygoteError
 
@@ -60,7 +65,7 @@ def zygote_server(
         command += ["--preload", module]
     log = open(Path(sockdir) / "server.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
-        command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        command, cwd=tree, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
     )
     try:
         deadline = time.monotonic() + 60

@@ -1,112 +1,249 @@
-"""How often children of a zygote with OpenSSL threads hang, and how many the
-validators catch before the task runs.
+"""How often children of a zygote with threads hang, with and without the
+fork guards, against plain multiprocessing fork, in one run.
 
-    python -m benchmarks.fork_hazard [-n 2000] [--validate-timeout 1]
+    python -m benchmarks.fork_hazard service [-n 1000] [--baseline-n 200]
+    python -m benchmarks.fork_hazard tls [-n 2000] [--baseline-n 500]
+    python -m benchmarks.fork_hazard openssl [-n 2000] [--variants]
 
-The zygote preloads examples.openssl_threads (two threads looping on
-ssl.create_default_context() and hashlib.pbkdf2_hmac). Each job runs a task
-that uses OpenSSL itself (a TLS context and a digest), with a per-task
-timeout. Run with validators on and off (and, with --variants, with each
-half of the openssl probe alone): a hang caught at start-up is a child
-killed and replaced (the client never sees it); a hang that got past
-start-up shows as a task timeout.
+`service`: the zygote preloads examples.service_threads (two threads logging
+at a high rate to a RotatingFileHandler, two making TLS requests to a local
+TLS server started here); each job logs and makes one TLS request. `tls`:
+the same without the logging threads. `openssl`: examples.openssl_threads
+(threads looping on SSL contexts and PBKDF2), the validators' own benchmark.
+
+A job that hangs in its task ends as a task timeout; a child that hangs
+before it is ready is caught by the validators' deadline and replaced (the
+client never sees it). Both are counted. The bad configurations take ~3 s
+per hung job, so they run `--baseline-n` jobs.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from multiprocessing.connection import Connection, wait
 
 from zygote import TaskTimeout, Zygote, ZygoteError
 
-from .common import machine, zygote_server
+from .common import REPO, machine, percentile, zygote_server
 
-PRELOAD = ("examples.openssl_threads",)
-OFF = [
+VALIDATORS_OFF = [
     arg
     for name in ("openssl", "logging", "stdio", "resolver")
     for arg in ("--disable-validator", name)
 ]
+IN_FLIGHT = 4
 
 
-def run(n: int, validate_timeout: float, task_timeout: float, options: list[str]) -> dict:
+@contextlib.contextmanager
+def tls_server() -> Iterator[str]:
+    """A local TLS echo server in its own process; yields SERVICE_TLS."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "examples.tls_server"], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        host, port, cafile = process.stdout.readline().split()
+        yield f"{host}:{port}:{cafile}"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def run_zygote(
+    n: int, options: list[str], preload: str, task: str, env: dict[str, str], timeout: float
+) -> dict:
     outcomes: collections.Counter[str] = collections.Counter()
+    latencies: list[float] = []
     with (
         zygote_server(
             "--max-workers",
-            "4",
+            str(IN_FLIGHT),
             "--validate-timeout",
-            str(validate_timeout),
+            "1",
             "--corrupt-limit",
-            "50",
+            "1000",
             *options,
-            preload=PRELOAD,
+            preload=(preload,),
+            env=env,
         ) as endpoint,
         Zygote(endpoint, timeout=120) as client,
     ):
         window: collections.deque = collections.deque()
 
         def collect() -> None:
+            started, handle = window.popleft()
             try:
-                window.popleft().result()
+                handle.result()
+                latencies.append(time.monotonic() - started)
                 outcomes["ok"] += 1
             except TaskTimeout:
-                outcomes["hung in the task (timeout)"] += 1
+                outcomes["hung in the task"] += 1
             except ZygoteError as exc:
                 outcomes[f"error: {type(exc).__name__}"] += 1
 
         for i in range(n):
+            started = time.monotonic()
             try:
-                window.append(
-                    client.spawn("examples.openssl_threads:digest", str(i), _timeout=task_timeout)
-                )
+                window.append((started, client.spawn(task, i, _timeout=timeout)))
             except ZygoteError as exc:
                 outcomes[f"spawn error: {type(exc).__name__}"] += 1
-            if len(window) >= 4:
+            if len(window) >= IN_FLIGHT:
                 collect()
         while window:
             collect()
         stats = client.stats()
     return {
-        "outcomes": dict(outcomes),
-        "caught at start-up and replaced": stats["failed_starts"],
+        "jobs": n,
+        "ok": outcomes.pop("ok", 0),
+        "hung": outcomes.pop("hung in the task", 0),
+        "caught at start-up": stats["failed_starts"],
         "by step": stats["validator_failures"],
+        "guard waits": stats["fork_guard_waits"],
+        "guard wait ms (mean)": round(
+            stats["fork_guard_wait_seconds"] * 1000 / max(1, stats["fork_guard_waits"]), 2
+        ),
+        "guard timeouts": stats["fork_guard_timeouts"],
+        "other": dict(outcomes),
+        "p50 ms": round(percentile(latencies, 50) * 1000, 2) if latencies else None,
     }
+
+
+def run_multiprocessing(n: int, env: dict[str, str], task: str, timeout: float) -> dict:
+    """The same jobs, one `multiprocessing` fork each, from a process that
+    imported the same preload (so it has the same threads)."""
+    command = [sys.executable, "-m", "benchmarks.fork_hazard", "_mp", task, str(n), str(timeout)]
+    out = subprocess.run(
+        command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _mp_job(module: str, name: str, job: int, conn: Connection) -> None:
+    import importlib
+
+    conn.send(getattr(importlib.import_module(module), name)(job))
+
+
+def _mp_main(task: str, n: int, timeout: float) -> None:
+    import importlib
+
+    module, name = task.split(":")
+    importlib.import_module(module)  # its threads start here, as in a zygote
+    context = multiprocessing.get_context("fork")
+    warnings.simplefilter("ignore", DeprecationWarning)  # "fork with threads"
+    running: dict[Connection, tuple[multiprocessing.process.BaseProcess, float]] = {}
+    result = {"jobs": n, "ok": 0, "hung": 0, "caught at start-up": 0}
+    latencies: list[float] = []
+    submitted = 0
+    while submitted < n or running:
+        while submitted < n and len(running) < IN_FLIGHT:
+            ours, theirs = context.Pipe(duplex=False)
+            process = context.Process(target=_mp_job, args=(module, name, submitted, theirs))
+            started = time.monotonic()
+            process.start()
+            theirs.close()
+            running[ours] = (process, started)
+            submitted += 1
+        for conn in wait(list(running), timeout=0.05):
+            process, started = running.pop(conn)  # type: ignore[call-overload]
+            try:
+                conn.recv()
+                result["ok"] += 1
+                latencies.append(time.monotonic() - started)
+            except EOFError:
+                result.setdefault("died", 0)
+                result["died"] += 1  # type: ignore[operator]
+            process.join()
+            conn.close()
+        now = time.monotonic()
+        for conn, (process, started) in list(running.items()):
+            if now - started > timeout:
+                process.kill()
+                process.join()
+                del running[conn]
+                conn.close()
+                result["hung"] += 1
+    result["p50 ms"] = round(percentile(latencies, 50) * 1000, 2) if latencies else None  # type: ignore[assignment]
+    print(json.dumps(result))
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["_mp"]:
+        _mp_main(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-n", type=int, default=2000)
-    parser.add_argument("--validate-timeout", type=float, default=1.0)
+    parser.add_argument("scenario", choices=["service", "tls", "openssl"])
+    parser.add_argument("-n", type=int, default=None, help="jobs with the guards on")
+    parser.add_argument("--baseline-n", type=int, default=None, help="jobs in the other runs")
     parser.add_argument("--task-timeout", type=float, default=3.0)
-    parser.add_argument(
-        "--variants", action="store_true", help="also run the openssl probe's halves on their own"
-    )
+    parser.add_argument("--variants", action="store_true", help="openssl: each probe half alone")
     args = parser.parse_args()
+    if args.scenario == "openssl":
+        report = openssl_scenario(args.n or 2000, args.task_timeout, args.variants)
+    else:
+        report = service_scenario(args)
+    print(f"# {machine()}; scenario {args.scenario}")
+    print(json.dumps(report, indent=2))
+
+
+def service_scenario(args: argparse.Namespace) -> dict:
+    tls_only = args.scenario == "tls"
+    n = args.n or (2000 if tls_only else 1000)
+    baseline_n = args.baseline_n or (500 if tls_only else 200)
+    task = "examples.service_threads:handle_job"
+    report = {}
+    with tls_server() as address, tempfile.TemporaryDirectory() as logs:
+        env = {"SERVICE_TLS": address, "SERVICE_LOG": f"{logs}/service.log"}
+        if tls_only:
+            env["SERVICE_LOG_THREADS"] = "0"
+        configurations = {
+            "zygote, guards on": (n, []),
+            "zygote, guards on, validators off": (n, VALIDATORS_OFF),
+            "zygote, guards off": (baseline_n, ["--no-fork-guards"]),
+        }
+        for name, (jobs, options) in configurations.items():
+            report[name] = run_zygote(
+                jobs, options, "examples.service_threads", task, env, args.task_timeout
+            )
+            print(name, report[name], file=sys.stderr, flush=True)
+        report["multiprocessing fork"] = run_multiprocessing(
+            baseline_n, env, task, args.task_timeout
+        )
+    return report
+
+
+def openssl_scenario(n: int, task_timeout: float, variants: bool) -> dict:
+    off = ["--no-fork-guards", *VALIDATORS_OFF]
     configurations = {
-        "validators on": [],
-        "validators off": OFF,
+        "guards on": [],
+        "guards off, validators on": ["--no-fork-guards"],
+        "guards off, validators off": off,
         # The openssl probe's two halves on their own, as custom validators.
-        "only RAND + digest fetch": [*OFF, "--validator", "benchmarks.probes:rand_and_fetch"],
-        "only SSLContext": [*OFF, "--validator", "benchmarks.probes:context"],
+        "guards off, only RAND + digest fetch": [
+            *off,
+            "--validator",
+            "benchmarks.probes:rand_and_fetch",
+        ],
+        "guards off, only SSLContext": [*off, "--validator", "benchmarks.probes:context"],
     }
-    if not args.variants:
-        configurations = dict(list(configurations.items())[:2])
-    report = {
-        name: run(args.n, args.validate_timeout, args.task_timeout, options)
+    if not variants:
+        configurations = dict(list(configurations.items())[:3])
+    task = "examples.openssl_threads:digest"
+    return {
+        name: run_zygote(n, options, "examples.openssl_threads", task, {}, task_timeout)
         for name, options in configurations.items()
     }
-    print(f"# {machine()}; n={args.n} per run")
-    print(json.dumps(report, indent=2))
-    for name, result in report.items():
-        hung = result["outcomes"].get("hung in the task (timeout)", 0)
-        caught = result["caught at start-up and replaced"]
-        print(
-            f"{name}: {caught} caught at start-up ({caught / args.n:.2%}), "
-            f"{hung} hung in the task ({hung / args.n:.2%}), "
-            f"{result['outcomes'].get('ok', 0)} ok"
-        )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ for _target, _name in ((_contexts, "tls-contexts"), (_key_derivation, "pbkdf2"))
     threading.Thread(target=_target, name=_name, daemon=True).start()
 
 
-def digest(text: str) -> str:
+def digest(text: object) -> str:
     """A task that uses OpenSSL itself, as one that opens a TLS connection does."""
     ssl.create_default_context()
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(str(text).encode()).hexdigest()

@@ -169,6 +169,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     setattr(item, "rep_" + report.when, report)
 
 
+@pytest.fixture(scope="session")
+def tls_server() -> Iterator[str]:
+    """A local TLS echo server (examples.tls_server), as HOST:PORT:CAFILE."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "examples.tls_server"], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        host, port, cafile = process.stdout.readline().split()
+        yield f"{host}:{port}:{cafile}"
+    finally:
+        process.kill()
+        process.wait(10)
+
+
 @pytest.fixture
 def server(start_server: Callable[..., Server]) -> Server:
     """A server with the test tasks preloaded and default settings."""

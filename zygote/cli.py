@@ -37,10 +37,15 @@ def _server_option(
     default = getattr(_DEFAULTS, name)
     if name == "max_workers":
         help = f"{help} [default: the number of CPUs, at least 2; here {default}]"
+    elif name == "fork_guard_timeout":
+        help = f"{help} [default: 1, at most half of --fork-timeout]"
     elif name != "endpoint" and not extra.get("multiple"):
         help = f"{help} [default: {default}]"
+    option = "--" + (flag or name).replace("_", "-")
+    if kind is bool:  # an on/off switch: --fork-guards / --no-fork-guards
+        option += f"/--no-{option[2:]}"
     return click.option(
-        "--" + (flag or name).replace("_", "-"),
+        option,
         name,
         type=kind,
         envvar="ZYGOTE_" + name.upper(),
@@ -101,7 +106,18 @@ _SERVER_OPTIONS = [
         multiple=True,
     ),
     _server_option(
-        "prevent_fork_warning", float, "Seconds a fork may wait on prevent_fork() before a warning."
+        "fork_guards",
+        bool,
+        "With threads in the zygote, hold logging, OpenSSL, the resolver, prevent_fork()"
+        " sections and fork_lock()s across each fork (--no-fork-guards: only to compare).",
+    ),
+    _server_option(
+        "fork_guard_timeout",
+        float,
+        "Seconds a fork waits for threads to leave the fork guards before it forks anyway.",
+    ),
+    _server_option(
+        "exit_timeout", float, "Seconds a worker's before_exit hooks get, all together."
     ),
     _server_option(
         "corrupt_limit", click.IntRange(1), "Corrupt children in a row that retire a zygote."

@@ -90,8 +90,15 @@ class ServerConfig:
     thread_policy: str = "warn"
     #: thread names (fnmatch patterns) known to be safe, silenced in warnings
     allow_threads: list[str] = field(default_factory=list)
-    #: a prevent_fork() section holding a fork off longer than this is logged
-    prevent_fork_warning: float = 1.0
+    #: with threads in the zygote, hold logging, OpenSSL, the resolver,
+    #: prevent_fork() sections and fork_lock()s across each fork
+    fork_guards: bool = True
+    #: a fork waits at most this for threads to leave the guards, then forks
+    #: anyway (logged, counted) and leaves the rest to the validators;
+    #: by default 1 s, or half of fork_timeout if that is shorter
+    fork_guard_timeout: float | None = None
+    #: the before_exit hooks of a worker, all together, get this long
+    exit_timeout: float = 2.0
     #: this many corrupt children in a row retire the zygote for a fresh one
     corrupt_limit: int = 3
     #: this many failed zygotes in a row (corrupt, dead or unable to preload
@@ -135,13 +142,21 @@ class ServerConfig:
             "fork_timeout",
             "boot_timeout",
             "result_ttl",
-            "prevent_fork_warning",
+            "exit_timeout",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
         for name in ("kill_grace", "shutdown_grace"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        if self.fork_guard_timeout is None:
+            self.fork_guard_timeout = min(1.0, self.fork_timeout / 2)
+        if not 0 < self.fork_guard_timeout < self.fork_timeout:
+            raise ConfigError(
+                f"fork_guard_timeout must be positive and shorter than fork_timeout "
+                f"({self.fork_timeout:g}s; a zygote that takes that long is replaced), "
+                f"not {self.fork_guard_timeout:g}s"
+            )
         if self.prefork < 0:
             raise ConfigError("prefork must not be negative")
         if self.spawn_retries < 0:

@@ -121,7 +121,9 @@ class Fleet:
             list(config.disable_validators),
             config.thread_policy,
             list(config.allow_threads),
-            config.prevent_fork_warning,
+            config.fork_guards,
+            config.fork_guard_timeout or 1.0,
+            config.exit_timeout,
         )
         zygote.control.send(encode(boot))
         zygote.boot_timer = self.loop.later(config.boot_timeout, self._boot_overdue, zygote)

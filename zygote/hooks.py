@@ -8,18 +8,28 @@ the zygote has to stay single-threaded to fork safely.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-__all__ = ["after_fork", "fork_lock", "mark_fork_safe", "prevent_fork", "validator"]
+from .gate import GATE
+
+__all__ = [
+    "after_fork",
+    "before_exit",
+    "fork_lock",
+    "mark_fork_safe",
+    "prevent_fork",
+    "validator",
+]
 
 F = TypeVar("F", bound=Callable[[], object])
 
 # Filled at import time of preloaded modules, read in each new worker.
 AFTER_FORK: list[Callable[[], object]] = []
+BEFORE_EXIT: list[Callable[[], object]] = []
 VALIDATORS: dict[str, Callable[[], object]] = {}
 # Threads the application vouches for (they hold no lock a child needs).
 FORK_SAFE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
@@ -41,6 +51,15 @@ def after_fork(func: F) -> F:
     """Run `func()` in every new worker right after the fork, before the
     validators (re-seed random generators, reopen connections, ...)."""
     AFTER_FORK.append(func)
+    return func
+
+
+def before_exit(func: F) -> F:
+    """Run `func()` in every worker after its task (whatever its outcome),
+    before the process ends: flush what the task buffered (telemetry spans,
+    error reports). The hooks share the server's `--exit-timeout`; one that
+    runs past it is cut off."""
+    BEFORE_EXIT.append(func)
     return func
 
 
@@ -74,45 +93,10 @@ def mark_fork_safe(thread: threading.Thread | int) -> None:
 def fork_lock(lock: _Lock) -> _Lock:
     """Register `lock` to be acquired around every fork of the zygote, so no
     thread holds it at the instant of the fork; returns it. The child gets it
-    released."""
+    unlocked (re-created, so a lock that another at-fork hook re-creates too,
+    like a logging handler's, works as well)."""
     FORK_LOCKS.append(lock)
     return lock
-
-
-class ForkGate:
-    """Open `prevent_fork` sections; the zygote waits for them to close.
-
-    The condition's lock is held across the fork itself, so no section can
-    open between the check and the fork.
-    """
-
-    def __init__(self) -> None:
-        self.condition = threading.Condition(threading.Lock())
-        # thread -> (its name, when it opened its outermost section, depth)
-        self.sections: dict[int, tuple[str, float, int]] = {}
-
-    @contextlib.contextmanager
-    def section(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self.condition:
-            name, since, depth = self.sections.get(
-                me, (threading.current_thread().name, time.monotonic(), 0)
-            )
-            self.sections[me] = (name, since, depth + 1)
-        try:
-            yield
-        finally:
-            with self.condition:
-                name, since, depth = self.sections[me]
-                if depth == 1:
-                    del self.sections[me]
-                    self.condition.notify_all()
-                else:
-                    self.sections[me] = (name, since, depth - 1)
-
-
-#: Set in the zygote process only; elsewhere prevent_fork() does nothing.
-GATE: ForkGate | None = None
 
 
 def prevent_fork() -> contextlib.AbstractContextManager[None]:
@@ -122,5 +106,11 @@ def prevent_fork() -> contextlib.AbstractContextManager[None]:
     handshake, a write to a shared log): a fork requested meanwhile waits
     until the block ends. Outside a zygote it does nothing.
     """
-    gate = GATE
-    return gate.section() if gate is not None else contextlib.nullcontext()
+    if not GATE.active:
+        return contextlib.nullcontext()
+    return GATE.passing(f"prevent_fork() in {_caller()}")
+
+
+def _caller() -> str:
+    frame = sys._getframe(2)
+    return f"{frame.f_globals.get('__name__', '?')}:{frame.f_code.co_name}"

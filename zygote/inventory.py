@@ -3,17 +3,22 @@
 A thread running at the instant of fork() does not exist in the child, but
 every lock it held stays held there, forever. So before each fork the
 zygote lists every thread besides its own: Python threads (name, ids,
-daemon flag, and the file:line it is executing) and native threads that no
-Python thread stands for (from /proc/self/task: OpenBLAS's pool, ZMQbg/*,
-gRPC's pollers), and says so — once per change, not once per fork.
+daemon flag, what it runs, where it was started and the file:line it is
+executing) and native threads that no Python thread stands for (from
+/proc/self/task: OpenBLAS's pool, ZMQbg/*, gRPC's pollers), and the
+`Report` turns them into one stable warning per kind of thread.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import sys
+import sysconfig
 import threading
+import types
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,6 +31,13 @@ from .linux import native_threads
 #: the zygote notes, module by module, which import made them.
 ORIGINS: dict[int, str] = {}
 
+#: Python thread -> (where its start() was called, the preload module being
+#: imported then), recorded by the wrapped `Thread.start`.
+STARTS: weakref.WeakKeyDictionary[threading.Thread, tuple[str, str]] = weakref.WeakKeyDictionary()
+
+#: the preload module being imported right now, if any
+importing = ""
+
 
 @dataclass(frozen=True)
 class ThreadInfo:
@@ -37,21 +49,56 @@ class ThreadInfo:
     where: str = ""  # the Python thread's current file:line and function
     origin: str = ""  # the preload module whose import started it, if known
     allowed: bool = False  # on the allowlist, or marked fork-safe
+    target: str = ""  # what a Python thread runs (module:function)
+    started_at: str = ""  # where its start() was called: "module (file:line)"
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """What makes threads 'the same thread' for warnings: not their ids
+        (a server's request threads are new for every request), but the
+        kind, the name with its numbers blurred, what runs and who started it."""
+        return (
+            self.kind,
+            _NUMBERS.sub("N", self.name),
+            self.target,
+            self.started_at or self.origin,
+        )
 
     def describe(self) -> str:
-        if self.kind == "python":
-            what = f"Python thread {self.name!r} (native id {self.native_id}"
-            what += ", daemon)" if self.daemon else ")"
-            if self.where:
-                what += f" at {self.where}"
-        else:
-            what = f"native thread {self.name!r} (tid {self.native_id})"
-            if self.origin:
-                what += f", started by importing {self.origin},"
-        return what + " was running in the zygote at fork time"
+        """The thread in words, the same every time it is seen."""
+        if self.kind == "native":
+            what = f"native thread {self.name!r}"
+            return what + (f", started while importing {self.origin}" if self.origin else "")
+        what = f"Python thread {self.name!r}"
+        if self.target:
+            what += f" ({self.target})"
+        if self.started_at:
+            what += f", started by {self.started_at}"
+        if self.origin and not self.started_at.startswith(f"{self.origin} ("):
+            what += f", while importing {self.origin}"
+        return what
+
+    def advice(self) -> str:
+        """What to do about it, for its warning."""
+        if self.kind == "native":
+            return (
+                "The fork guards cannot see into native code. If it is harmless (numpy's "
+                "OpenBLAS pool is: numpy stops it at fork), vouch for it with --allow-thread "
+                f"{self.origin or self.name!r}; if not, import its library in each worker "
+                "(an @zygote.after_fork hook) rather than in the zygote."
+            )
+        return (
+            "The fork guards keep it out of logging, OpenSSL (ssl, hashlib, hmac) and the "
+            "resolver at each fork; for anything else it locks, start it in each worker "
+            "(an @zygote.after_fork hook), wrap its work in zygote.prevent_fork(), or vouch "
+            f"for it with --allow-thread {self.name!r} or zygote.mark_fork_safe()."
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_NUMBERS = re.compile(r"\d+")
 
 
 def take(allow: Sequence[str] = ()) -> list[ThreadInfo]:
@@ -63,23 +110,19 @@ def take(allow: Sequence[str] = ()) -> list[ThreadInfo]:
     natives.pop(me, None)
     frames = sys._current_frames()
     found = []
+    # Threads come and go while we look; each is listed once, in its Python
+    # view when it has one. One that started since /proc was read is
+    # running: it counts. One that ended since is gone: it does not.
     for thread in threading.enumerate():
         tid = thread.native_id
-        if tid is None or tid not in natives:  # not started yet, or gone
+        if tid is None or tid == me:
             continue
-        natives.pop(tid)
-        frame = frames.get(thread.ident) if thread.ident is not None else None
-        where = ""
-        if frame is not None:
-            code = frame.f_code
-            where = f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
-        allowed = thread in hooks.FORK_SAFE_THREADS or _matches(thread.name, allow)
-        found.append(
-            ThreadInfo(
-                "python", thread.name, tid, thread.ident, thread.daemon, where, allowed=allowed
-            )
-        )
+        if natives.pop(tid, None) is None and not thread.is_alive():
+            continue
+        found.append(_python_thread(thread, tid, frames, allow))
     for tid, comm in sorted(natives.items()):
+        if not os.path.exists(f"/proc/self/task/{tid}"):
+            continue  # a Python thread that ended after /proc was read
         origin = ORIGINS.get(tid, "")
         allowed = (
             tid in hooks.FORK_SAFE_NATIVE
@@ -88,6 +131,38 @@ def take(allow: Sequence[str] = ()) -> list[ThreadInfo]:
         )
         found.append(ThreadInfo("native", comm, tid, origin=origin, allowed=allowed))
     return found
+
+
+def _python_thread(
+    thread: threading.Thread, tid: int, frames: dict[int, Any], allow: Sequence[str]
+) -> ThreadInfo:
+    frame = frames.get(thread.ident) if thread.ident is not None else None
+    where = ""
+    if frame is not None:
+        code = frame.f_code
+        where = f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
+    started_at, origin = STARTS.get(thread, ("", ""))
+    allowed = thread in hooks.FORK_SAFE_THREADS or _matches(thread.name, allow)
+    return ThreadInfo(
+        "python",
+        thread.name,
+        tid,
+        thread.ident,
+        thread.daemon,
+        where,
+        origin=origin,
+        allowed=allowed,
+        target=_target(thread),
+        started_at=started_at,
+    )
+
+
+def _target(thread: threading.Thread) -> str:
+    func = getattr(thread, "_target", None)
+    if func is None:  # a Thread subclass: its run() is what runs
+        func = type(thread).run
+    module = getattr(func, "__module__", None) or "?"
+    return f"{module}:{getattr(func, '__qualname__', type(func).__name__)}"
 
 
 def note_origins(module: str, before: set[int]) -> None:
@@ -101,6 +176,117 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def signature(threads: Sequence[ThreadInfo]) -> frozenset[tuple[str, int, str]]:
-    """What identifies a set of threads, to tell when it changed."""
-    return frozenset((t.kind, t.native_id, t.name) for t in threads)
+# -- where threads are started ---------------------------------------------------
+
+_STDLIB = tuple(
+    os.path.realpath(p) + os.sep
+    for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}
+)
+_OWN = os.path.dirname(os.path.realpath(__file__)) + os.sep
+
+
+def _library_frame(filename: str) -> bool:
+    """True for code a user would recognise as theirs or a library's: not
+    the standard library (site-packages excepted), not zygote, not frozen."""
+    if filename.startswith("<"):
+        return False
+    path = os.path.realpath(filename)
+    if path.startswith(_OWN):
+        return False
+    if "site-packages" in path or "dist-packages" in path:
+        return True
+    return not path.startswith(_STDLIB)
+
+
+def start_site(depth: int = 2) -> str:
+    """Where the caller's caller was called from, as "module (file:line)":
+    the first frame outside the standard library and zygote (a library's
+    frame, not `threading.py` or `concurrent/futures`), else the first one
+    outside threading.py."""
+    frame: types.FrameType | None = sys._getframe(depth)
+    fallback = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if _library_frame(filename):
+            break
+        if fallback is None and not filename.endswith("threading.py"):
+            fallback = frame
+        frame = frame.f_back
+    frame = frame or fallback
+    if frame is None:
+        return ""
+    module = frame.f_globals.get("__name__", "?")
+    return f"{module} ({frame.f_code.co_filename}:{frame.f_lineno})"
+
+
+_start = threading.Thread.start
+_recording = False
+
+
+def record_thread_starts() -> None:
+    """Note where every `Thread.start()` of this process is called from, so
+    that a warning names the library and line that started a thread. For
+    the zygote only; a worker stops recording (it costs a stack walk)."""
+    global _recording
+    if _recording:
+        return
+    _recording = True
+
+    def start(self: threading.Thread) -> None:
+        if _recording:
+            STARTS[self] = (start_site(), importing)
+        _start(self)
+
+    threading.Thread.start = start  # type: ignore[method-assign]
+
+
+def stop_recording() -> None:
+    global _recording
+    _recording = False
+
+
+# -- the report ---------------------------------------------------------------
+
+
+class Report:
+    """Every kind of thread the zygote has had, with how many run now.
+
+    A thread is reported (and warned about) once per kind (`ThreadInfo.key`),
+    not per fork or per id: a server's request threads, each new, are one
+    entry; a thread that stops (OpenBLAS's pool after the first fork) stays
+    listed, as not running."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+
+    def update(self, threads: Sequence[ThreadInfo]) -> tuple[list[ThreadInfo], bool]:
+        """Record the threads running now. Returns the kinds seen for the
+        first time, and whether the report changed."""
+        counts: dict[tuple[str, str, str, str], int] = {}
+        latest: dict[tuple[str, str, str, str], ThreadInfo] = {}
+        for thread in threads:
+            counts[thread.key] = counts.get(thread.key, 0) + 1
+            latest[thread.key] = thread
+        new = [thread for key, thread in latest.items() if key not in self._entries]
+        changed = bool(new)
+        for key, entry in self._entries.items():
+            running = counts.get(key, 0)
+            if entry["running"] != running:
+                entry["running"] = running
+                changed = True
+        for key, thread in latest.items():
+            entry = self._entries.setdefault(key, {})
+            fresh = {**thread.as_dict(), "description": thread.describe(), "running": counts[key]}
+            if entry.get("allowed") != fresh["allowed"]:
+                changed = True
+            entry.update(fresh)
+        return new, changed
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [dict(entry) for entry in self._entries.values()]
+
+
+def unknown(error: BaseException) -> ThreadInfo:
+    """Stands for threads the inventory could not list: the fork treats the
+    zygote as threaded (guards and probes on) rather than as thread-free."""
+    return ThreadInfo("native", "?", 0, origin=f"(the inventory failed: {error!r})")

@@ -110,7 +110,9 @@ def native_threads(pid: int | str = "self") -> dict[int, str]:
         try:
             with open(f"{base}/{entry}/comm", "rb") as comm:
                 threads[int(entry)] = comm.read().decode(errors="replace").strip()
-        except FileNotFoundError:  # the thread ended while we looked
+        # The thread ended while we looked: its directory is gone (ENOENT),
+        # or still there but no longer readable (ESRCH).
+        except (FileNotFoundError, ProcessLookupError):
             continue
     return threads
 
@@ -122,7 +124,7 @@ def child_pids() -> set[int]:
         try:
             with open(f"/proc/self/task/{task}/children") as children:
                 pids.update(int(pid) for pid in children.read().split())
-        except FileNotFoundError:  # the thread ended while we looked
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended while we looked
             continue
     return pids
 

@@ -18,6 +18,9 @@ from .timers import Timer
 #: on a small machine the two compete for the same cores. Waiting a little
 #: first measured faster (docs/benchmarks.md).
 REFILL_DELAY = 0.005
+#: A fork refused by the thread policy is tried again after this, doubling
+#: up to the cap: the threads may go, but asking 200 times a second is noise.
+REFUSED_DELAY, REFUSED_DELAY_CAP = 0.1, 5.0
 
 
 class ReadyPool:
@@ -37,6 +40,7 @@ class ReadyPool:
         self.taken = 0
         self._numbers = itertools.count(1)
         self._timer: Timer | None = None
+        self._refused_delay = 0.0
 
     def take(self, current: ZygoteProc | None) -> Worker | None:
         """A validated child of the current zygote, or None. Children of an
@@ -68,8 +72,15 @@ class ReadyPool:
                 return
             self.starting += 1
 
+    def refused(self) -> None:
+        """The zygote refused a pool fork (thread policy): back off."""
+        self.starting -= 1
+        self._refused_delay = min(max(REFUSED_DELAY, self._refused_delay * 2), REFUSED_DELAY_CAP)
+        self.refill_soon(self._refused_delay)
+
     def add(self, worker: Worker) -> None:
         """A pool child reported ready."""
+        self._refused_delay = 0.0
         self.starting -= 1
         worker.pooled = True
         self.ready.append(worker)

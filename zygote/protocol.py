@@ -250,7 +250,9 @@ class Boot(Message):
     disable_validators: list[str] = field(default_factory=list)
     thread_policy: str = "warn"
     allow_threads: list[str] = field(default_factory=list)
-    prevent_fork_warning: float = 1.0
+    fork_guards: bool = True
+    fork_guard_timeout: float = 1.0
+    exit_timeout: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +291,10 @@ class Forked(Message):
     handle: str
     pid: int
     warnings: list[str] = field(default_factory=list)
+    #: seconds the fork waited for threads to leave the fork guards
+    guard_wait: float = 0.0
+    #: guards it went ahead without (--fork-guard-timeout), with their holders
+    guards_missed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,7 +308,8 @@ class ForkFailed(Message):
 
 @dataclass(frozen=True, slots=True)
 class Threads(Message):
-    """The zygote's thread inventory changed (sent on change, not per fork)."""
+    """The zygote's thread report changed: every kind of thread it has had,
+    with how many run now (sent on change, not per fork)."""
 
     KIND = "threads"
     threads: list[dict[str, Any]]

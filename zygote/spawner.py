@@ -71,6 +71,8 @@ class Spawner:
         self.stopping: str | None = None
         self.counts: collections.Counter[str] = collections.Counter()
         self.failures_by_step: collections.Counter[str] = collections.Counter()
+        self.guard_wait_seconds = 0.0
+        self._pool_error = ""  # the ready pool's last fork error, logged once
         self.tracker = Tracker(config, loop, self)
         self.pool = ReadyPool(
             config.prefork, loop, self._request_pool_fork, self.tracker.close_channel
@@ -218,6 +220,11 @@ class Spawner:
             os.close(pidfd)
             os.close(channel_fd)
             return
+        if msg.guard_wait:
+            self.counts["fork_guard_waits"] += 1
+            self.guard_wait_seconds += msg.guard_wait
+        if msg.guards_missed:
+            self.counts["fork_guard_timeouts"] += 1
         channel = socket.socket(fileno=channel_fd)
         channel.setblocking(False)
         worker = Worker(msg.pid, pidfd, channel, job, zygote, job.requested)
@@ -246,12 +253,19 @@ class Spawner:
             return
         if isinstance(job, PoolFork):
             job.cancel_timers()
-            log.warning("ready pool: %s", msg.error)
-            self.counts["failed_starts"] += 1
-            self.pool.lost()
+            if msg.error != self._pool_error:  # once per change, not per retry
+                log.warning("ready pool: %s", msg.error)
+                self._pool_error = msg.error
+            if msg.refused:
+                self.counts["refused_forks"] += 1
+                self.pool.refused()
+            else:
+                self.counts["failed_starts"] += 1
+                self.pool.lost()
             return
         self.slots -= 1
         if msg.refused:  # the thread policy: retrying cannot help
+            self.counts["refused_forks"] += 1
             log.error("spawn %s: %s", job.handle, msg.error)
             self._fail(job, SPAWN_FAILED, msg.error)
             self.dispatch()
@@ -360,6 +374,7 @@ class Spawner:
         job.cancel_timers()
         self.fleet.child_healthy(worker.zygote)
         if isinstance(job, PoolFork):
+            self._pool_error = ""
             self.pool.add(worker)
             if self.stopping:  # forked before the stop, ready after it
                 self.pool.retire(worker)
@@ -466,5 +481,9 @@ class Spawner:
             "accepted": self.counts["accepted"],
             "completed": self.counts["completed"],
             "failed_starts": self.counts["failed_starts"],
+            "refused_forks": self.counts["refused_forks"],
             "validator_failures": dict(self.failures_by_step),
+            "fork_guard_waits": self.counts["fork_guard_waits"],
+            "fork_guard_wait_seconds": round(self.guard_wait_seconds, 3),
+            "fork_guard_timeouts": self.counts["fork_guard_timeouts"],
         }

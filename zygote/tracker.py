@@ -162,11 +162,12 @@ class Tracker:
                 worker.result_seen = True
                 self.events.on_result(worker, data)
                 self.close_channel(worker)  # the worker's cue to exit
-                # ... which it takes at once, unless something in it hangs
-                # (a flush to a full pipe): it does not keep its slot for that.
-                worker.timers.append(
-                    self.loop.later(self.config.kill_grace, worker.signal, signal.SIGKILL)
-                )
+                # ... which it takes once its before_exit hooks are done,
+                # unless something in it hangs (a hook stuck where SIGALRM
+                # cannot reach, a flush to a full pipe): it does not keep its
+                # slot for that.
+                grace = self.config.exit_timeout + self.config.kill_grace
+                worker.timers.append(self.loop.later(grace, worker.signal, signal.SIGKILL))
         elif isinstance(msg, ValidatorFailed) and starting:
             error = msg.error.strip()
             log.warning(

@@ -40,17 +40,34 @@ def openssl() -> None:
     ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
-def logging_locks() -> None:
-    """The logging module's lock and every handler's lock can be taken."""
+def logging_handlers() -> None:
+    """Logging can be used: the module's lock and every handler's lock can
+    be taken, and every handler's stream flushed.
+
+    The stream is where logging hangs after a fork: Python re-creates the
+    handler locks in the child, but not the lock inside a handler's
+    `BufferedWriter`, which a thread writing a record holds. The fork guards
+    keep threads out of handlers at the fork and the child gets fresh
+    streams, so this probe finds what got past them (a guard that timed
+    out, a stream that could not be replaced): a flush that blocks is
+    caught by the deadline."""
     locks = [("the logging module lock", logging._lock)]  # type: ignore[attr-defined]
+    streams = []
     for ref in list(logging._handlerList):  # type: ignore[attr-defined]
         handler = ref()
-        if handler is not None and handler.lock is not None:
+        if handler is None:
+            continue
+        if handler.lock is not None:
             locks.append((f"the lock of {handler!r}", handler.lock))
+        stream = getattr(handler, "stream", None)
+        if stream is not None and hasattr(stream, "flush"):
+            streams.append(stream)
     for what, lock in locks:
         if not lock.acquire(blocking=False):
             raise RuntimeError(f"{what} is held: a thread of the zygote held it at fork time")
         lock.release()
+    for stream in streams:
+        stream.flush()  # blocks on a buffer lock left held by a vanished thread
 
 
 def stdio() -> None:
@@ -87,7 +104,7 @@ def builtin() -> dict[str, Callable[[], None]]:
     probes: dict[str, Callable[[], None]] = {}
     if _loaded("libcrypto"):
         probes["openssl"] = openssl
-    probes["logging"] = logging_locks
+    probes["logging"] = logging_handlers
     probes["stdio"] = stdio
     probes["resolver"] = resolver
     return probes

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
+import signal
 import sys
 import traceback
 import types
@@ -20,6 +22,7 @@ from typing import Any
 
 import msgpack
 
+from . import hooks
 from .codec import (
     FrameDecoder,
     decode_channel,
@@ -38,6 +41,8 @@ from .protocol import (
     Task,
     ValidatorFailed,
 )
+
+log = logging.getLogger("zygote.worker")
 
 READY_FRAME = frame(encode(Ready()))
 GO_FRAME = frame(encode(Go()))
@@ -112,6 +117,7 @@ class ChildSetup:
     steps: list[Step]  # after-fork hooks and validators, in order
     task: PreparedTask | None = None
     max_result_bytes: int = 1 << 30
+    exit_timeout: float = 2.0  # for the before_exit hooks, all together
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,8 @@ def run(setup: ChildSetup) -> int:
         raise RuntimeError("told to go without a task")
     result, code = _run_task(task, setup.max_result_bytes)
     _write_all(channel, frame(result))
+    if hooks.BEFORE_EXIT:
+        run_before_exit(hooks.BEFORE_EXIT, setup.exit_timeout)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
@@ -218,6 +226,47 @@ def run(setup: ChildSetup) -> int:
         while os.read(channel, 4096):
             pass
     return code
+
+
+class ExitTimeout(BaseException):
+    """The before_exit hooks ran out of time (raised by SIGALRM)."""
+
+
+def run_before_exit(hooks_: list[Callable[[], object]], timeout: float) -> None:
+    """Run the before_exit hooks, all within `timeout` seconds. A hook that
+    raises is logged and the next one runs; one still running at the
+    deadline is interrupted (a Python-level wait, a sleep, a socket call)
+    and the rest are skipped. One stuck where a signal cannot reach it is
+    killed by the supervisor once `--exit-timeout` and `--kill-grace` are up.
+    """
+
+    def expired(signum: int, frame: object) -> None:
+        raise ExitTimeout
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    name = "?"
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            for hook in hooks_:
+                name = _hook_name(hook)
+                try:
+                    hook()
+                except Exception:
+                    log.exception("before_exit hook %s failed", name)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except ExitTimeout:
+        log.warning(
+            "before_exit hook %s cut off: the hooks ran past --exit-timeout (%gs)", name, timeout
+        )
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _hook_name(func: Callable[[], object]) -> str:
+    module = getattr(func, "__module__", None) or "?"
+    return f"{module}:{getattr(func, '__qualname__', repr(func))}"
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -24,7 +24,7 @@ import traceback
 import warnings
 from typing import NoReturn
 
-from . import hooks, inventory, validators, worker
+from . import gate, guards, hooks, inventory, validators, worker
 from .codec import (
     decode_control,
     encode,
@@ -66,7 +66,9 @@ class Zygote:
         self._buffer = bytearray(_CONTROL_BUFFER)
         self._poller = select.poll()
         self._children: dict[int, int] = {}  # pidfd -> pid, until reaped
-        self._threads_seen: frozenset[tuple[str, int, str]] = frozenset()
+        self._report = inventory.Report()
+        self._missed: list[str] = []
+        self._missed_logged = 0.0
         self._kit = self._make_kit()
 
     def _make_kit(self) -> tuple[int, int, int]:
@@ -105,19 +107,27 @@ class Zygote:
                     log.warning("unexpected %s message from the supervisor", msg.KIND)
 
     def inventory(self) -> list[inventory.ThreadInfo]:
-        """The threads besides ours; logs and reports the set when it changes."""
-        threads = inventory.take(self.boot.allow_threads)
-        seen = inventory.signature(threads)
-        if seen != self._threads_seen:
-            for thread in threads:
-                if (thread.kind, thread.native_id, thread.name) in self._threads_seen:
-                    continue
-                if thread.allowed:
-                    log.info("%s (allowed)", thread.describe())
-                else:
-                    log.warning("%s: a child can deadlock on any lock it held", thread.describe())
-            self._threads_seen = seen
-            self._send(Threads([thread.as_dict() for thread in threads]))
+        """The threads besides ours. Each kind of thread is warned about once;
+        the supervisor hears whenever the report changes."""
+        try:
+            threads = inventory.take(self.boot.allow_threads)
+        except Exception as exc:
+            # Never die of our own inventory; not knowing means guarding.
+            log.exception("thread inventory failed; forking as if threads were running")
+            return [inventory.unknown(exc)]
+        new, changed = self._report.update(threads)
+        for thread in new:
+            if thread.allowed:
+                log.info("%s (allowed)", thread.describe())
+            else:
+                log.warning(
+                    "%s is running in the zygote: a child inherits, held, every lock it "
+                    "holds at the fork. %s",
+                    thread.describe(),
+                    thread.advice(),
+                )
+        if changed:
+            self._send(Threads(self._report.entries()))
         return threads
 
     def fork(self, request: Fork) -> None:
@@ -128,10 +138,11 @@ class Zygote:
             )
             task.prepare(import_modules=False)
         threads = self.inventory()
-        warnings = [t.describe() for t in threads if not t.allowed]
+        warnings = list(dict.fromkeys(t.describe() for t in threads if not t.allowed))
         if warnings and self.boot.thread_policy == "refuse":
             listing = "; ".join(warnings)
-            self._send(ForkFailed(request.handle, f"refused to fork: {listing}", refused=True))
+            error = f"refused to fork (--thread-policy refuse), threads are running: {listing}"
+            self._send(ForkFailed(request.handle, error, refused=True))
             return
         ours, theirs, lifeline = self._kit
         setup = worker.ChildSetup(
@@ -143,23 +154,31 @@ class Zygote:
             steps=self.steps.threaded() if threads else self.steps.alone,
             task=task,
             max_result_bytes=self.boot.max_result_bytes,
+            exit_timeout=self.boot.exit_timeout,
         )
-        held = self._hold_forks(bool(threads))
+        # With no other thread, nothing can be held: no guard to take.
+        held = guards.NOTHING
+        guarded = bool(threads) and self.boot.fork_guards
+        if guarded:
+            held = guards.hold(self.boot.fork_guard_timeout, hooks.FORK_LOCKS)
+            if held.missed:
+                self._warn_missed(held)
         try:
             pid = _fork(quiet=bool(threads))
         except OSError as exc:
-            self._release_forks(held)
+            held.release()
             self._send(ForkFailed(request.handle, f"fork() failed: {exc}"))
             return
-        self._release_forks(held)
         if pid == 0:
             code = 70
             try:
+                _in_child(held, repair=guarded)
                 code = worker.run(setup)
             except BaseException:
                 traceback.print_exc()
             finally:
                 os._exit(code)
+        held.release()
         # From here on the child may run its task as soon as it is told to:
         # arm its lifeline first, so that it never outlives the supervisor.
         arm_lifeline(lifeline, pid)
@@ -167,7 +186,7 @@ class Zygote:
         self._children[pidfd] = pid
         self._poller.register(pidfd, select.POLLIN)
         try:
-            forked = Forked(request.handle, pid, warnings)
+            forked = Forked(request.handle, pid, warnings, held.waited, held.missed)
             socket.send_fds(self.control, [encode(forked)], [ours, pidfd])
             if task is not None:
                 # Only now does the supervisor own the channel, so only now
@@ -179,61 +198,19 @@ class Zygote:
                 os.close(fd)
             self._kit = self._make_kit()
 
-    def _hold_forks(self, threaded: bool) -> list[hooks._Lock]:
-        """Take every registered fork lock and, with other threads about, wait
-        for open prevent_fork() sections and keep new ones from opening.
-        Returns what to release (in the parent and in the child alike).
-
-        A thread may take a fork lock inside a section, or open a section
-        while holding a fork lock; so nothing is waited for while something
-        else is held: on a miss everything is let go and tried again shortly.
-        """
-        gate = hooks.GATE if threaded else None
-        locks = list(hooks.FORK_LOCKS)
-        if gate is None and not locks:
-            return []
-        started = warned = time.monotonic()
-        while True:
-            if gate is not None:
-                gate.condition.acquire()  # held by threads only for a moment
-                if gate.sections:
-                    gate.condition.wait(0.05)  # lets go while it waits
-                    holders = [(name, since) for name, since, _ in gate.sections.values()]
-                    gate.condition.release()
-                    warned = self._warn_held(started, warned, holders)
-                    continue
-            taken = []
-            for lock in locks:
-                if not lock.acquire(blocking=False):
-                    break
-                taken.append(lock)
-            if len(taken) == len(locks):
-                return ([gate.condition] if gate is not None else []) + taken
-            for lock in reversed(taken):
-                lock.release()
-            if gate is not None:
-                gate.condition.release()
-            warned = self._warn_held(started, warned, [])
-            time.sleep(0.001)
-
-    def _warn_held(self, started: float, warned: float, holders: list[tuple[str, float]]) -> float:
-        """Log, every prevent-fork-warning seconds, why a fork is waiting."""
+    def _warn_missed(self, held: guards.Held) -> None:
+        """Say what a fork went ahead without: once per change, or a minute."""
         now = time.monotonic()
-        if now - warned < self.boot.prevent_fork_warning:
-            return warned
-        if holders:
-            why = "prevent_fork() in " + ", ".join(
-                f"{name!r} (for {now - since:.1f}s)" for name, since in holders
-            )
-        else:
-            why = "a lock registered with zygote.fork_lock() is held"
-        log.warning("a fork has waited %.1fs for %s", now - started, why)
-        return now
-
-    @staticmethod
-    def _release_forks(held: list[hooks._Lock]) -> None:
-        for lock in reversed(held):
-            lock.release()
+        if held.missed == self._missed and now - self._missed_logged < 60:
+            return
+        self._missed, self._missed_logged = held.missed, now
+        log.warning(
+            "a fork went ahead without %s, after waiting %.1fs (--fork-guard-timeout %gs); "
+            "the child's validators are the remaining check",
+            "; ".join(held.missed),
+            held.waited,
+            self.boot.fork_guard_timeout,
+        )
 
     def _reap(self, pidfd: int) -> None:
         pid = self._children.pop(pidfd)
@@ -247,6 +224,17 @@ class Zygote:
 
     def _send(self, msg: Reaped | ForkFailed | Threads) -> None:
         self.control.sendall(encode(msg))
+
+
+def _in_child(held: guards.Held, *, repair: bool) -> None:
+    """First thing in a new child: re-create what the fork held, replace the
+    streams whose buffer lock a vanished thread may hold, and turn off what
+    only a zygote needs (the gate, recording thread starts)."""
+    held.reset_in_child()
+    gate.GATE.active = False
+    inventory.stop_recording()
+    if repair:
+        guards.repair_streams()
 
 
 def _fork(*, quiet: bool) -> int:
@@ -302,7 +290,11 @@ def preload(boot: Boot) -> None:
         sys.path.insert(0, boot.cwd)
     for name in boot.preload:
         before = set(native_threads())
-        importlib.import_module(name)
+        inventory.importing = name
+        try:
+            importlib.import_module(name)
+        finally:
+            inventory.importing = ""
         inventory.note_origins(name, before)
 
 
@@ -326,7 +318,10 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     # A child that crashes, or is killed with SIGABRT because it hung,
     # prints its Python stack to the server's log.
     faulthandler.enable(all_threads=True)
-    hooks.GATE = hooks.ForkGate()
+    # Before any preload module runs, so that what it binds is wrapped.
+    if boot.fork_guards:
+        gate.install()
+    inventory.record_thread_starts()
     try:
         preload(boot)
         server = Zygote(control, lifeline_fd, boot)
@@ -338,9 +333,13 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     gc.collect()
     gc.freeze()
     control.sendall(encode(Booted(os.getpid(), boot.generation)))
+    code = 0
     try:
         server.serve()
+    except BaseException:
+        log.critical("zygote generation %d died of an error", boot.generation, exc_info=True)
+        code = 1
     finally:
         # A retiring zygote leaves its workers alone: they belong to the
         # supervisor's subreaper once we are gone.
-        os._exit(0)
+        os._exit(code)
