@@ -7,8 +7,11 @@ fork guards, against plain multiprocessing fork, in one run.
 
 `service`: the zygote preloads examples.service_threads (two threads logging
 at a high rate to a RotatingFileHandler, two making TLS requests to a local
-TLS server started here); each job logs and makes one TLS request. `tls`:
-the same without the logging threads. `openssl`: examples.openssl_threads
+TLS server started here); each job logs and makes one TLS request; with the
+guards on and off, with those loops moved to the helper process
+(`@zygote.background`) or deferred to each worker (`--thread-policy defer`),
+and without them (the thread-free p50 to compare with). `tls`: the same
+without the logging threads. `openssl`: examples.openssl_threads
 (threads looping on SSL contexts and PBKDF2), the validators' own benchmark.
 
 A job that hangs in its task ends as a task timeout; a child that hangs
@@ -65,6 +68,7 @@ def run_zygote(
 ) -> dict:
     outcomes: collections.Counter[str] = collections.Counter()
     latencies: list[float] = []
+    handles: list[float] = []  # spawn -> handle: the worker is ready
     with (
         zygote_server(
             "--max-workers",
@@ -96,6 +100,7 @@ def run_zygote(
             started = time.monotonic()
             try:
                 window.append((started, client.spawn(task, i, _timeout=timeout)))
+                handles.append(time.monotonic() - started)
             except ZygoteError as exc:
                 outcomes[f"spawn error: {type(exc).__name__}"] += 1
             if len(window) >= IN_FLIGHT:
@@ -114,8 +119,10 @@ def run_zygote(
             stats["fork_guard_wait_seconds"] * 1000 / max(1, stats["fork_guard_waits"]), 2
         ),
         "guard timeouts": stats["fork_guard_timeouts"],
+        "threads in the zygote": sum(t["running"] for t in stats["threads"]),
         "other": dict(outcomes),
         "p50 ms": round(percentile(latencies, 50) * 1000, 2) if latencies else None,
+        "handle p50 ms": round(percentile(handles, 50) * 1000, 2) if handles else None,
     }
 
 
@@ -188,6 +195,9 @@ def main() -> None:
     parser.add_argument("--baseline-n", type=int, default=None, help="jobs in the other runs")
     parser.add_argument("--task-timeout", type=float, default=3.0)
     parser.add_argument("--variants", action="store_true", help="openssl: each probe half alone")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="service/tls: only these configurations"
+    )
     args = parser.parse_args()
     if args.scenario == "openssl":
         report = openssl_scenario(args.n or 2000, args.task_timeout, args.variants)
@@ -207,19 +217,35 @@ def service_scenario(args: argparse.Namespace) -> dict:
         env = {"SERVICE_TLS": address, "SERVICE_LOG": f"{logs}/service.log"}
         if tls_only:
             env["SERVICE_LOG_THREADS"] = "0"
-        configurations = {
-            "zygote, guards on": (n, []),
-            "zygote, guards on, validators off": (n, VALIDATORS_OFF),
-            "zygote, guards off": (baseline_n, ["--no-fork-guards"]),
+        configurations: dict[str, tuple[int, list[str], dict[str, str]]] = {
+            "zygote, guards on": (n, [], {}),
+            "zygote, guards on, validators off": (n, VALIDATORS_OFF, {}),
+            "zygote, guards off": (baseline_n, ["--no-fork-guards"], {}),
+            # The same loops moved out of the zygote, and a zygote without them.
+            "zygote, threads in the helper": (n, [], {"SERVICE_THREADS_IN": "helper"}),
+            "zygote, threads deferred to workers": (n, ["--thread-policy", "defer"], {}),
+            "zygote, no such threads": (
+                n,
+                [],
+                {"SERVICE_LOG_THREADS": "0", "SERVICE_TLS_THREADS": "0"},
+            ),
         }
-        for name, (jobs, options) in configurations.items():
+        if args.only:
+            configurations = {k: v for k, v in configurations.items() if k in args.only}
+        for name, (jobs, options, extra) in configurations.items():
             report[name] = run_zygote(
-                jobs, options, "examples.service_threads", task, env, args.task_timeout
+                jobs,
+                options,
+                "examples.service_threads",
+                task,
+                {**env, **extra},
+                args.task_timeout,
             )
             print(name, report[name], file=sys.stderr, flush=True)
-        report["multiprocessing fork"] = run_multiprocessing(
-            baseline_n, env, task, args.task_timeout
-        )
+        if not args.only or "multiprocessing fork" in args.only:
+            report["multiprocessing fork"] = run_multiprocessing(
+                baseline_n, env, task, args.task_timeout
+            )
     return report
 
 

@@ -13,17 +13,24 @@ only when no thread is inside either.
 
 Settings (environment): SERVICE_TLS (required), SERVICE_LOG (the log file,
 default /tmp/zygote-service-<uid>.log), SERVICE_LOG_THREADS and
-SERVICE_TLS_THREADS (how many of each, default 2).
+SERVICE_TLS_THREADS (how many of each, default 2), SERVICE_THREADS_IN:
+``zygote`` (plain threads, started at import: the hazard) or ``helper`` (the
+same loops as `@zygote.background` functions: they run in the helper
+process, and the zygote has no thread at all). With ``zygote start
+--thread-policy defer`` the plain threads are started in each worker instead.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import ssl
 import threading
 from logging.handlers import RotatingFileHandler
+
+import zygote
 
 _host, _port, _cafile = os.environ["SERVICE_TLS"].split(":", 2)
 LOG_FILE = os.environ.get("SERVICE_LOG", f"/tmp/zygote-service-{os.getuid()}.log")
@@ -61,14 +68,17 @@ def _request_forever(name: str) -> None:
         tls_request(f"{name} {n}")
 
 
-for _i in range(int(os.environ.get("SERVICE_LOG_THREADS", "2"))):
-    threading.Thread(
-        target=_log_forever, args=(f"log-{_i}",), name=f"log-{_i}", daemon=True
-    ).start()
-for _i in range(int(os.environ.get("SERVICE_TLS_THREADS", "2"))):
-    threading.Thread(
-        target=_request_forever, args=(f"tls-{_i}",), name=f"tls-{_i}", daemon=True
-    ).start()
+_loops = [
+    (_log_forever, f"log-{i}") for i in range(int(os.environ.get("SERVICE_LOG_THREADS", "2")))
+]
+_loops += [
+    (_request_forever, f"tls-{i}") for i in range(int(os.environ.get("SERVICE_TLS_THREADS", "2")))
+]
+for _loop, _name in _loops:
+    if os.environ.get("SERVICE_THREADS_IN", "zygote") == "helper":
+        zygote.background(name=_name)(functools.partial(_loop, _name))
+    else:
+        threading.Thread(target=_loop, args=(_name,), name=_name, daemon=True).start()
 
 
 def handle_job(job: int) -> int:

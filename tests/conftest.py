@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import zmq
 
 from zygote import Zygote
 from zygote.errors import ZygoteError
+
+from .collector import Collector
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,13 +117,16 @@ def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., Serve
         for module in preload:
             command += ["--preload", module]
         command += list(args)
+        # Python's defaults, whatever the shell running the tests has set:
+        # buffered streams are what the children's stream repair is for.
+        base = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 command,
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
+                env={**base, "PYTHONFAULTHANDLER": "1", **(env or {})},
             )
         server = Server(process, endpoint, log_path)
         servers.append(server)
@@ -182,6 +188,17 @@ def tls_server() -> Iterator[str]:
     finally:
         process.kill()
         process.wait(10)
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    """A local OTLP/Sentry collector in this process (tests/collector.py)."""
+    server = Collector()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from zygote import SpawnError
@@ -91,6 +93,27 @@ def test_fork_waits_for_an_open_prevent_fork_section(start_server, tmp_path) -> 
     stats = server.stats()
     assert stats["fork_guard_waits"] == 1 and stats["fork_guard_timeouts"] == 0
     assert stats["fork_guard_wait_seconds"] > 0
+
+
+def test_a_long_section_no_fork_gave_up_on_is_still_waited_for(start_server, tmp_path) -> None:
+    """A section open for longer than the guard timeout is waited for like
+    any other; only one a fork already gave up on is not."""
+    server = start_server(
+        "--fork-guard-timeout",
+        "1",
+        "--prefork",
+        "0",
+        preload=("tests.tasks", "tests.gate"),
+        env={"ZYGOTE_TEST_DIR": str(tmp_path), "ZYGOTE_TEST_HOLD": "1.6"},
+    )
+    client = server.client(timeout=30)
+    (tmp_path / "open-section").write_text("")
+    wait_until((tmp_path / "section-opened").exists, what="the section to open")
+    opened = float((tmp_path / "section-opened").read_text())
+    time.sleep(max(0.0, opened + 1.1 - time.monotonic()))  # the section is 1.1 s old
+    started = client.spawn("tests.gate:started_at").result()
+    assert started > float((tmp_path / "section-closed").read_text())
+    assert server.stats()["fork_guard_timeouts"] == 0
 
 
 def test_a_fork_goes_ahead_past_the_guard_timeout_and_names_the_holder(

@@ -20,7 +20,15 @@ from .errors import (
     ZygoteError,
     ZygoteTimeout,
 )
-from .hooks import after_fork, before_exit, fork_lock, mark_fork_safe, prevent_fork, validator
+from .hooks import (
+    after_fork,
+    background,
+    before_exit,
+    fork_lock,
+    mark_fork_safe,
+    prevent_fork,
+    validator,
+)
 from .sharing import share
 
 __version__ = "0.1.0"
@@ -39,6 +47,7 @@ __all__ = [
     "ZygoteTimeout",
     "__version__",
     "after_fork",
+    "background",
     "before_exit",
     "fork_lock",
     "mark_fork_safe",

@@ -98,8 +98,13 @@ class ZygoteProc:
     healthy_children: int = 0
     corrupt_in_a_row: int = 0
     trouble: str | None = None  # why it is to be killed, once the current batch is done
-    #: its latest thread inventory (ThreadInfo dicts)
+    #: its latest thread report (one dict per kind of thread)
     threads: list[dict[str, Any]] = field(default_factory=list)
+    #: its helper process (background functions), while it runs
+    helper_pid: int | None = None
+    helper_restarts: int = 0
+    #: an eventfd counting background messages dropped (workers, helper)
+    drops_fd: int | None = None
 
     @classmethod
     def start(cls, generation: int, lifeline_fd: int) -> ZygoteProc:

@@ -95,8 +95,9 @@ _SERVER_OPTIONS = [
     ),
     _server_option(
         "thread_policy",
-        click.Choice(["warn", "refuse"]),
-        "Threads in the zygote at fork time: warn, or refuse to fork.",
+        click.Choice(["warn", "refuse", "defer"]),
+        "Threads in the zygote at fork time: warn, refuse to fork, or defer the threads"
+        " the preload starts to each worker.",
     ),
     _server_option(
         "allow_threads",

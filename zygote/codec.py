@@ -35,6 +35,8 @@ from .protocol import (
     Forked,
     ForkFailed,
     Go,
+    HelperExited,
+    HelperStarted,
     Kill,
     MalformedMessage,
     Message,
@@ -117,7 +119,18 @@ def _registry(*classes: type[Message]) -> dict[str, _Spec]:
 
 _REQUESTS = _registry(Spawn, Attach, Collected, Kill, Stats, Ping, Refork, Stop)
 _REPLIES = _registry(Spawned, Result, Exited, Ok, Error)
-_CONTROL = _registry(Boot, Booted, BootFailed, Fork, Forked, ForkFailed, Threads, Reaped)
+_CONTROL = _registry(
+    Boot,
+    Booted,
+    BootFailed,
+    Fork,
+    Forked,
+    ForkFailed,
+    Threads,
+    Reaped,
+    HelperStarted,
+    HelperExited,
+)
 _CHANNEL = _registry(Ready, Phase, ValidatorFailed, Result, Task, Go)
 _FIELD_NAMES = {
     spec.cls: tuple(name for name, _, _ in spec.fields)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import stat
@@ -29,6 +30,12 @@ __all__ = [
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s zygote[%(process)d] %(name)s: %(message)s"
+
+
+#: Settings that existed once: a config file naming one still loads.
+REMOVED = {
+    "prevent_fork_warning": "a fork now waits at most --fork-guard-timeout for prevent_fork()",
+}
 
 
 class ConfigError(ValueError):
@@ -86,7 +93,8 @@ class ServerConfig:
     #: how a child that failed or missed its deadline is killed; SIGABRT makes
     #: faulthandler print where it hung
     kill_signal: str = "SIGKILL"
-    #: threads in the zygote at fork time: "warn" (and fork), or "refuse" to fork
+    #: threads in the zygote at fork time: "warn" (and fork), "refuse" to
+    #: fork, or "defer" the starts of threads while preloading to each worker
     thread_policy: str = "warn"
     #: thread names (fnmatch patterns) known to be safe, silenced in warnings
     allow_threads: list[str] = field(default_factory=list)
@@ -167,8 +175,10 @@ class ServerConfig:
             )
         self.log_level = self.log_level.upper()
         self.kill_signal = signal_by_name(self.kill_signal).name
-        if self.thread_policy not in ("warn", "refuse"):
-            raise ConfigError(f"thread_policy must be warn or refuse, not {self.thread_policy!r}")
+        if self.thread_policy not in ("warn", "refuse", "defer"):
+            raise ConfigError(
+                f"thread_policy must be warn, refuse or defer, not {self.thread_policy!r}"
+            )
         for task in self.validators:
             if ":" not in task:
                 raise ConfigError(f"a validator is named 'module:function', not {task!r}")
@@ -208,6 +218,11 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     settings = {}
     for key, value in data.items():
         name = key.replace("-", "_")
+        if name in REMOVED:
+            logging.getLogger("zygote").warning(
+                "config file %s: %r is no longer a setting (%s); ignored", path, key, REMOVED[name]
+            )
+            continue
         if name not in known:
             raise ConfigError(f"config file {path}: unknown setting {key!r}")
         settings[name] = value

@@ -10,6 +10,7 @@ giving a single healthy child — the server gives up and stops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from .codec import (
     encode,
 )
 from .config import ServerConfig
-from .linux import describe_wait_status, send_signal
+from .linux import describe_wait_status, native_threads, send_signal
 from .loop import EventLoop
 from .protocol import (
     Boot,
@@ -32,14 +33,19 @@ from .protocol import (
     Fork,
     Forked,
     ForkFailed,
+    HelperExited,
+    HelperStarted,
     Reaped,
     Threads,
 )
+from .timers import Timer
 
 log = logging.getLogger("zygote.supervisor")
 
 #: Exit statuses of `zygote start` when the ladder runs out.
 EXIT_BOOT, EXIT_UNHEALTHY = 3, 4
+#: Dropped background messages are logged at most once per this many seconds.
+DROPS_LOG_INTERVAL = 10.0
 
 
 class ZygoteEvents(Protocol):
@@ -75,6 +81,9 @@ class Fleet:
         self.accepting = True  # False once the server stops: no more zygotes
         self.restarts = 0
         self.retired_corrupt = 0
+        self.background_dropped = 0
+        self._drops_logged = 0
+        self._drops_timer: Timer | None = None
 
     @property
     def ready(self) -> ZygoteProc | None:
@@ -205,6 +214,9 @@ class Fleet:
             if isinstance(msg, Forked):
                 self.events.on_forked(zygote, msg, fds)
                 continue
+            if isinstance(msg, HelperStarted) and fds and zygote.drops_fd is None:
+                zygote.drops_fd = fds.pop(0)
+                self.loop.watch(zygote.drops_fd, lambda: self._count_drops(zygote))
             for fd in fds:
                 os.close(fd)
             if isinstance(msg, Reaped):
@@ -213,6 +225,10 @@ class Fleet:
                 self.events.on_fork_failed(zygote, msg)
             elif isinstance(msg, Threads):
                 zygote.threads = msg.threads
+            elif isinstance(msg, HelperStarted):
+                zygote.helper_pid, zygote.helper_restarts = msg.pid, msg.restarts
+            elif isinstance(msg, HelperExited):
+                zygote.helper_pid = None
             elif isinstance(msg, Booted):
                 self._on_booted(zygote)
             elif isinstance(msg, BootFailed):
@@ -222,6 +238,29 @@ class Fleet:
                     msg.error.rstrip(),
                 )
                 self._boot_failed(zygote, msg.error.strip().splitlines()[-1])
+
+    def _count_drops(self, zygote: ZygoteProc) -> None:
+        """Background messages were dropped: count them, and say so at most
+        once per DROPS_LOG_INTERVAL."""
+        assert zygote.drops_fd is not None
+        with contextlib.suppress(BlockingIOError):
+            self.background_dropped += os.eventfd_read(zygote.drops_fd)
+        if self._drops_timer is None:
+            self._drops_timer = self.loop.later(DROPS_LOG_INTERVAL, self._log_drops)
+            self._log_drops(reschedule=False)
+
+    def _log_drops(self, reschedule: bool = True) -> None:
+        new = self.background_dropped - self._drops_logged
+        if new:
+            log.warning(
+                "%d background messages dropped (a worker's buffer or a helper's inbox was "
+                "full, or the helper gone); %d in all",
+                new,
+                self.background_dropped,
+            )
+            self._drops_logged = self.background_dropped
+        if reschedule:
+            self._drops_timer = None
 
     def _on_booted(self, zygote: ZygoteProc) -> None:
         if zygote.state is not ZygoteState.BOOTING:  # retired while it booted
@@ -273,6 +312,11 @@ class Fleet:
             self._handle(zygote, zygote.receive()[0])
         zygote.state = ZygoteState.DEAD
         zygote.control.close()
+        if zygote.drops_fd is not None:
+            self._count_drops(zygote)
+            self.loop.unwatch(zygote.drops_fd)
+            os.close(zygote.drops_fd)
+            zygote.drops_fd = None
         if zygote.boot_timer is not None:
             zygote.boot_timer.cancel()
         self.events.on_zygote_gone(zygote)
@@ -347,4 +391,19 @@ class Fleet:
             "threads": zygote.threads if zygote else [],
             "zygote_restarts": self.restarts,
             "zygotes_retired_corrupt": self.retired_corrupt,
+            "helper_pid": zygote.helper_pid if zygote else None,
+            "helper_threads": helper_threads(zygote.helper_pid) if zygote else [],
+            "helper_restarts": zygote.helper_restarts if zygote else 0,
+            "background_dropped": self.background_dropped,
         }
+
+
+def helper_threads(pid: int | None) -> list[str]:
+    """The names of a helper's threads but its main one (the receiver)."""
+    if pid is None:
+        return []
+    try:
+        threads = native_threads(pid)
+    except OSError:  # gone since
+        return []
+    return sorted(name for tid, name in threads.items() if tid != pid)

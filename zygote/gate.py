@@ -21,9 +21,9 @@ costs one attribute test.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from threading import get_ident
 from time import monotonic
@@ -33,12 +33,13 @@ __all__ = ["GATE", "ForkGate", "install"]
 
 
 class _Visit:
-    __slots__ = ("depth", "since", "what")
+    __slots__ = ("depth", "since", "stuck", "what")
 
     def __init__(self, what: str, since: float) -> None:
         self.what = what
         self.since = since
         self.depth = 1
+        self.stuck = False  # a fork gave up waiting for it
 
 
 class ForkGate:
@@ -101,25 +102,29 @@ class ForkGate:
         finally:
             self._lock.release()
 
-    def close(self, timeout: float, stuck_after: float = float("inf")) -> bool:
+    def close(self, timeout: float) -> bool:
         """Keep new visitors out and wait up to `timeout` for those inside to
         leave; True if they did. Closed either way: `open()` must follow.
 
-        A visitor already inside for `stuck_after` seconds is not waited for
-        (it is still inside: see `visitors()`): one that made a fork time
-        out once — a handshake with a peer that never answers — must not
-        cost every later fork the same wait."""
-        me = threading.get_ident()
-        now = time.monotonic()
-        deadline, stuck = now + timeout, now - stuck_after
+        A visitor a fork already gave up waiting for (a handshake with a peer
+        that never answers) is not waited for again: it would cost every
+        later fork the same wait. It is still inside: see `visitors()`."""
+        me = get_ident()
+        deadline = monotonic() + timeout
         with self._cond:
             self._closer = me
-            while any(i != me and v.since > stuck for i, v in self._inside.items()):
-                remaining = deadline - time.monotonic()
+            while any(i != me and not v.stuck for i, v in self._inside.items()):
+                remaining = deadline - monotonic()
                 if remaining <= 0:
                     return False
                 self._cond.wait(remaining)
             return True
+
+    def give_up_on_visitors(self) -> None:
+        """Call when a fork stops waiting: those inside now are stuck."""
+        with self._cond:
+            for visit in self._inside.values():
+                visit.stuck = True
 
     def open(self) -> None:
         with self._cond:
@@ -142,28 +147,61 @@ class ForkGate:
 GATE = ForkGate()
 
 
-def _gated(func: Callable[..., Any], what: str) -> Callable[..., Any]:
-    gate = GATE
+class GatedFunction:
+    """A module-level function behind the gate.
 
+    An object rather than a function: a function stored on a class becomes
+    a method (Django's password hashers do ``digest = hashlib.sha256`` and
+    call ``self.digest()``), and this must stay what it wraps was, a plain
+    callable. It pickles by reference to where it is installed."""
+
+    def __init__(self, func: Callable[..., Any], module: str, name: str) -> None:
+        self.__wrapped__ = func
+        self.what = f"{module}.{name}"
+        self.__module__ = module
+        self.__name__ = self.__qualname__ = name
+        self.__doc__ = getattr(func, "__doc__", None)
+        _ORIGINALS[self] = func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not GATE.active:
+            return self.__wrapped__(*args, **kwargs)
+        GATE.enter(self.what)
+        try:
+            return self.__wrapped__(*args, **kwargs)
+        finally:
+            GATE.leave()
+
+    def __reduce__(self) -> str:
+        return self.__qualname__
+
+    def __repr__(self) -> str:
+        return f"<gated {self.__wrapped__!r}>"
+
+
+def _gate_function(module: Any, name: str) -> None:
+    """Put `module.name` behind the gate."""
+    setattr(module, name, GatedFunction(getattr(module, name), module.__name__, name))
+
+
+def _gated_method(func: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """A method (or `__new__`) behind the gate: a function, so that it binds."""
+
+    @functools.wraps(func)
     def gated(*args: Any, **kwargs: Any) -> Any:
-        if not gate.active:
+        if not GATE.active:
             return func(*args, **kwargs)
-        gate.enter(what)
+        GATE.enter(what)
         try:
             return func(*args, **kwargs)
         finally:
-            gate.leave()
+            GATE.leave()
 
-    gated.__wrapped__ = func  # type: ignore[attr-defined]
-    gated.__name__ = getattr(func, "__name__", "gated")
-    gated.__qualname__ = getattr(func, "__qualname__", gated.__name__)
-    gated.__doc__ = getattr(func, "__doc__", None)
-    _ORIGINALS[gated] = func
     return gated
 
 
 #: gated wrapper -> what it wraps (hmac needs the original constructors)
-_ORIGINALS: dict[Callable[..., Any], Callable[..., Any]] = {}
+_ORIGINALS: dict[Any, Callable[..., Any]] = {}
 
 
 # -- what gets gated ------------------------------------------------------------
@@ -194,15 +232,15 @@ _RESOLVER = (
 def _gate_ssl(ssl: Any) -> None:
     context = ssl.SSLContext
     new = context.__dict__["__new__"]
-    context.__new__ = staticmethod(_gated(new.__func__, "ssl.SSLContext()"))
+    context.__new__ = staticmethod(_gated_method(new.__func__, "ssl.SSLContext()"))
     for name in _SSL_CONTEXT_METHODS:
         if hasattr(context, name):
-            setattr(context, name, _gated(getattr(context, name), f"SSLContext.{name}"))
+            setattr(context, name, _gated_method(getattr(context, name), f"SSLContext.{name}"))
     for cls in (ssl.SSLSocket, ssl.SSLObject):
-        cls.do_handshake = _gated(cls.do_handshake, f"{cls.__name__}.do_handshake")
+        cls.do_handshake = _gated_method(cls.do_handshake, f"{cls.__name__}.do_handshake")
     for name in ("RAND_bytes", "RAND_status"):
         if hasattr(ssl, name):
-            setattr(ssl, name, _gated(getattr(ssl, name), f"ssl.{name}"))
+            _gate_function(ssl, name)
 
 
 def _gate_hashlib(hashlib: Any) -> None:
@@ -214,7 +252,7 @@ def _gate_hashlib(hashlib: Any) -> None:
         if name.startswith("_"):
             continue
         if id(value) in openssl or name in ("pbkdf2_hmac", "scrypt", "new"):
-            setattr(hashlib, name, _gated(value, f"hashlib.{name}"))
+            _gate_function(hashlib, name)
 
 
 def _gate_hmac(hmac: Any) -> None:
@@ -225,26 +263,31 @@ def _gate_hmac(hmac: Any) -> None:
     _hashlib = sys.modules.get("_hashlib")
     if _hashlib is None or getattr(hmac, "_functype", None) is None:
         return
-    hmac._functype = (hmac._functype, type(_gated))
+    hmac._functype = (hmac._functype, GatedFunction)
     for name in ("hmac_new", "hmac_digest"):
         original = getattr(_hashlib, name, None)
         if original is not None:
-            setattr(hmac._hashopenssl, name, _unwrapping(original, f"hmac.{name}"))
+            setattr(_hashlib, name, _unwrapping(original))
+            _gate_function(_hashlib, name)
 
 
-def _unwrapping(func: Callable[..., Any], what: str) -> Callable[..., Any]:
+def _unwrapping(func: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
-        args = tuple(_ORIGINALS.get(a, a) if callable(a) else a for a in args)
-        kwargs = {k: _ORIGINALS.get(v, v) if callable(v) else v for k, v in kwargs.items()}
+        args = tuple(_ORIGINALS.get(a, a) if isinstance(a, GatedFunction) else a for a in args)
+        kwargs = {
+            k: _ORIGINALS.get(v, v) if isinstance(v, GatedFunction) else v
+            for k, v in kwargs.items()
+        }
         return func(*args, **kwargs)
 
-    return _gated(call, what)
+    call.__name__ = call.__qualname__ = func.__name__
+    return call
 
 
 def _gate_socket(socket: Any) -> None:
     for name in _RESOLVER:
         if hasattr(socket, name):
-            setattr(socket, name, _gated(getattr(socket, name), f"socket.{name}"))
+            _gate_function(socket, name)
 
 
 _PATCHES: dict[str, Callable[[Any], None]] = {

@@ -100,11 +100,8 @@ _OWNER = re.compile(r"owner=(\d+)")
 class _GateGuard:
     name = "the OpenSSL/resolver/prevent_fork() gate"
 
-    def __init__(self, stuck_after: float) -> None:
-        self.stuck_after = stuck_after
-
     def take(self, timeout: float) -> bool:
-        if GATE.close(timeout, self.stuck_after):
+        if GATE.close(timeout):
             return True
         GATE.open()
         return False
@@ -140,19 +137,22 @@ class Held:
 NOTHING = Held()
 
 
-def _guards(timeout: float, fork_locks: list[_Lock]) -> list[_Guard]:
+_MODULE_LOCK = "the logging module lock"
+
+
+def _guards(fork_locks: list[_Lock]) -> list[_Guard]:
     """The gate first (it is waited for holding nothing else), then the
-    locks in logging's own order: module lock, then handler locks. A thread
-    inside the gate for longer than `timeout` already is not waited for."""
-    guards: list[_Guard] = [
-        _GateGuard(stuck_after=timeout),
-        _LockGuard("the logging module lock", logging._lock),  # type: ignore[attr-defined]
-    ]
-    for ref in list(logging._handlerList):  # type: ignore[attr-defined]
-        handler = ref()
-        if handler is not None and handler.lock is not None:
-            guards.append(_LockGuard(f"the lock of {handler!r}", handler.lock))
-    guards += [_LockGuard(f"fork_lock {lock!r}", lock) for lock in fork_locks]
+    locks in logging's own order: module lock, then handler locks. Each
+    lock once (a fork_lock() may be a handler's, or registered twice)."""
+    guards: list[_Guard] = [_GateGuard(), _LockGuard(_MODULE_LOCK, logging._lock)]  # type: ignore[attr-defined]
+    seen = {id(logging._lock)}  # type: ignore[attr-defined]
+    handlers = [ref() for ref in list(logging._handlerList)]  # type: ignore[attr-defined]
+    locks = [(f"the lock of {h!r}", h.lock) for h in handlers if h is not None and h.lock]
+    locks += [(f"fork_lock {lock!r}", lock) for lock in fork_locks]
+    for name, lock in locks:
+        if id(lock) not in seen:
+            seen.add(id(lock))
+            guards.append(_LockGuard(name, lock))
     return guards
 
 
@@ -161,7 +161,7 @@ def hold(timeout: float, fork_locks: list[_Lock]) -> Held:
     Past it, take what is free and report the rest as missed."""
     started = time.monotonic()
     deadline = started + timeout
-    guards = _guards(timeout, fork_locks)
+    guards = _guards(fork_locks)
     contended = False
     while True:
         held: list[_Guard] = []
@@ -193,11 +193,18 @@ def hold(timeout: float, fork_locks: list[_Lock]) -> Held:
 
 def _hold_what_is_free(guards: list[_Guard], started: float) -> Held:
     """The last attempt: what is free now is held, the rest is named. The
-    gate stays closed to new visitors even with some still inside."""
+    gate stays closed to new visitors even with some still inside, and
+    those are not waited for again.
+
+    Except without logging's module lock: os.fork() takes it itself, with
+    no timeout, and its holder may need one of ours to let go of it (a
+    dictConfig() building a handler that resolves a name). Then nothing is
+    held: the fork waits for that lock alone, holding nothing."""
     held = Held()
     for guard in guards:
         if isinstance(guard, _GateGuard):
             GATE.close(0)
+            GATE.give_up_on_visitors()
             held.guards.append(guard)
         elif guard.take(0):
             held.guards.append(guard)
@@ -205,6 +212,11 @@ def _hold_what_is_free(guards: list[_Guard], started: float) -> Held:
             holders = ", ".join(guard.holders()) or "a thread"
             held.missed.append(f"{guard.name} (held by {holders})")
     held.missed[:0] = _still_inside()
+    if any(missed.startswith(_MODULE_LOCK) for missed in held.missed):
+        held.release()
+        held = Held(
+            missed=["every guard, as the fork waits for logging's module lock", *held.missed]
+        )
     held.waited = time.monotonic() - started
     return held
 
@@ -236,12 +248,20 @@ def repair_streams() -> None:
             setattr(sys, name, new)
             if getattr(sys, f"__{name}__") is old:
                 setattr(sys, f"__{name}__", new)
+    made = {id(stream) for stream in fresh.values()}
     for ref in list(logging._handlerList):  # type: ignore[attr-defined]
         handler = ref()
         old = getattr(handler, "stream", None)
+        if id(old) in made:  # logging.lastResort's stream is sys.stderr, read live
+            continue
         new = _fresh_stream(old, fresh)
-        if new is not None:
-            handler.stream = new  # not setStream(): that flushes the old one
+        if new is None:
+            continue
+        made.add(id(new))
+        # Not setStream(): that flushes the old one. A handler whose stream
+        # is a read-only property keeps its own (the validators probe it).
+        with contextlib.suppress(AttributeError):
+            handler.stream = new
 
 
 def _fresh_stream(old: object, fresh: dict[int, io.TextIOWrapper]) -> io.TextIOWrapper | None:

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from .gate import GATE
+from .outbox import background
 
 __all__ = [
     "after_fork",
+    "background",
     "before_exit",
     "fork_lock",
     "mark_fork_safe",

@@ -84,21 +84,25 @@ class ThreadInfo:
             return (
                 "The fork guards cannot see into native code. If it is harmless (numpy's "
                 "OpenBLAS pool is: numpy stops it at fork), vouch for it with --allow-thread "
-                f"{self.origin or self.name!r}; if not, import its library in each worker "
-                "(an @zygote.after_fork hook) rather than in the zygote."
+                f"{self.origin or self.name!r}; if not, use its library from a "
+                "@zygote.background function (the helper process) or import it in each "
+                "worker (an @zygote.after_fork hook), not in the zygote."
             )
         return (
             "The fork guards keep it out of logging, OpenSSL (ssl, hashlib, hmac) and the "
-            "resolver at each fork; for anything else it locks, start it in each worker "
-            "(an @zygote.after_fork hook), wrap its work in zygote.prevent_fork(), or vouch "
-            f"for it with --allow-thread {self.name!r} or zygote.mark_fork_safe()."
+            "resolver at each fork. For no thread in the zygote at all, run its loop as a "
+            "@zygote.background function (the helper process) or start it in each worker "
+            "(--thread-policy defer); or vouch for it with --allow-thread "
+            f"{self.name!r} or zygote.mark_fork_safe()."
         )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-_NUMBERS = re.compile(r"\d+")
+#: Numbers, and hex runs with a digit in them (ids, tokens): "Thread-12",
+#: "conn-3fa2b1c9" and "ThreadPoolExecutor-0_1" are kinds of thread, not one each.
+_NUMBERS = re.compile(r"[0-9a-fA-F]*\d[0-9a-fA-F]*")
 
 
 def take(allow: Sequence[str] = ()) -> list[ThreadInfo]:
@@ -113,13 +117,31 @@ def take(allow: Sequence[str] = ()) -> list[ThreadInfo]:
     # Threads come and go while we look; each is listed once, in its Python
     # view when it has one. One that started since /proc was read is
     # running: it counts. One that ended since is gone: it does not.
+    starting = []
     for thread in threading.enumerate():
         tid = thread.native_id
-        if tid is None or tid == me:
+        if tid == me:
+            continue
+        if tid is None:  # its OS thread runs, but has not had the GIL yet
+            starting.append(thread)
             continue
         if natives.pop(tid, None) is None and not thread.is_alive():
             continue
         found.append(_python_thread(thread, tid, frames, allow))
+    # A starting thread shows in /proc with no Python view to match it (for
+    # as long as it waits for the GIL: milliseconds, seen here). Thread ids
+    # are handed out in increasing order: the newest unmatched ones are them.
+    for thread, tid in zip(starting, sorted(natives, reverse=True), strict=False):
+        del natives[tid]
+        found.append(_python_thread(thread, tid, frames, allow))
+    # An ending one is out of threading.enumerate() before its OS thread is
+    # gone; threading still knows it (weakly) as long as anyone holds it.
+    try:
+        ended = list(getattr(threading, "_dangling", ()))
+    except RuntimeError:  # a thread was made while we copied: no matter
+        ended = []
+    for thread in ended:
+        natives.pop(thread.native_id, None)
     for tid, comm in sorted(natives.items()):
         if not os.path.exists(f"/proc/self/task/{tid}"):
             continue  # a Python thread that ended after /proc was read
@@ -221,13 +243,30 @@ def start_site(depth: int = 2) -> str:
 
 _start = threading.Thread.start
 _recording = False
+_deferring = False
+
+_join = threading.Thread.join
+
+#: Daemon threads whose start() was held back while preloading
+#: (--thread-policy defer), to be started in each worker instead.
+DEFERRED: list[threading.Thread] = []
 
 
-def record_thread_starts() -> None:
+def record_thread_starts(*, defer: bool = False) -> None:
     """Note where every `Thread.start()` of this process is called from, so
-    that a warning names the library and line that started a thread. For
-    the zygote only; a worker stops recording (it costs a stack walk)."""
-    global _recording
+    that a warning names the library and line that started a thread; with
+    `defer`, also hold back the starts of daemon threads (until
+    `stop_deferring()`). For the zygote only; a worker stops recording (it
+    costs a stack walk).
+
+    Only daemon threads are deferred: they are the ones that run in the
+    background for the life of the process (exporters, flushers, pollers).
+    A thread the program waits for is not a daemon (a ThreadPoolExecutor's
+    are not): OpenTelemetry's resource detection, for one, runs in a pool
+    it shuts down and joins while it is imported, and would wait forever
+    for a thread that never started."""
+    global _recording, _deferring
+    _deferring = defer
     if _recording:
         return
     _recording = True
@@ -235,14 +274,46 @@ def record_thread_starts() -> None:
     def start(self: threading.Thread) -> None:
         if _recording:
             STARTS[self] = (start_site(), importing)
+            if _deferring and self.daemon:
+                if not any(thread is self for thread in DEFERRED):
+                    DEFERRED.append(self)
+                return
         _start(self)
 
+    def join(self: threading.Thread, timeout: float | None = None) -> None:
+        # A deferred thread waited for during the preload after all: run it.
+        if _deferring and any(thread is self for thread in DEFERRED):
+            DEFERRED[:] = [thread for thread in DEFERRED if thread is not self]
+            _start(self)
+        _join(self, timeout)
+
     threading.Thread.start = start  # type: ignore[method-assign]
+    threading.Thread.join = join  # type: ignore[method-assign]
+
+
+def stop_deferring() -> None:
+    global _deferring
+    _deferring = False
 
 
 def stop_recording() -> None:
     global _recording
     _recording = False
+
+
+def start_deferred() -> None:
+    """In a worker: start the threads whose start the preload deferred. One
+    that a library already started again by itself after the fork (the same
+    name and target, as OpenTelemetry's batch processor does from its
+    at-fork hook) is not started twice."""
+    running = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    for thread in DEFERRED:
+        target = getattr(thread, "_target", None)
+        if target is not None and any(
+            t.name == thread.name and getattr(t, "_target", None) == target for t in running
+        ):
+            continue
+        _start(thread)
 
 
 # -- the report ---------------------------------------------------------------
@@ -256,8 +327,14 @@ class Report:
     entry; a thread that stops (OpenBLAS's pool after the first fork) stays
     listed, as not running."""
 
+    #: Kinds kept at most: the oldest that no longer run make room first. A
+    #: zygote whose threads are all different kinds (names with random
+    #: parts the blurring misses) must not grow without bound.
+    LIMIT = 64
+
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        self.overflowed = False  # some kinds were left out: the report is full
 
     def update(self, threads: Sequence[ThreadInfo]) -> tuple[list[ThreadInfo], bool]:
         """Record the threads running now. Returns the kinds seen for the
@@ -268,6 +345,18 @@ class Report:
             counts[thread.key] = counts.get(thread.key, 0) + 1
             latest[thread.key] = thread
         new = [thread for key, thread in latest.items() if key not in self._entries]
+        room = self.LIMIT - len(self._entries)
+        if len(new) > room:
+            for key in [k for k, e in self._entries.items() if k not in counts]:
+                if len(new) <= room:
+                    break
+                del self._entries[key]
+                room += 1
+            if len(new) > room:
+                self.overflowed = True
+                for thread in new[max(room, 0) :]:
+                    del latest[thread.key]
+                new = new[: max(room, 0)]
         changed = bool(new)
         for key, entry in self._entries.items():
             running = counts.get(key, 0)

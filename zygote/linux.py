@@ -32,11 +32,13 @@ __all__ = [
     "send_signal",
     "set_child_subreaper",
     "set_parent_death_signal",
+    "set_thread_name",
     "signal_name",
     "wait_status_parts",
 ]
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -51,6 +53,11 @@ def _prctl(option: int, arg: int) -> None:
 def set_child_subreaper() -> None:
     """Become the reaper of orphaned descendants (workers whose zygote died)."""
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def set_thread_name(name: str) -> None:
+    """Name the calling thread in /proc (`comm`, 15 bytes at most)."""
+    _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def set_parent_death_signal(sig: int) -> None:

@@ -11,7 +11,8 @@ Four conversations use this module:
 * client <-> supervisor, over ZeroMQ: `Spawn`, `Attach`, `Collected`, `Kill`,
   `Stats`, `Ping`, `Refork`, `Stop` and the replies `Spawned`, `Result`, `Exited`, `Ok`, `Error`;
 * supervisor <-> zygote, over a SOCK_SEQPACKET socket: `Boot`, `Booted`,
-  `BootFailed`, `Fork`, `Forked`, `ForkFailed`, `Threads`, `Reaped`;
+  `BootFailed`, `Fork`, `Forked`, `ForkFailed`, `Threads`, `Reaped`,
+  `HelperStarted`, `HelperExited`;
 * worker <-> supervisor, over the worker's own stream socket, framed by
   `FrameDecoder`: `Ready`, `Phase`, `ValidatorFailed`, `Result` from the
   worker; `Task` or `Go` to it.
@@ -325,6 +326,26 @@ class Reaped(Message):
     maxrss_kb: int
 
 
+@dataclass(frozen=True, slots=True)
+class HelperStarted(Message):
+    """The zygote forked its helper process (the background functions).
+    Sent with one descriptor: an eventfd counting dropped background
+    messages."""
+
+    KIND = "helper_started"
+    pid: int
+    restarts: int
+
+
+@dataclass(frozen=True, slots=True)
+class HelperExited(Message):
+    """The helper died; the zygote starts another after a back-off."""
+
+    KIND = "helper_exited"
+    pid: int
+    status: int
+
+
 # -- worker <-> supervisor ---------------------------------------------------
 
 
@@ -367,7 +388,18 @@ class Go(Message):
 
 Request = Spawn | Attach | Collected | Kill | Stats | Ping | Refork | Stop
 Reply = Spawned | Result | Exited | Ok | Error
-Control = Boot | Booted | BootFailed | Fork | Forked | ForkFailed | Threads | Reaped
+Control = (
+    Boot
+    | Booted
+    | BootFailed
+    | Fork
+    | Forked
+    | ForkFailed
+    | Threads
+    | Reaped
+    | HelperStarted
+    | HelperExited
+)
 ChannelMessage = Ready | Phase | ValidatorFailed | Result | Task | Go
 
 

@@ -116,11 +116,18 @@ class Tracker:
                     worker.reap_orphan()
                 self._settle(worker)
         for pid in child_pids() - known - self.workers.keys():
-            log.warning(
-                "killing process %d: forked by zygote generation %d, never handed over",
-                pid,
-                zygote.generation,
-            )
+            if pid == zygote.helper_pid:  # the next zygote starts its own
+                log.info(
+                    "killing the helper (pid %d) of zygote generation %d, which is gone",
+                    pid,
+                    zygote.generation,
+                )
+            else:
+                log.warning(
+                    "killing process %d: forked by zygote generation %d, never handed over",
+                    pid,
+                    zygote.generation,
+                )
             kill_child(pid)
 
     def terminate(self, sig: int) -> int:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 import types
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from .codec import (
     ok_result_prefix,
 )
 from .linux import lifeline_cut
+from .outbox import OUTBOX
 from .protocol import (
     EXITED,
     RAISED,
@@ -210,8 +212,11 @@ def run(setup: ChildSetup) -> int:
         raise RuntimeError("told to go without a task")
     result, code = _run_task(task, setup.max_result_bytes)
     _write_all(channel, frame(result))
+    # The hooks, then what is left of background messages, share one budget.
+    deadline = time.monotonic() + setup.exit_timeout
     if hooks.BEFORE_EXIT:
         run_before_exit(hooks.BEFORE_EXIT, setup.exit_timeout)
+    OUTBOX.flush(deadline - time.monotonic())
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
@@ -252,7 +257,9 @@ def run_before_exit(hooks_: list[Callable[[], object]], timeout: float) -> None:
                 name = _hook_name(hook)
                 try:
                     hook()
-                except Exception:
+                except ExitTimeout:
+                    raise
+                except BaseException:  # SystemExit too: the task's outcome stands
                     log.exception("before_exit hook %s failed", name)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)

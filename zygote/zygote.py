@@ -22,19 +22,22 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from typing import NoReturn
 
-from . import gate, guards, hooks, inventory, validators, worker
+from . import gate, guards, helper, hooks, inventory, outbox, validators, worker
 from .codec import (
     decode_control,
     encode,
 )
 from .config import LOG_FORMAT
+from .inventory import ThreadInfo
 from .linux import arm_lifeline, native_threads, open_lifeline, set_parent_death_signal
 from .protocol import (
     Boot,
     Booted,
     BootFailed,
+    Control,
     Fork,
     Forked,
     ForkFailed,
@@ -67,9 +70,21 @@ class Zygote:
         self._poller = select.poll()
         self._children: dict[int, int] = {}  # pidfd -> pid, until reaped
         self._report = inventory.Report()
+        self._natives: set[int] = set()  # native thread ids the last inventory saw
+        self._overflow_logged = False
         self._missed: list[str] = []
         self._missed_logged = 0.0
         self._kit = self._make_kit()
+        self.helper = None
+        if outbox.REGISTRY:
+            self.helper = helper.Keeper(
+                lifeline_fd, self._poller, fork=self._fork_helper, send=self._send
+            )
+
+    @property
+    def _private(self) -> tuple[int, ...]:
+        """The zygote's own descriptors besides the control socket and kit."""
+        return self.helper.fds() if self.helper is not None else ()
 
     def _make_kit(self) -> tuple[int, int, int]:
         """The next child's channel (our end, its end) and lifeline, made
@@ -82,40 +97,60 @@ class Zygote:
         control_fd = self.control.fileno()
         self._poller.register(control_fd, select.POLLIN)
         self.inventory()
+        if self.helper is not None:
+            self.helper.start()
         while True:
-            for fd, _ in self._poller.poll():
-                if fd != control_fd:
+            for fd, _ in self._poller.poll(self.helper.due_in() if self.helper else None):
+                if self.helper is not None and fd == self.helper.pidfd:
+                    self.helper.exited()
+                elif fd != control_fd:
                     self._reap(fd)
-                    continue
-                size, _, flags, _ = self.control.recvmsg_into([self._buffer])
-                if not size:
+                elif not self._on_control():
                     log.debug("control socket closed; generation %d retires", self.boot.generation)
                     return
-                # A bad request is the supervisor's bug, not a reason to die:
-                # its fork deadline will notice the missing answer.
-                if flags & socket.MSG_TRUNC:
-                    log.error("dropped a control message over %d bytes", _CONTROL_BUFFER)
-                    continue
-                try:
-                    msg = decode_control(bytes(memoryview(self._buffer)[:size]))
-                except ProtocolError as exc:
-                    log.error("dropped a control message: %s", exc)
-                    continue
-                if isinstance(msg, Fork):
-                    self.fork(msg)
-                else:
-                    log.warning("unexpected %s message from the supervisor", msg.KIND)
+            if self.helper is not None and self.helper.due_in() == 0:
+                self.helper.start()
 
-    def inventory(self) -> list[inventory.ThreadInfo]:
-        """The threads besides ours. Each kind of thread is warned about once;
-        the supervisor hears whenever the report changes."""
+    def _on_control(self) -> bool:
+        """Handle one control message; False once the supervisor closed."""
+        size, _, flags, _ = self.control.recvmsg_into([self._buffer])
+        if not size:
+            return False
+        # A bad request is the supervisor's bug, not a reason to die:
+        # its fork deadline will notice the missing answer.
+        if flags & socket.MSG_TRUNC:
+            log.error("dropped a control message over %d bytes", _CONTROL_BUFFER)
+            return True
+        try:
+            msg = decode_control(bytes(memoryview(self._buffer)[:size]))
+        except ProtocolError as exc:
+            log.error("dropped a control message: %s", exc)
+            return True
+        if isinstance(msg, Fork):
+            self.fork(msg)
+        else:
+            log.warning("unexpected %s message from the supervisor", msg.KIND)
+        return True
+
+    def inventory(self) -> tuple[list[ThreadInfo], list[ThreadInfo]]:
+        """The threads besides ours: all of them (what the guards are for),
+        and those to report (what warnings and the thread policy are for).
+
+        A native thread is reported once a second inventory sees it too: a
+        Python thread that is starting or ending while we look shows in /proc
+        only, for microseconds, and is not a native thread to warn about.
+        Each kind of thread is warned about once; the supervisor hears
+        whenever the report changes."""
         try:
             threads = inventory.take(self.boot.allow_threads)
         except Exception as exc:
             # Never die of our own inventory; not knowing means guarding.
             log.exception("thread inventory failed; forking as if threads were running")
-            return [inventory.unknown(exc)]
-        new, changed = self._report.update(threads)
+            return [inventory.unknown(exc)], []
+        natives = {t.native_id for t in threads if t.kind == "native"}
+        reported = [t for t in threads if t.kind == "python" or t.native_id in self._natives]
+        self._natives = natives
+        new, changed = self._report.update(reported)
         for thread in new:
             if thread.allowed:
                 log.info("%s (allowed)", thread.describe())
@@ -126,9 +161,15 @@ class Zygote:
                     thread.describe(),
                     thread.advice(),
                 )
+        if self._report.overflowed and not self._overflow_logged:
+            self._overflow_logged = True
+            log.warning(
+                "more than %d kinds of threads: new kinds are no longer listed",
+                inventory.Report.LIMIT,
+            )
         if changed:
             self._send(Threads(self._report.entries()))
-        return threads
+        return threads, reported
 
     def fork(self, request: Fork) -> None:
         task = None
@@ -137,8 +178,8 @@ class Zygote:
                 request.handle, request.task, request.payload, request.env, request.cwd
             )
             task.prepare(import_modules=False)
-        threads = self.inventory()
-        warnings = list(dict.fromkeys(t.describe() for t in threads if not t.allowed))
+        threads, reported = self.inventory()
+        warnings = list(dict.fromkeys(t.describe() for t in reported if not t.allowed))
         if warnings and self.boot.thread_policy == "refuse":
             listing = "; ".join(warnings)
             error = f"refused to fork (--thread-policy refuse), threads are running: {listing}"
@@ -149,36 +190,19 @@ class Zygote:
             channel=theirs,
             lifeline=lifeline,
             # Everything of the zygote's the child must not keep: the control
-            # socket, its channel's other end, and a pidfd per sibling.
-            close=(self.control.fileno(), ours, self.lifeline_fd, *self._children),
+            # socket, its channel's other end, a pidfd per sibling, and the
+            # helper's (its pidfd, its end of the background channel).
+            close=(self.control.fileno(), ours, self.lifeline_fd, *self._children, *self._private),
             steps=self.steps.threaded() if threads else self.steps.alone,
             task=task,
             max_result_bytes=self.boot.max_result_bytes,
             exit_timeout=self.boot.exit_timeout,
         )
-        # With no other thread, nothing can be held: no guard to take.
-        held = guards.NOTHING
-        guarded = bool(threads) and self.boot.fork_guards
-        if guarded:
-            held = guards.hold(self.boot.fork_guard_timeout, hooks.FORK_LOCKS)
-            if held.missed:
-                self._warn_missed(held)
         try:
-            pid = _fork(quiet=bool(threads))
+            pid, held = self._fork(threads, lambda: worker.run(setup))
         except OSError as exc:
-            held.release()
             self._send(ForkFailed(request.handle, f"fork() failed: {exc}"))
             return
-        if pid == 0:
-            code = 70
-            try:
-                _in_child(held, repair=guarded)
-                code = worker.run(setup)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        held.release()
         # From here on the child may run its task as soon as it is told to:
         # arm its lifeline first, so that it never outlives the supervisor.
         arm_lifeline(lifeline, pid)
@@ -197,6 +221,46 @@ class Zygote:
             for fd in (ours, theirs, lifeline):
                 os.close(fd)
             self._kit = self._make_kit()
+
+    def _fork(self, threads: list[ThreadInfo], child: Callable[[], int]) -> tuple[int, guards.Held]:
+        """fork(), under the guards when other threads run; the child runs
+        `child()` and exits with its code. Returns the pid and what the fork
+        held (for the stats); raises OSError if fork() fails."""
+        # With no other thread, nothing can be held: no guard to take.
+        held = guards.NOTHING
+        guarded = bool(threads) and self.boot.fork_guards
+        if guarded:
+            held = guards.hold(self.boot.fork_guard_timeout, hooks.FORK_LOCKS)
+        try:
+            pid = _fork(quiet=bool(threads))
+        except OSError:
+            held.release()
+            raise
+        if pid == 0:
+            code = 70
+            try:
+                _in_child(held, repair=guarded)
+                code = child()
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        held.release()
+        if held.missed:  # logged only now: logging may need what was held
+            self._warn_missed(held)
+        return pid, held
+
+    def _fork_helper(self, child: Callable[[], int]) -> int:
+        """Fork the helper process (see `helper.Keeper`), under the guards;
+        it keeps none of the zygote's descriptors but its own."""
+        close = (self.control.fileno(), self.lifeline_fd, *self._kit, *self._children)
+
+        def helper_main() -> int:
+            for fd in close:
+                os.close(fd)
+            return child()
+
+        return self._fork(self.inventory()[0], helper_main)[0]
 
     def _warn_missed(self, held: guards.Held) -> None:
         """Say what a fork went ahead without: once per change, or a minute."""
@@ -222,8 +286,11 @@ class Zygote:
             return
         self._send(Reaped(pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss))
 
-    def _send(self, msg: Reaped | ForkFailed | Threads) -> None:
-        self.control.sendall(encode(msg))
+    def _send(self, msg: Control, fds: tuple[int, ...] = ()) -> None:
+        if fds:
+            socket.send_fds(self.control, [encode(msg)], list(fds))
+        else:
+            self.control.sendall(encode(msg))
 
 
 def _in_child(held: guards.Held, *, repair: bool) -> None:
@@ -258,6 +325,8 @@ class StartupSteps:
         for name in boot.validators:
             user[name] = worker.resolve(name)
         self._hooks = [(f"after_fork:{hooks._name(f)}", f) for f in hooks.AFTER_FORK]
+        if inventory.DEFERRED:  # --thread-policy defer: after the hooks, before the checks
+            self._hooks.append(("deferred threads", inventory.start_deferred))
         self._user = [(name, f) for name, f in user.items() if name not in disabled]
         self._probes = {n: p for n, p in validators.builtin().items() if n not in disabled}
         self.alone = worker.Step.of(self._hooks + self._user)
@@ -321,9 +390,13 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     # Before any preload module runs, so that what it binds is wrapped.
     if boot.fork_guards:
         gate.install()
-    inventory.record_thread_starts()
+    inventory.record_thread_starts(defer=boot.thread_policy == "defer")
     try:
         preload(boot)
+        inventory.stop_deferring()
+        if inventory.DEFERRED:
+            names = ", ".join(repr(thread.name) for thread in inventory.DEFERRED)
+            log.info("deferred to each worker: the start of threads %s", names)
         server = Zygote(control, lifeline_fd, boot)
     except BaseException:
         control.sendall(encode(BootFailed(traceback.format_exc())))
@@ -340,6 +413,8 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
         log.critical("zygote generation %d died of an error", boot.generation, exc_info=True)
         code = 1
     finally:
+        if server.helper is not None:
+            server.helper.stop()
         # A retiring zygote leaves its workers alone: they belong to the
         # supervisor's subreaper once we are gone.
         os._exit(code)
