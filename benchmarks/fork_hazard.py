@@ -198,6 +198,12 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", metavar="NAME", help="service/tls: only these configurations"
     )
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=0.0,
+        help="service/tls: seconds the threads rest between log lines or requests",
+    )
     args = parser.parse_args()
     if args.scenario == "openssl":
         report = openssl_scenario(args.n or 2000, args.task_timeout, args.variants)
@@ -214,7 +220,11 @@ def service_scenario(args: argparse.Namespace) -> dict:
     task = "examples.service_threads:handle_job"
     report = {}
     with tls_server() as address, tempfile.TemporaryDirectory() as logs:
-        env = {"SERVICE_TLS": address, "SERVICE_LOG": f"{logs}/service.log"}
+        env = {
+            "SERVICE_TLS": address,
+            "SERVICE_LOG": f"{logs}/service.log",
+            "SERVICE_PAUSE": str(args.pause),
+        }
         if tls_only:
             env["SERVICE_LOG_THREADS"] = "0"
         configurations: dict[str, tuple[int, list[str], dict[str, str]]] = {

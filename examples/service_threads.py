@@ -13,7 +13,9 @@ only when no thread is inside either.
 
 Settings (environment): SERVICE_TLS (required), SERVICE_LOG (the log file,
 default /tmp/zygote-service-<uid>.log), SERVICE_LOG_THREADS and
-SERVICE_TLS_THREADS (how many of each, default 2), SERVICE_THREADS_IN:
+SERVICE_TLS_THREADS (how many of each, default 2), SERVICE_PAUSE (seconds
+each thread rests between a log line or a request, default 0: flat out),
+SERVICE_THREADS_IN:
 ``zygote`` (plain threads, started at import: the hazard) or ``helper`` (the
 same loops as `@zygote.background` functions: they run in the helper
 process, and the zygote has no thread at all). With ``zygote start
@@ -28,6 +30,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from logging.handlers import RotatingFileHandler
 
 import zygote
@@ -54,11 +57,16 @@ def tls_request(text: str) -> str:
         return conn.recv(4096).decode().strip()
 
 
+PAUSE = float(os.environ.get("SERVICE_PAUSE", "0"))
+
+
 def _log_forever(name: str) -> None:
     n = 0
     while True:
         n += 1
         log.info("%s: heartbeat %d, all is well", name, n)
+        if PAUSE:
+            time.sleep(PAUSE)
 
 
 def _request_forever(name: str) -> None:
@@ -66,6 +74,8 @@ def _request_forever(name: str) -> None:
     while True:
         n += 1
         tls_request(f"{name} {n}")
+        if PAUSE:
+            time.sleep(PAUSE)
 
 
 _loops = [

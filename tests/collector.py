@@ -23,6 +23,13 @@ class Collector(http.server.ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def env(self) -> dict[str, str]:
+        """The libraries' own settings, pointing them here."""
+        return {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{self.url}/v1/traces",
+            "SENTRY_DSN": f"http://public@127.0.0.1:{self.server_address[1]}/1",
+        }
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: Collector

@@ -29,5 +29,5 @@ def ticker_runs_here() -> dict[str, object]:
 
 
 def otel_processor_threads() -> int:
-    """With tests.otel_app preloaded: OpenTelemetry's export threads here."""
+    """With examples.opentelemetry_tasks preloaded: OpenTelemetry's export threads here."""
     return sum(t.name.startswith("OtelBatch") for t in threading.enumerate())

@@ -143,13 +143,13 @@ def test_opentelemetry_under_defer(start_server, collector: Collector) -> None:
     server = start_server(
         "--thread-policy",
         "defer",
-        preload=("tests.otel_app", "tests.deferred_app"),
-        env={"ZYGOTE_TEST_COLLECTOR": collector.url},
+        preload=("examples.opentelemetry_tasks", "tests.deferred_app"),
+        env=collector.env(),
     )
     assert _tasks(server.zygote_pid()) == 1
     client = server.client(timeout=60)
     assert client.spawn("tests.deferred_app:otel_processor_threads").result() == 1
-    assert list(client.map("tests.otel_app:traced", range(40))) == list(range(40))
+    assert list(client.map("examples.opentelemetry_tasks:traced", range(40))) == list(range(40))
     wait_until(lambda: len(collector.spans) >= 40, timeout=15, what="40 spans")
     assert collector.spans == ["task"] * 40
 
@@ -159,12 +159,12 @@ def test_sentry_under_defer(start_server, collector: Collector) -> None:
     server = start_server(
         "--thread-policy",
         "defer",
-        preload=("tests.sentry_app",),
-        env={"ZYGOTE_TEST_COLLECTOR": collector.url},
+        preload=("examples.sentry_tasks",),
+        env=collector.env(),
     )
     assert _tasks(server.zygote_pid()) == 1
     client = server.client(timeout=60)
-    assert list(client.map("tests.sentry_app:report", range(40))) == list(range(40))
+    assert list(client.map("examples.sentry_tasks:report", range(40))) == list(range(40))
     wait_until(lambda: len(collector.events) >= 40, timeout=15, what="40 events")
     assert sorted(collector.events) == sorted(f"task {i}" for i in range(40))
 

@@ -36,6 +36,9 @@ def test_numpy_and_a_python_thread_show_up_in_stats_and_warnings(start_server) -
     assert any("metrics-flusher" in w for w in second.warnings)
     log = server.log()
     assert log.count("Python thread 'metrics-flusher'") == 1
+    # OpenBLAS stopped its pool at the first fork: still listed, not running.
+    blas = [t for t in server.stats()["threads"] if t["origin"] == "numpy"]
+    assert blas and blas[0]["kind"] == "native"
 
 
 def test_allowlist_silences_threads(start_server) -> None:
