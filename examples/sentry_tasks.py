@@ -5,10 +5,12 @@
     zygote spawn examples.sentry_tasks:report 1
 
 sentry-sdk starts its transport thread on first use, so the zygote has none
-(`--thread-policy defer` keeps it so, should anything in the preload report
-an event); each worker starts its own, and the `before_exit` hook flushes
-it before the worker ends: without it, about 60% of short tasks' events
-were lost here. Needs `pip install sentry-sdk`.
+as long as the preload reports nothing; each worker starts its own, and the
+`before_exit` hook flushes it before the worker ends: without it, about 60%
+of short tasks' events were lost here. (`--thread-policy defer` keeps the
+zygote thread-free even if the preload does report an event — but that
+event then waits in the zygote's queue, and every worker sends it again:
+report nothing while preloading.) Needs `pip install sentry-sdk`.
 """
 
 from __future__ import annotations

@@ -49,3 +49,22 @@ def report_stuck(count: int) -> int:
     """A task: send `count` messages to a function that never reads them;
     how many send() accepted."""
     return sum(stuck.send(n) for n in range(count))
+
+
+def send_garbage() -> int:
+    """A worker that writes what send() never would: [[1], 2], not msgpack."""
+    import msgpack
+
+    from zygote.outbox import OUTBOX
+
+    assert OUTBOX.fd is not None
+    for data in (msgpack.packb([[1], 2]), b"\xc1 not msgpack", msgpack.packb(3)):
+        os.write(OUTBOX.fd, data)
+    return os.getpid()
+
+
+def send_after(path: str) -> list[bool]:
+    """Wait for `path` to exist (the test reforks meanwhile), then send."""
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return [collector.send({"late": n}) for n in range(3)]

@@ -31,3 +31,11 @@ def ticker_runs_here() -> dict[str, object]:
 def otel_processor_threads() -> int:
     """With examples.opentelemetry_tasks preloaded: OpenTelemetry's export threads here."""
     return sum(t.name.startswith("OtelBatch") for t in threading.enumerate())
+
+
+def sentry_transport_threads() -> int:
+    """With examples.sentry_tasks preloaded: report, then count its threads."""
+    import sentry_sdk
+
+    sentry_sdk.capture_message("counting")
+    return sum(t.name == "sentry-sdk.BackgroundWorker" for t in threading.enumerate())

@@ -37,9 +37,12 @@ def test_background_functions_run_in_the_helper_and_get_every_message(
         preload=("tests.background_app",),
         env={"ZYGOTE_TEST_DIR": str(tmp_path)},
     )
-    stats = wait_until(lambda: (s := server.stats())["helper_pid"] and s, what="the helper")
+    # Each background thread names itself in /proc as it starts.
+    stats = wait_until(
+        lambda: (s := server.stats())["helper_threads"] == ["collector", "heartbeat"] and s,
+        what="the helper and its two threads",
+    )
     zygote_pid, helper_pid = stats["zygote_pid"], stats["helper_pid"]
-    assert stats["helper_threads"] == ["collector", "heartbeat"]
     wait_until(lambda: _heartbeat(tmp_path).get("pid") == helper_pid, what="a heartbeat")
     assert _tasks(zygote_pid) == 1
     client = server.client(timeout=60)
@@ -155,18 +158,20 @@ def test_opentelemetry_under_defer(start_server, collector: Collector) -> None:
 
 
 def test_sentry_under_defer(start_server, collector: Collector) -> None:
-    """sentry-sdk starts its transport thread on first use: in each worker."""
+    """sentry-sdk starts its transport thread on first use: one in each
+    worker, none in the zygote; every task's event arrives once."""
     server = start_server(
         "--thread-policy",
         "defer",
-        preload=("examples.sentry_tasks",),
+        preload=("examples.sentry_tasks", "tests.deferred_app"),
         env=collector.env(),
     )
     assert _tasks(server.zygote_pid()) == 1
     client = server.client(timeout=60)
+    assert client.spawn("tests.deferred_app:sentry_transport_threads").result() == 1
     assert list(client.map("examples.sentry_tasks:report", range(40))) == list(range(40))
-    wait_until(lambda: len(collector.events) >= 40, timeout=15, what="40 events")
-    assert sorted(collector.events) == sorted(f"task {i}" for i in range(40))
+    wait_until(lambda: len(collector.events) >= 41, timeout=15, what="41 events")
+    assert sorted(collector.events) == sorted(["counting", *(f"task {i}" for i in range(40))])
 
 
 def _free_port() -> int:
@@ -221,3 +226,30 @@ def test_a_new_generation_brings_its_own_helper(start_server, tmp_path) -> None:
     assert second != first
     wait_until(lambda: not os.path.exists(f"/proc/{first}"), what="the old helper gone")
     wait_until(lambda: _heartbeat(tmp_path).get("pid") == second, what="the new one beating")
+
+
+def test_a_worker_writing_garbage_does_not_take_the_helper_down(start_server, tmp_path) -> None:
+    server = start_server(preload=("tests.background_app",), env={"ZYGOTE_TEST_DIR": str(tmp_path)})
+    helper = wait_until(lambda: server.stats()["helper_pid"], what="the helper")
+    client = server.client(timeout=30)
+    client.spawn("tests.background_app:send_garbage").result()
+    wait_until(lambda: server.stats()["background_dropped"] == 3, what="3 drops counted")
+    client.spawn("tests.background_app:report", 1, 1).result()
+    wait_until((tmp_path / "collected").exists, what="a message after the garbage")
+    stats = server.stats()
+    assert stats["helper_pid"] == helper and stats["helper_restarts"] == 0
+
+
+def test_sends_after_the_generation_retired_are_dropped_and_counted(start_server, tmp_path) -> None:
+    """The old generation's helper stops with its zygote; its workers that
+    still run find no helper: send() says so, counts, and never raises."""
+    server = start_server(preload=("tests.background_app",), env={"ZYGOTE_TEST_DIR": str(tmp_path)})
+    first = wait_until(lambda: server.stats()["helper_pid"], what="the helper")
+    client = server.client(timeout=60)
+    late = client.spawn("tests.background_app:send_after", str(tmp_path / "go"))
+    assert client.refork() == 2
+    wait_until(lambda: not os.path.exists(f"/proc/{first}"), what="the old helper gone")
+    (tmp_path / "go").write_text("")
+    assert late.result() == [False, False, False]
+    assert late.wait().exit_code == 0
+    wait_until(lambda: server.stats()["background_dropped"] == 3, what="3 drops counted")

@@ -84,6 +84,7 @@ class Fleet:
         self.background_dropped = 0
         self._drops_logged = 0
         self._drops_timer: Timer | None = None
+        self._gone_counting: list[ZygoteProc] = []  # gone, drops counter open
 
     @property
     def ready(self) -> ZygoteProc | None:
@@ -240,27 +241,39 @@ class Fleet:
                 self._boot_failed(zygote, msg.error.strip().splitlines()[-1])
 
     def _count_drops(self, zygote: ZygoteProc) -> None:
-        """Background messages were dropped: count them, and say so at most
-        once per DROPS_LOG_INTERVAL."""
+        """Background messages were dropped: count them, and say so at once
+        if nothing was said for DROPS_LOG_INTERVAL, else when it is up."""
         assert zygote.drops_fd is not None
         with contextlib.suppress(BlockingIOError):
             self.background_dropped += os.eventfd_read(zygote.drops_fd)
         if self._drops_timer is None:
-            self._drops_timer = self.loop.later(DROPS_LOG_INTERVAL, self._log_drops)
-            self._log_drops(reschedule=False)
+            self._log_drops()
 
-    def _log_drops(self, reschedule: bool = True) -> None:
+    def _log_drops(self) -> None:
+        self._drops_timer = None
         new = self.background_dropped - self._drops_logged
-        if new:
-            log.warning(
-                "%d background messages dropped (a worker's buffer or a helper's inbox was "
-                "full, or the helper gone); %d in all",
-                new,
-                self.background_dropped,
-            )
-            self._drops_logged = self.background_dropped
-        if reschedule:
-            self._drops_timer = None
+        if not new:
+            return
+        log.warning(
+            "%d background messages dropped (a worker's buffer or a helper's inbox was "
+            "full, or the helper gone); %d in all",
+            new,
+            self.background_dropped,
+        )
+        self._drops_logged = self.background_dropped
+        self._drops_timer = self.loop.later(DROPS_LOG_INTERVAL, self._log_drops)
+
+    def forget_drops(self, working: set[int]) -> None:
+        """Stop counting the drops of gone zygotes none of whose workers
+        (`working`: the pids of zygotes with live workers) runs any more:
+        their workers keep the counter until they exit."""
+        for zygote in [z for z in self._gone_counting if z.pid not in working]:
+            self._gone_counting.remove(zygote)
+            self._close_drops(zygote)
+
+    def _close_drops(self, zygote: ZygoteProc) -> None:
+        if zygote.drops_fd is not None:  # its workers may still count drops
+            self._gone_counting.append(zygote)
 
     def _on_booted(self, zygote: ZygoteProc) -> None:
         if zygote.state is not ZygoteState.BOOTING:  # retired while it booted
@@ -312,11 +325,8 @@ class Fleet:
             self._handle(zygote, zygote.receive()[0])
         zygote.state = ZygoteState.DEAD
         zygote.control.close()
-        if zygote.drops_fd is not None:
-            self._count_drops(zygote)
-            self.loop.unwatch(zygote.drops_fd)
-            os.close(zygote.drops_fd)
-            zygote.drops_fd = None
+        if zygote.drops_fd is not None:  # its workers may still count drops
+            self._gone_counting.append(zygote)
         if zygote.boot_timer is not None:
             zygote.boot_timer.cancel()
         self.events.on_zygote_gone(zygote)
@@ -377,6 +387,11 @@ class Fleet:
             self.events.on_zygote_gone(zygote)
         return zygote
 
+    def close(self) -> None:
+        """At the end: stop counting drops."""
+        for zygote in [*self.zygotes.values(), *self._gone_counting]:
+            self._close_drops(zygote)
+
     def kill_all(self) -> None:
         for zygote in self.zygotes.values():
             send_signal(zygote.pidfd, signal.SIGKILL)
@@ -406,4 +421,5 @@ def helper_threads(pid: int | None) -> list[str]:
         threads = native_threads(pid)
     except OSError:  # gone since
         return []
-    return sorted(name for tid, name in threads.items() if tid != pid)
+    # A thread a background function starts inherits its name: one each.
+    return sorted({name for tid, name in threads.items() if tid != pid})

@@ -40,7 +40,7 @@ from .linux import (
     send_signal,
     set_thread_name,
 )
-from .outbox import OUTBOX, REGISTRY, SEND_BUFFER, Background
+from .outbox import MAX_MESSAGE, OUTBOX, REGISTRY, SEND_BUFFER, Background
 from .protocol import Control, HelperExited, HelperStarted
 
 log = logging.getLogger("zygote.helper")
@@ -76,6 +76,10 @@ class Inbox:
             return False
         return True
 
+    def pending(self) -> int:
+        """Items waiting to be taken."""
+        return self._queue.qsize()
+
 
 def run(channel: int, lifeline: int) -> int:
     """The helper's whole life (call in the helper only): start every
@@ -90,8 +94,15 @@ def run(channel: int, lifeline: int) -> int:
         thread.daemon = True
         thread.start()
     log.info("helper running %d background functions", len(REGISTRY))
+
+    def stopping(signum: int, frame: object) -> None:
+        # What is already in the inboxes dies with this process: say how much.
+        OUTBOX.count_dropped(sum(inbox.pending() for inbox in inboxes.values()))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stopping)
     receiver = socket.socket(fileno=channel)
-    buffer = bytearray(SEND_BUFFER)
+    buffer = bytearray(MAX_MESSAGE)
     unknown: set[str] = set()
     # The zygote arms the lifeline (SIGIO) right after the fork; a hang-up
     # before that raised nothing, so the lifeline is watched here as well.
@@ -108,16 +119,18 @@ def run(channel: int, lifeline: int) -> int:
             size = receiver.recv_into(buffer, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
             continue
+        # Whatever a worker wrote, the helper carries on: a message that is
+        # not [name, item] with a name of ours is dropped and counted.
         try:
             name, item = msgpack.unpackb(memoryview(buffer)[:size], raw=False, strict_map_key=False)
+            target = inboxes.get(name) if isinstance(name, str) else None
         except Exception:
             log.warning("dropped a malformed background message (%d bytes)", size)
             OUTBOX.count_dropped(1)
             continue
-        target = inboxes.get(name)
         if target is None:
-            if name not in unknown:  # once per name, not per message
-                unknown.add(name)
+            if len(unknown) < 100 and repr(name) not in unknown:  # once per name
+                unknown.add(repr(name))
                 log.warning("dropped messages for %r: no background function takes them", name)
             OUTBOX.count_dropped(1)
         elif not target.put(item):
@@ -168,10 +181,14 @@ class Keeper:
         self.send = send
         receiving, sending = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         sending.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        # What the kernel granted (it doubles the request, capped by
+        # net.core.wmem_max); a datagram must fit in it with room to spare.
+        granted = sending.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        max_message = min(MAX_MESSAGE, granted // 2 - 4096)
         self.drops = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Workers inherit the sending end; the receiving end stays open here
         # too, so what they send while the helper restarts waits for it.
-        OUTBOX.attach(sending.detach(), self.drops)
+        OUTBOX.attach(sending.detach(), self.drops, max_message)
         self.channel = receiving.detach()
         self.pid = 0
         self.pidfd = -1
@@ -192,17 +209,27 @@ class Keeper:
 
     def start(self) -> None:
         self.due = None
-        lifeline = open_lifeline(self.lifeline_fd)
+        try:
+            lifeline = open_lifeline(self.lifeline_fd)
+        except OSError as exc:  # out of descriptors, say
+            self._failed(exc)
+            return
         try:
             pid = self.fork(lambda: run(self.channel, lifeline))
         except OSError as exc:
             os.close(lifeline)
-            log.error("cannot fork the helper: %s", exc)
-            self._later()
+            self._failed(exc)
             return
         arm_lifeline(lifeline, pid)  # before anything else: it must not outlive the supervisor
         os.close(lifeline)
-        self.pid, self.pidfd, self.started = pid, os.pidfd_open(pid), time.monotonic()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # it died already (lifeline cut?): kill and reap it
+            os.kill(pid, signal.SIGKILL)  # our unreaped child: its pid is its own
+            os.waitpid(pid, 0)
+            self._failed(OSError("the helper was gone before it could be watched"))
+            return
+        self.pid, self.pidfd, self.started = pid, pidfd, time.monotonic()
         self.restarts += 1
         self.poller.register(self.pidfd, select.POLLIN)
         self.send(HelperStarted(pid, self.restarts), (self.drops,))
@@ -222,11 +249,17 @@ class Keeper:
         )
         self.send(HelperExited(self.pid, status), ())
 
+    def _failed(self, exc: OSError) -> None:
+        """No helper this time: try again later, less and less often."""
+        self.delay = min(max(self.delay * 2, self.FIRST), self.CAP)
+        self.due = time.monotonic() + self.delay
+        log.error("cannot fork the helper (%s); trying again in %gs", exc, self.delay)
+
     def _later(self) -> None:
+        """After a helper died: at once if it had lived a while, else later
+        and later."""
         lived = time.monotonic() - self.started
-        self.delay = self.FIRST if not self.delay else min(self.delay * 2, self.CAP)
-        if lived > self.STABLE:
-            self.delay = 0.0
+        self.delay = 0.0 if lived > self.STABLE else min(max(self.delay * 2, self.FIRST), self.CAP)
         self.due = time.monotonic() + self.delay
 
     def stop(self, grace: float = 2.0) -> None:

@@ -32,8 +32,10 @@ from .linux import native_threads
 ORIGINS: dict[int, str] = {}
 
 #: Python thread -> (where its start() was called, the preload module being
-#: imported then), recorded by the wrapped `Thread.start`.
-STARTS: weakref.WeakKeyDictionary[threading.Thread, tuple[str, str]] = weakref.WeakKeyDictionary()
+#: imported then, what it runs), recorded by the wrapped `Thread.start`.
+STARTS: weakref.WeakKeyDictionary[threading.Thread, tuple[str, str, str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 #: the preload module being imported right now, if any
 importing = ""
@@ -136,12 +138,16 @@ def take(allow: Sequence[str] = ()) -> list[ThreadInfo]:
         found.append(_python_thread(thread, tid, frames, allow))
     # An ending one is out of threading.enumerate() before its OS thread is
     # gone; threading still knows it (weakly) as long as anyone holds it.
+    # Listed as what it was (a tid reused by a native thread would be
+    # mislabelled, but still listed: a fork with it is still guarded).
     try:
         ended = list(getattr(threading, "_dangling", ()))
     except RuntimeError:  # a thread was made while we copied: no matter
         ended = []
     for thread in ended:
-        natives.pop(thread.native_id, None)
+        if thread.native_id in natives and thread.native_id != me:
+            del natives[thread.native_id]
+            found.append(_python_thread(thread, thread.native_id, frames, allow))
     for tid, comm in sorted(natives.items()):
         if not os.path.exists(f"/proc/self/task/{tid}"):
             continue  # a Python thread that ended after /proc was read
@@ -163,7 +169,9 @@ def _python_thread(
     if frame is not None:
         code = frame.f_code
         where = f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
-    started_at, origin = STARTS.get(thread, ("", ""))
+    # What it runs, as noted at its start: a thread that has ended has
+    # forgotten its target by now.
+    started_at, origin, target = STARTS.get(thread, ("", "", ""))
     allowed = thread in hooks.FORK_SAFE_THREADS or _matches(thread.name, allow)
     return ThreadInfo(
         "python",
@@ -174,7 +182,7 @@ def _python_thread(
         where,
         origin=origin,
         allowed=allowed,
-        target=_target(thread),
+        target=target or _target(thread),
         started_at=started_at,
     )
 
@@ -273,10 +281,12 @@ def record_thread_starts(*, defer: bool = False) -> None:
 
     def start(self: threading.Thread) -> None:
         if _recording:
-            STARTS[self] = (start_site(), importing)
+            STARTS[self] = (start_site(), importing, _target(self))
             if _deferring and self.daemon:
-                if not any(thread is self for thread in DEFERRED):
-                    DEFERRED.append(self)
+                # A library that sees its thread "not alive" makes another
+                # (sentry-sdk, once per event): keep the newest one only.
+                DEFERRED[:] = [t for t in DEFERRED if not _same_thread(t, self)]
+                DEFERRED.append(self)
                 return
         _start(self)
 
@@ -289,6 +299,14 @@ def record_thread_starts(*, defer: bool = False) -> None:
 
     threading.Thread.start = start  # type: ignore[method-assign]
     threading.Thread.join = join  # type: ignore[method-assign]
+
+
+def _same_thread(a: threading.Thread, b: threading.Thread) -> bool:
+    """The same thread in all but identity: same name, same target."""
+    target = getattr(a, "_target", None)
+    return a is b or (
+        a.name == b.name and target is not None and target == getattr(b, "_target", None)
+    )
 
 
 def stop_deferring() -> None:
@@ -308,12 +326,8 @@ def start_deferred() -> None:
     at-fork hook) is not started twice."""
     running = [t for t in threading.enumerate() if t is not threading.current_thread()]
     for thread in DEFERRED:
-        target = getattr(thread, "_target", None)
-        if target is not None and any(
-            t.name == thread.name and getattr(t, "_target", None) == target for t in running
-        ):
-            continue
-        _start(thread)
+        if not any(_same_thread(t, thread) for t in running):
+            _start(thread)
 
 
 # -- the report ---------------------------------------------------------------

@@ -25,6 +25,7 @@ import inspect
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -40,9 +41,12 @@ REGISTRY: dict[str, Background[Any]] = {}
 
 #: A worker keeps at most this much unsent, then drops (and counts).
 PENDING_MESSAGES, PENDING_BYTES = 10_000, 4 << 20
-#: The socket's send buffer (the kernel caps it at net.core.wmem_max): all
-#: workers share it, and a small message takes about 1 KiB of it in flight.
+#: The socket's send buffer asked for (the kernel caps it at
+#: net.core.wmem_max, 208 KiB by default): all workers share it, and a small
+#: message takes about 1 KiB of it in flight. A message may take half of
+#: what was granted, at most 2 MiB.
 SEND_BUFFER = 4 << 20
+MAX_MESSAGE = 2 << 20
 
 
 class Background(Generic[R]):
@@ -98,18 +102,24 @@ def _parameters(func: Callable[..., Any]) -> int:
 
 
 class Outbox:
-    """The sending end in this process (a worker, the zygote, the helper)."""
+    """The sending end in this process (a worker, the zygote, the helper).
+    Safe to use from several threads of one process."""
 
     def __init__(self) -> None:
         self.fd: int | None = None  # the pair's sending end, once attached
         self.drops_fd: int | None = None  # an eventfd counting drops
+        self.max_message = 0  # what one datagram can carry here
         self._sock: socket.socket | None = None
         self._pending: collections.deque[bytes] = collections.deque()
         self._pending_bytes = 0
+        self._lock = threading.Lock()
+        # A thread of the zygote inside send() at a fork would leave the
+        # child this lock held.
+        os.register_at_fork(after_in_child=self._lock._at_fork_reinit)  # type: ignore[attr-defined]
 
-    def attach(self, fd: int, drops_fd: int) -> None:
-        self.fd, self.drops_fd = fd, drops_fd
-        self._sock = None
+    def attach(self, fd: int, drops_fd: int, max_message: int) -> None:
+        self.fd, self.drops_fd, self.max_message = fd, drops_fd, max_message
+        self._sock = socket.socket(fileno=os.dup(fd))  # closing it keeps `fd`
         self._pending.clear()
         self._pending_bytes = 0
 
@@ -120,41 +130,46 @@ class Outbox:
                 f"cannot send to background function {name}: this process is not a "
                 "zygote's worker (no helper to send to)"
             )
-        if len(data) > SEND_BUFFER // 2:
-            raise ValueError(f"a message of {len(data)} bytes is too big for a background inbox")
-        if self._pending:
-            self._flush_pending()
-        if not self._pending:
-            sent = self._send_now(data)
-            if sent is not None:
-                return sent
-        if (
-            len(self._pending) >= PENDING_MESSAGES
-            or self._pending_bytes + len(data) > PENDING_BYTES
-        ):
-            self.count_dropped(1)
-            return False
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        return True
+        if len(data) > self.max_message:
+            raise ValueError(
+                f"a message of {len(data)} bytes is too big for a background inbox "
+                f"(at most {self.max_message} here)"
+            )
+        with self._lock:
+            if self._pending:
+                self._flush_pending()
+            if not self._pending:
+                sent = self._send_now(data)
+                if sent is not None:
+                    return sent
+            if (
+                len(self._pending) >= PENDING_MESSAGES
+                or self._pending_bytes + len(data) > PENDING_BYTES
+            ):
+                self.count_dropped(1)
+                return False
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            return True
 
     def flush(self, timeout: float) -> None:
         """Send what waits, for at most `timeout` seconds; drop the rest."""
-        if not self._pending or self.fd is None:
-            return
-        deadline = time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self.fd, select.POLLOUT)
-        while self._pending:
-            self._flush_pending()
-            remaining = deadline - time.monotonic()
-            if not self._pending or remaining <= 0:
-                break
-            poller.poll(max(1, int(remaining * 1000)))
-        if self._pending:
-            self.count_dropped(len(self._pending))
-            self._pending.clear()
-            self._pending_bytes = 0
+        with self._lock:
+            if not self._pending or self.fd is None:
+                return
+            deadline = time.monotonic() + timeout
+            poller = select.poll()
+            poller.register(self.fd, select.POLLOUT)
+            while self._pending:
+                self._flush_pending()
+                remaining = deadline - time.monotonic()
+                if not self._pending or remaining <= 0:
+                    break
+                poller.poll(max(1, int(remaining * 1000)))
+            if self._pending:
+                self.count_dropped(len(self._pending))
+                self._pending.clear()
+                self._pending_bytes = 0
 
     def _flush_pending(self) -> None:
         while self._pending and self._send_now(self._pending[0]) is not None:
@@ -162,17 +177,16 @@ class Outbox:
 
     def _send_now(self, data: bytes) -> bool | None:
         """True if sent, None if the socket is full (try again later), False
-        if dropped: the helper is gone for good (its zygote retired)."""
-        if self._sock is None:
-            assert self.fd is not None
-            # A socket object of its own: closing it must not close the fd.
-            self._sock = socket.socket(fileno=os.dup(self.fd))
+        if dropped (and counted): the helper is gone for good (its zygote
+        retired: ECONNREFUSED, then ENOTCONN for everyone sharing the
+        socket), or the kernel will not take this datagram."""
+        assert self._sock is not None
         try:
             self._sock.send(data, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
-            if exc.errno != errno.ECONNREFUSED:
+            if exc.errno not in _GONE:
                 raise
             self.count_dropped(1)
             return False
@@ -184,6 +198,9 @@ class Outbox:
             # It fails only if the counter is full (2**64 - 2): we tried.
             with contextlib.suppress(OSError):
                 os.eventfd_write(self.drops_fd, count)
+
+
+_GONE = {errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno.EMSGSIZE, errno.ENOBUFS}
 
 
 #: This process's sending end.

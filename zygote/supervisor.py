@@ -141,6 +141,7 @@ class Supervisor:
         while self.fleet.zygotes and time.monotonic() < deadline:
             self.loop.run_once(0.05)
         self.fleet.kill_all()
+        self.fleet.close()
         self.router.close()
         self.context.term()
         if self.endpoint.startswith("ipc://"):
@@ -153,6 +154,7 @@ class Supervisor:
 
     def _housekeeping(self) -> None:
         self.loop.later(_HOUSEKEEPING, self._housekeeping)
+        self.fleet.forget_drops({worker.zygote.pid for worker in self.spawner.workers.values()})
         for record in self.store.expire():
             log.warning(
                 "result of %s (%s) expired: no client collected it", record.handle, record.task
