@@ -92,10 +92,11 @@ class ThreadInfo:
             )
         return (
             "The fork guards keep it out of logging, OpenSSL (ssl, hashlib, hmac) and the "
-            "resolver at each fork. For no thread in the zygote at all, run its loop as a "
-            "@zygote.background function (the helper process) or start it in each worker "
-            "(--thread-policy defer); or vouch for it with --allow-thread "
-            f"{self.name!r} or zygote.mark_fork_safe()."
+            "resolver at each fork; wrap anything else it locks in zygote.prevent_fork(). "
+            "For no thread in the zygote at all, run its loop as a @zygote.background "
+            "function (the helper process) or start it in each worker (--thread-policy "
+            f"defer); or vouch for it with --allow-thread {self.name!r} or "
+            "zygote.mark_fork_safe()."
         )
 
     def as_dict(self) -> dict[str, Any]:
