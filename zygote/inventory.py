@@ -328,6 +328,11 @@ def start_deferred() -> None:
     running = [t for t in threading.enumerate() if t is not threading.current_thread()]
     for thread in DEFERRED:
         if not any(_same_thread(t, thread) for t in running):
+            # Python 3.13+ marks every thread handle but the forking
+            # thread's as done in a child, started or not: give it a new one.
+            handle = getattr(thread, "_handle", None)
+            if handle is not None:
+                thread._handle = type(handle)()  # type: ignore[attr-defined]
             _start(thread)
 
 
