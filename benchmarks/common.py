@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PRELOAD = ("numpy", "pandas", "benchmarks.jobs")
@@ -87,6 +88,25 @@ def zygote_server(
             process.kill()
         log.close()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def interleaved(clients: dict[str, Any], n: int, pause: float) -> dict[str, list[float]]:
+    """Spawn->result of a no-op task on each client in turn, n rounds, the
+    order rotated every round and `pause` seconds after every sample (after
+    20 warm-up spawns each). Seconds per sample, by client name."""
+    for client in clients.values():
+        for _ in range(20):
+            client.spawn("benchmarks.jobs:noop").result()
+    samples: dict[str, list[float]] = {name: [] for name in clients}
+    order = list(clients.items())
+    for _ in range(n):
+        order.append(order.pop(0))  # rotate: no server always goes first
+        for name, client in order:
+            start = time.perf_counter()
+            client.spawn("benchmarks.jobs:noop").result()
+            samples[name].append(time.perf_counter() - start)
+            time.sleep(pause)
+    return samples
 
 
 def machine() -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import multiprocessing
 import os
@@ -33,9 +32,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 
+from examples import tls_server
 from zygote import TaskTimeout, Zygote, ZygoteError
 
 from .common import REPO, machine, percentile, zygote_server
@@ -46,21 +45,6 @@ VALIDATORS_OFF = [
     for arg in ("--disable-validator", name)
 ]
 IN_FLIGHT = 4
-
-
-@contextlib.contextmanager
-def tls_server() -> Iterator[str]:
-    """A local TLS echo server in its own process; yields SERVICE_TLS."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "examples.tls_server"], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stdout is not None
-        host, port, cafile = process.stdout.readline().split()
-        yield f"{host}:{port}:{cafile}"
-    finally:
-        process.kill()
-        process.wait()
 
 
 def run_zygote(
@@ -219,7 +203,7 @@ def service_scenario(args: argparse.Namespace) -> dict:
     baseline_n = args.baseline_n or (500 if tls_only else 200)
     task = "examples.service_threads:handle_job"
     report = {}
-    with tls_server() as address, tempfile.TemporaryDirectory() as logs:
+    with tls_server.running(REPO) as address, tempfile.TemporaryDirectory() as logs:
         env = {
             "SERVICE_TLS": address,
             "SERVICE_LOG": f"{logs}/service.log",

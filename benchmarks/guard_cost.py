@@ -21,12 +21,19 @@ import contextlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from zygote import Zygote
 
-from .common import PRELOAD, REPO, machine, preload_versions, summary, zygote_server
+from .common import (
+    PRELOAD,
+    REPO,
+    interleaved,
+    machine,
+    preload_versions,
+    summary,
+    zygote_server,
+)
 
 THREADED = (*PRELOAD, "benchmarks.idle_thread")
 VARIANTS: dict[str, tuple[list[str], tuple[str, ...]]] = {
@@ -47,7 +54,6 @@ def main() -> None:
     servers = {name: (options, preload, REPO) for name, (options, preload) in VARIANTS.items()}
     if args.before is not None:
         servers[BEFORE] = ([], PRELOAD, args.before.resolve())
-    samples: dict[str, list[float]] = {}
     with contextlib.ExitStack() as stack:
         clients = {}
         # The A servers start in order, the B servers in reverse order: a
@@ -61,18 +67,7 @@ def main() -> None:
                 )
             )
             clients[f"{name} ({copy})"] = stack.enter_context(Zygote(endpoint, timeout=60))
-        for client in clients.values():
-            for _ in range(20):
-                client.spawn("benchmarks.jobs:noop").result()
-        samples = {name: [] for name in clients}
-        order = list(clients.items())
-        for _ in range(args.n):
-            order.append(order.pop(0))  # rotate: no server always goes first
-            for name, client in order:
-                start = time.perf_counter()
-                client.spawn("benchmarks.jobs:noop").result()
-                samples[name].append(time.perf_counter() - start)
-                time.sleep(args.pause)
+        samples = interleaved(clients, args.n, args.pause)
     rows = {name: summary(values) for name, values in samples.items()}
     print(f"# {machine()}; {preload_versions()}; n={args.n}, pause {args.pause * 1000:g} ms")
     print(json.dumps(rows, indent=2))

@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import time
 
 from zygote import Zygote
 
-from .common import PRELOAD, machine, preload_versions, summary, zygote_server
+from .common import PRELOAD, interleaved, machine, preload_versions, summary, zygote_server
 
 OFF = [
     arg
@@ -40,7 +39,6 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.010)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with contextlib.ExitStack() as stack:
         clients = {}
         for name, (options, preload) in VARIANTS.items():
@@ -48,17 +46,7 @@ def main() -> None:
                 zygote_server("--max-workers", "2", *options, preload=preload)
             )
             clients[name] = stack.enter_context(Zygote(endpoint, timeout=60))
-        for client in clients.values():
-            for _ in range(20):
-                client.spawn("benchmarks.jobs:noop").result()
-        order = list(clients.items())
-        for _ in range(args.n):
-            order.append(order.pop(0))  # rotate: no variant always goes first
-            for name, client in order:
-                start = time.perf_counter()
-                client.spawn("benchmarks.jobs:noop").result()
-                samples[name].append(time.perf_counter() - start)
-                time.sleep(args.pause)
+        samples = interleaved(clients, args.n, args.pause)
     rows = {name: summary(values) for name, values in samples.items()}
     costs = {
         "thread-free": rows["thread-free, validators on"]["p50"]

@@ -64,6 +64,22 @@ class _Server(socketserver.ThreadingTCPServer):
         ), address
 
 
+@contextlib.contextmanager
+def running(cwd: str | os.PathLike[str] | None = None) -> Iterator[str]:
+    """This server in a process of its own for the block's duration; yields
+    its address as HOST:PORT:CAFILE (what examples.service_threads reads)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "examples.tls_server"], cwd=cwd, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        host, port, cafile = process.stdout.readline().split()
+        yield f"{host}:{port}:{cafile}"
+    finally:
+        process.kill()
+        process.wait(10)
+
+
 def main() -> None:
     with certificate() as (cert, key):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

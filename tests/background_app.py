@@ -65,6 +65,7 @@ def send_garbage() -> int:
 
 def send_after(path: str) -> list[bool]:
     """Wait for `path` to exist (the test reforks meanwhile), then send."""
-    while not os.path.exists(path):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
     return [collector.send({"late": n}) for n in range(3)]

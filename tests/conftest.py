@@ -20,6 +20,7 @@ import psutil
 import pytest
 import zmq
 
+import examples.tls_server
 from zygote import Zygote
 from zygote.errors import ZygoteError
 
@@ -178,16 +179,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture(scope="session")
 def tls_server() -> Iterator[str]:
     """A local TLS echo server (examples.tls_server), as HOST:PORT:CAFILE."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "examples.tls_server"], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stdout is not None
-        host, port, cafile = process.stdout.readline().split()
-        yield f"{host}:{port}:{cafile}"
-    finally:
-        process.kill()
-        process.wait(10)
+    with examples.tls_server.running(REPO) as address:
+        yield address
 
 
 @pytest.fixture

@@ -37,13 +37,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .gate import GATE, thread_name
+from .hooks import _Lock
 
 __all__ = ["NOTHING", "Held", "hold", "repair_streams"]
-
-
-class _Lock(Protocol):
-    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
-    def release(self) -> None: ...
 
 
 #: Waiting on one lock while holding others is bounded by this slice; past

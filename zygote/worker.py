@@ -254,7 +254,7 @@ def run_before_exit(hooks_: list[Callable[[], object]], timeout: float) -> None:
         signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
             for hook in hooks_:
-                name = _hook_name(hook)
+                name = hooks._name(hook)
                 try:
                     hook()
                 except ExitTimeout:
@@ -269,11 +269,6 @@ def run_before_exit(hooks_: list[Callable[[], object]], timeout: float) -> None:
         )
     finally:
         signal.signal(signal.SIGALRM, previous)
-
-
-def _hook_name(func: Callable[[], object]) -> str:
-    module = getattr(func, "__module__", None) or "?"
-    return f"{module}:{getattr(func, '__qualname__', repr(func))}"
 
 
 def _write_all(fd: int, data: bytes) -> None:
