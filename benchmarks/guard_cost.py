@@ -84,7 +84,7 @@ def main() -> None:
 _GATED_CALL = """
 import hashlib, timeit
 raw = hashlib.sha256
-from zygote import gate
+from zygote.child import gate
 gate.install()
 gated = hashlib.sha256
 def best(f):

@@ -55,7 +55,7 @@ def send_garbage() -> int:
     """A worker that writes what send() never would: [[1], 2], not msgpack."""
     import msgpack
 
-    from zygote.outbox import OUTBOX
+    from zygote.child.outbox import OUTBOX
 
     assert OUTBOX.fd is not None
     for data in (msgpack.packb([[1], 2]), b"\xc1 not msgpack", msgpack.packb(3)):

@@ -10,7 +10,8 @@ import threading
 import pytest
 
 import zygote
-from zygote import gate, hooks, inventory, validators
+from zygote import hooks
+from zygote.child import gate, inventory, validators
 
 
 @pytest.fixture
@@ -158,7 +159,7 @@ def test_a_closing_gate_holds_new_visitors_back() -> None:
 def test_gated_functions_behave_as_before() -> None:
     """In a fresh interpreter, as in a zygote: the gate first, then imports."""
     code = (
-        "from zygote import gate\n"
+        "from zygote.child import gate\n"
         "gate.install()\n"
         "import hashlib, hmac, socket, ssl\n"
         "from hashlib import sha256\n"
@@ -205,7 +206,7 @@ def test_stdio_probe_finds_a_stdout_nobody_reads() -> None:
         "    while True: os.write(w, b'x' * 65536)\n"
         "except BlockingIOError: pass\n"
         "os.dup2(w, 1)\n"
-        "from zygote import validators\n"
+        "from zygote.child import validators\n"
         "try:\n"
         "    validators.stdio()\n"
         "except RuntimeError as exc:\n"
@@ -222,7 +223,7 @@ def test_resolver_and_openssl_probes_pass_here() -> None:
 
 
 def test_openssl_probe_not_offered_without_openssl() -> None:
-    code = "from zygote import validators; print(sorted(validators.builtin()))"
+    code = "from zygote.child import validators; print(sorted(validators.builtin()))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -12,9 +12,9 @@ import time
 
 import psutil
 
-from zygote.children import Worker
-from zygote.loop import EventLoop
-from zygote.pool import ReadyPool
+from zygote.server.children import Worker
+from zygote.server.loop import EventLoop
+from zygote.server.pool import ReadyPool
 
 from .conftest import Server, wait_until, zygote_cli
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from zygote.store import ResultStore
-from zygote.timers import Timers
+from zygote.server.store import ResultStore
+from zygote.server.timers import Timers
 
 
 class Clock:
@@ -173,7 +173,7 @@ def test_timers_fire_in_order_and_cancel() -> None:
 def test_event_loop_survives_a_failing_handler(caplog) -> None:
     import socket
 
-    from zygote.loop import EventLoop
+    from zygote.server.loop import EventLoop
 
     loop = EventLoop()
     a, b = socket.socketpair()

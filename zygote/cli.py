@@ -177,7 +177,7 @@ def start(**options: Any) -> None:
     except TypeError as exc:
         raise click.UsageError(f"bad setting: {exc}") from None
     try:
-        from .supervisor import EXIT_CONFIG, Supervisor
+        from .server.supervisor import EXIT_CONFIG, Supervisor
     except ImportError as exc:  # zygote.linux refuses other platforms
         raise click.ClickException(str(exc)) from None
     handler = logging.StreamHandler()

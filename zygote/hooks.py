@@ -14,8 +14,8 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-from .gate import GATE
-from .outbox import background
+from .child.gate import GATE
+from .child.outbox import background
 
 __all__ = [
     "after_fork",

@@ -16,18 +16,14 @@ import socket
 import time
 from typing import Any, Protocol
 
-from .children import Job, JobState, PoolFork, Worker, ZygoteProc
-from .codec import (
+from ..codec import (
     FrameDecoder,
     encode,
     frame,
 )
-from .config import ServerConfig
-from .fleet import Fleet
-from .linux import describe_wait_status, send_signal
-from .loop import EventLoop
-from .pool import ReadyPool
-from .protocol import (
+from ..config import ServerConfig
+from ..linux import describe_wait_status, send_signal
+from ..protocol import (
     LOST,
     SHUTTING_DOWN,
     SPAWN_FAILED,
@@ -40,6 +36,10 @@ from .protocol import (
     Result,
     Task,
 )
+from .children import Job, JobState, PoolFork, Worker, ZygoteProc
+from .fleet import Fleet
+from .loop import EventLoop
+from .pool import ReadyPool
 from .store import Record
 from .tracker import Tracker
 

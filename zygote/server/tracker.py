@@ -15,12 +15,12 @@ from typing import Protocol
 
 import zmq
 
+from ..codec import decode_channel
+from ..config import ServerConfig, signal_by_name
+from ..linux import child_pids, kill_child
+from ..protocol import Message, Phase, ProtocolError, Ready, Result, ValidatorFailed
 from .children import Worker, ZygoteProc
-from .codec import decode_channel
-from .config import ServerConfig, signal_by_name
-from .linux import child_pids, kill_child
 from .loop import EventLoop
-from .protocol import Message, Phase, ProtocolError, Ready, Result, ValidatorFailed
 
 log = logging.getLogger("zygote.supervisor")
 

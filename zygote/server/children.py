@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codec import FrameDecoder, decode_control
-from .linux import describe_wait_status, send_signal, wait_status_parts
-from .protocol import Control, Forked, ProtocolError, Spawn
+from ..codec import FrameDecoder, decode_control
+from ..linux import describe_wait_status, send_signal, wait_status_parts
+from ..protocol import Control, Forked, ProtocolError, Spawn
 from .store import Record
 from .timers import Timer
 
@@ -112,7 +112,7 @@ class ZygoteProc:
         itself: it has ZeroMQ's threads, and it must not carry their state."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         code = (
-            "import sys; from zygote.zygote import main; "
+            "import sys; from zygote.child.forkserver import main; "
             "main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))"
         )
         argv = [sys.executable, "-c", code, str(theirs.fileno()), str(lifeline_fd)]

@@ -19,14 +19,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .children import ZygoteProc, ZygoteState
-from .codec import (
+from ..codec import (
     encode,
 )
-from .config import ServerConfig
-from .linux import describe_wait_status, native_threads, send_signal
-from .loop import EventLoop
-from .protocol import (
+from ..config import ServerConfig
+from ..linux import describe_wait_status, native_threads, send_signal
+from ..protocol import (
     Boot,
     Booted,
     BootFailed,
@@ -38,6 +36,8 @@ from .protocol import (
     Reaped,
     Threads,
 )
+from .children import ZygoteProc, ZygoteState
+from .loop import EventLoop
 from .timers import Timer
 
 log = logging.getLogger("zygote.supervisor")

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import hooks
-from .linux import native_threads
+from .. import hooks
+from ..linux import native_threads
 
 #: native thread id -> the preload module whose import started it. Native
 #: threads rarely have telling names (OpenBLAS's are called "python"), so
@@ -213,7 +213,8 @@ _STDLIB = tuple(
     os.path.realpath(p) + os.sep
     for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}
 )
-_OWN = os.path.dirname(os.path.realpath(__file__)) + os.sep
+# The whole zygote package, hooks.py included, not just this room of it.
+_OWN = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep
 
 
 def _library_frame(filename: str) -> bool:

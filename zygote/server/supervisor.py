@@ -25,18 +25,15 @@ from typing import Any
 
 import zmq
 
-from . import __version__
-from .children import Job
-from .codec import (
+from .. import __version__
+from ..codec import (
     decode_request,
     encode,
     request_id,
 )
-from .config import ConfigError, ServerConfig, ensure_private_dir, runtime_dir
-from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
-from .linux import set_child_subreaper, signal_name
-from .loop import EventLoop
-from .protocol import (
+from ..config import ConfigError, ServerConfig, ensure_private_dir, runtime_dir
+from ..linux import set_child_subreaper, signal_name
+from ..protocol import (
     BUSY,
     SHUTTING_DOWN,
     SPAWN_FAILED,
@@ -55,6 +52,9 @@ from .protocol import (
     Stats,
     Stop,
 )
+from .children import Job
+from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
+from .loop import EventLoop
 from .spawner import Spawner
 from .store import Envelope, Record, ResultStore
 

@@ -23,17 +23,16 @@ from typing import Any
 
 import msgpack
 
-from . import hooks
-from .codec import (
+from .. import hooks
+from ..codec import (
     FrameDecoder,
     decode_channel,
     encode,
     frame,
     ok_result_prefix,
 )
-from .linux import lifeline_cut
-from .outbox import OUTBOX
-from .protocol import (
+from ..linux import lifeline_cut
+from ..protocol import (
     EXITED,
     RAISED,
     Go,
@@ -43,6 +42,7 @@ from .protocol import (
     Task,
     ValidatorFailed,
 )
+from .outbox import OUTBOX
 
 log = logging.getLogger("zygote.worker")
 
@@ -55,7 +55,7 @@ def _idle() -> None:
     """What a pool child runs to warm up its task path."""
 
 
-_WARM_UP = frame(encode(Task("warm-up", "zygote.worker:_idle", msgpack.packb([[], {}]))))
+_WARM_UP = frame(encode(Task("warm-up", "zygote.child.worker:_idle", msgpack.packb([[], {}]))))
 
 # Exit code of a child whose handover never completed (its zygote died
 # before the supervisor got the channel): it ran nothing.

@@ -5,7 +5,7 @@ This is pthread_atfork's discipline, applied from Python. Right before a fork
 (only when the zygote has other threads: with none, nothing can be held) the
 zygote takes
 
-* the fork gate (`zygote.gate`) exclusively: no thread is inside OpenSSL,
+* the fork gate (`zygote.child.gate`) exclusively: no thread is inside OpenSSL,
   the resolver or a `prevent_fork()` section;
 * the logging module's lock and every handler's lock: a thread inside
   `Handler.handle` (an emit, a rollover, the stream's buffer lock under it)
@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..hooks import _Lock
 from .gate import GATE, thread_name
-from .hooks import _Lock
 
 __all__ = ["NOTHING", "Held", "hold", "repair_streams"]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import msgpack
 
-from .linux import (
+from ..linux import (
     arm_lifeline,
     describe_wait_status,
     lifeline_cut,
@@ -40,8 +40,8 @@ from .linux import (
     send_signal,
     set_thread_name,
 )
+from ..protocol import Control, HelperExited, HelperStarted
 from .outbox import MAX_MESSAGE, OUTBOX, REGISTRY, SEND_BUFFER, Background
-from .protocol import Control, HelperExited, HelperStarted
 
 log = logging.getLogger("zygote.helper")
 

@@ -25,15 +25,14 @@ import warnings
 from collections.abc import Callable
 from typing import NoReturn
 
-from . import gate, guards, helper, hooks, inventory, outbox, validators, worker
-from .codec import (
+from .. import hooks
+from ..codec import (
     decode_control,
     encode,
 )
-from .config import LOG_FORMAT
-from .inventory import ThreadInfo
-from .linux import arm_lifeline, native_threads, open_lifeline, set_parent_death_signal
-from .protocol import (
+from ..config import LOG_FORMAT
+from ..linux import arm_lifeline, native_threads, open_lifeline, set_parent_death_signal
+from ..protocol import (
     Boot,
     Booted,
     BootFailed,
@@ -45,6 +44,8 @@ from .protocol import (
     Reaped,
     Threads,
 )
+from . import gate, guards, helper, inventory, outbox, validators, worker
+from .inventory import ThreadInfo
 
 log = logging.getLogger("zygote.zygote")
 
@@ -53,7 +54,7 @@ log = logging.getLogger("zygote.zygote")
 _CONTROL_BUFFER = 1 << 17
 
 
-class Zygote:
+class ForkServer:
     """Serves fork requests from the supervisor until its control socket closes.
 
     It installs no Python signal handler: children are reaped through pidfds in
@@ -397,7 +398,7 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
         if inventory.DEFERRED:
             names = ", ".join(repr(thread.name) for thread in inventory.DEFERRED)
             log.info("deferred to each worker: the start of threads %s", names)
-        server = Zygote(control, lifeline_fd, boot)
+        server = ForkServer(control, lifeline_fd, boot)
     except BaseException:
         control.sendall(encode(BootFailed(traceback.format_exc())))
         os._exit(1)
