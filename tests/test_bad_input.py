@@ -56,6 +56,9 @@ def _spawn_body(**override) -> dict:
         (msgpack.packb(_spawn_body(task=5)), "bad_request", "'task'"),
         (msgpack.packb(_spawn_body(payload="not bytes")), "bad_request", "'payload'"),
         (msgpack.packb(_spawn_body(task="no colon")), "bad_request", "package.module:function"),
+        # The whole name must match: a regex "$" also matches before a final newline.
+        (msgpack.packb(_spawn_body(task="tests.tasks:add\n")), "bad_request", "package.module"),
+        (msgpack.packb(_spawn_body(handle="job-1\n")), "bad_request", "handle"),
         (msgpack.packb(_spawn_body(timeout=-1)), "bad_request", "timeout"),
         (msgpack.packb(_spawn_body(env={"A": 1})), "bad_request", "'env'"),
         # The server's own names (ready-pool forks, raw clients' jobs) have a ":".
@@ -84,7 +87,21 @@ def test_error_reply_carries_request_id_when_readable(server: Server, raw) -> No
 def test_multi_frame_message_is_dropped_and_logged(server: Server, raw) -> None:
     raw.send_multipart([b"a", b"b", b"c"])
     _still_serves(server)
-    assert "dropped a 4-frame message" in server.log()
+    assert "a 4-frame message: one frame expected" in server.log()
+
+
+def test_a_flood_of_bad_messages_is_logged_once_per_interval(server: Server, raw) -> None:
+    # 10,000 bad frames once gave 9,200 WARNING lines; every one is still
+    # answered and counted.
+    flood = 2000
+    for _ in range(flood):
+        raw.send(b"\xc1")
+    for _ in range(flood):
+        assert decode_reply(raw.recv()).code == "bad_request"
+    _still_serves(server)
+    assert server.stats()["rejected_messages"] == flood
+    lines = [line for line in server.log().splitlines() if "rejected a message" in line]
+    assert len(lines) == 1, lines  # the next report comes 10 s later, with a count
 
 
 def test_oversized_message_gets_too_large(start_server) -> None:

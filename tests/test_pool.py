@@ -12,7 +12,8 @@ import time
 
 import psutil
 
-from zygote.server.children import Worker
+from zygote.server.children import Child
+from zygote.server.lifecycle import ChildState, Slots
 from zygote.server.loop import EventLoop
 from zygote.server.pool import ReadyPool
 
@@ -158,21 +159,23 @@ def test_a_pool_child_that_died_is_not_handed_a_task() -> None:
     os.close(first)
     a, b = socket.socketpair()
     current = object()
-    worker = Worker(process.pid, pidfd, a, None, current, 0.0)  # type: ignore[arg-type]
-    retired: list[Worker] = []
-    forks: list[object] = []
+    child = Child("pool:1", current, Slots(1))  # type: ignore[arg-type]
+    child.forked(process.pid, pidfd, a, 1 << 20)
+    child.move(ChildState.IDLE)
+    retired: list[Child] = []
+    forks: list[str] = []
     loop = EventLoop()
-    pool = ReadyPool(1, loop, lambda fork: forks.append(fork) is None, retired.append)
+    pool = ReadyPool(1, loop, lambda name: forks.append(name), retired.append)  # type: ignore[func-returns-value]
     try:
-        assert worker.running()
+        assert child.running()
         process.kill()
         death = select.poll()
         death.register(pidfd, select.POLLIN)
         assert death.poll(10_000), "the child did not die"
-        assert worker.alive and not worker.running()  # not reaped, not handled yet
-        pool.ready.append(worker)
+        assert child.alive and not child.running()  # not reaped, not handled yet
+        pool.ready.append(child)
         assert pool.take(current) is None  # type: ignore[arg-type]
-        assert retired == [worker]
+        assert retired == [child]
         deadline = time.monotonic() + 5
         while not forks and time.monotonic() < deadline:
             loop.run_once(0.1)  # until the refill timer is due

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import select
 import sys
@@ -15,7 +14,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import LOG_FORMAT, ConfigError, ServerConfig, load_toml
+from .config import ConfigError, ServerConfig, load_toml, setup_logging
 from .errors import ServerUnavailable, TaskError, ZygoteError, ZygoteTimeout
 
 _DEFAULTS = ServerConfig(endpoint="ipc://(default)")
@@ -180,11 +179,7 @@ def start(**options: Any) -> None:
         from .server.supervisor import EXIT_CONFIG, Supervisor
     except ImportError as exc:  # zygote.linux refuses other platforms
         raise click.ClickException(str(exc)) from None
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logger = logging.getLogger("zygote")
-    logger.addHandler(handler)
-    logger.setLevel(config.log_level)
+    logger = setup_logging(config.log_level)
     try:
         code = Supervisor(config).run()
     except ConfigError as exc:

@@ -38,18 +38,16 @@ from .errors import (
     ZygoteError,
     ZygoteTimeout,
 )
-from .handle import ExitInfo, Handle
+from .handle import Delivery, ExitInfo, Handle
 from .protocol import (
-    BUSY,
     DEFAULT_MAX_MESSAGE_BYTES,
     LOST,
-    SHUTTING_DOWN,
-    SPAWN_FAILED,
-    UNKNOWN_HANDLE,
     Attach,
     Collected,
     Error,
+    ErrorCode,
     Exited,
+    Kill,
     Message,
     Ok,
     Ping,
@@ -61,6 +59,7 @@ from .protocol import (
     Stats,
     Stop,
     check_task_name,
+    spawn_size,
 )
 
 __all__ = ["ExitInfo", "Handle", "Zygote"]
@@ -108,7 +107,9 @@ class Zygote:
         self._collected_after: int | None = None
         self._replies: dict[int, Message | Handle] = {}
         self._abandoned: set[int] = set()
-        self._handles: weakref.WeakValueDictionary[str, Handle] = weakref.WeakValueDictionary()
+        # What the server pushed for each job a handle still follows.
+        self._deliveries: weakref.WeakValueDictionary[str, Delivery] = weakref.WeakValueDictionary()
+        self._link = _HandleLink(self)
         self._server: str | None = None
         self._max_message = DEFAULT_MAX_MESSAGE_BYTES
         self._max_workers: int | None = None
@@ -261,13 +262,12 @@ class Zygote:
         if env is not None:
             env = {str(k): str(v) for k, v in env.items()}
         cwd = os.fspath(cwd) if cwd is not None else None
-        size = len(payload) + len(task) + len(cwd or "")
-        size += sum(len(k) + len(v) for k, v in (env or {}).items())
+        size = spawn_size(task, payload, env, cwd)
         if size > 65536 and self._server is None:
             # Too big to guess: the server drops (and disconnects) anything
             # past its limit without a word, so learn the limit first.
             self._wait(lambda: self._server is not None, self.timeout or 10.0)
-        if size + 1024 > self._max_message:
+        if size > self._max_message:
             raise ValueError(
                 f"a request of {size} bytes (arguments and environment) exceeds the "
                 f"server's limit of {self._max_message}: pass a file path instead"
@@ -357,22 +357,19 @@ class Zygote:
                 raise ZygoteError(f"the server at {self.endpoint} sent garbage: {exc}") from None
             self._take(msg)
 
-    def _confirm(self, handle: Handle) -> None:
-        """The result of `handle` has reached user code: the server may forget it."""
-        if handle._collected or self._socket.closed:
+    def _confirm(self, handle_id: str, delivery: Delivery) -> None:
+        """The result of a job has reached user code: the server may forget it."""
+        if delivery.collected or self._socket.closed:
             return
-        handle._collected = True
-        self._socket.send(encode(Collected([handle.id])))
+        delivery.collected = True
+        self._socket.send(encode(Collected([handle_id])))
         self._collected_after = self._last_req
 
     def _take(self, msg: Message) -> None:
         if isinstance(msg, (Result, Exited)):
-            handle = self._handles.get(msg.handle)
-            if handle is not None:
-                if isinstance(msg, Result):
-                    handle._result = handle._result or msg
-                else:
-                    handle._exited = msg
+            delivery = self._deliveries.get(msg.handle)
+            if delivery is not None:
+                delivery.take(msg)
             elif isinstance(msg, Result) and msg.handle in self._unwanted:
                 self._unwanted.discard(msg.handle)
                 self._socket.send(encode(Collected([msg.handle])))
@@ -382,14 +379,13 @@ class Zygote:
         if isinstance(msg, Ok) and "server" in msg.info:
             self._learn(msg.info)
         followed = self._followed.pop(req, None)
-        if followed is not None and isinstance(msg, Error) and msg.code == UNKNOWN_HANDLE:
+        if followed is not None and isinstance(msg, Error) and msg.code == ErrorCode.UNKNOWN_HANDLE:
             self._forgotten(followed, msg.message)
         reply: Message | Handle = msg
         if isinstance(msg, Spawned):
-            reply = self._handles.get(msg.handle) or Handle(
-                self, msg.handle, msg.pid, msg.generation, msg.warnings
-            )
-            self._handles[msg.handle] = reply
+            delivery = self._deliveries.get(msg.handle) or Delivery(msg.pid)
+            self._deliveries[msg.handle] = delivery
+            reply = Handle(self._link, msg.handle, msg.pid, msg.generation, msg.warnings, delivery)
             spawn = self._spawns.pop(msg.handle, None)
             if spawn is not None and spawn[0] != req:
                 # The answer to a probe, for a spawn whose own reply was lost
@@ -413,8 +409,9 @@ class Zygote:
             self._abandoned.add(req)
         handle_id = self._handle_for(req)
         spawned = self._spawns.pop(handle_id, None) is not None
-        if isinstance(reply, Handle) and reply._result is not None:
-            self._confirm(reply)  # its result came with it, unseen
+        delivery = self._deliveries.get(reply.id) if isinstance(reply, Handle) else None
+        if isinstance(reply, Handle) and delivery is not None and delivery.result is not None:
+            self._confirm(reply.id, delivery)  # its result came with it, unseen
         elif spawned or isinstance(reply, Handle):
             self._unwanted.add(handle_id)
 
@@ -448,12 +445,13 @@ class Zygote:
             req, make = spawn
             self._socket.send(encode(make(req)))
             return
-        handle = self._handles.get(handle_id)
-        if handle is not None:
-            lost = Result(handle_id, LOST, message=f"the server lost track of this job: {why}")
-            handle._result = handle._result or lost
-            if handle._exited is None:
-                handle._exited = Exited(handle_id, handle.pid, None, None, f"unknown: {why}", 0.0)
+        delivery = self._deliveries.get(handle_id)
+        if delivery is not None:
+            delivery.take(
+                Result(handle_id, LOST, message=f"the server lost track of this job: {why}")
+            )
+            if delivery.exited is None:
+                delivery.take(Exited(handle_id, delivery.pid, None, None, f"unknown: {why}", 0.0))
 
     def _server_max_workers(self) -> int:
         if self._max_workers is None:
@@ -462,13 +460,39 @@ class Zygote:
         return self._max_workers
 
 
+class _HandleLink:
+    """The client as its handles see it (`handle.Link`)."""
+
+    def __init__(self, client: Zygote) -> None:
+        self._client = client
+
+    def poll(self) -> None:
+        self._client._receive_ready()
+
+    def wait_for(self, done: Callable[[], bool], timeout: float | None, follow: str) -> None:
+        self._client._wait(done, timeout, follow)
+
+    def confirm(self, handle_id: str, delivery: Delivery) -> None:
+        self._client._confirm(handle_id, delivery)
+
+    def kill(self, handle_id: str, signal: int) -> bool:
+        client = self._client
+        try:
+            client._call(lambda req: Kill(req, handle_id, signal), client.timeout)
+        except (ZygoteTimeout, ServerUnavailable):
+            raise
+        except ZygoteError:  # the server's answer: no running worker
+            return False
+        return True
+
+
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _error(reply: Error) -> ZygoteError:
-    if reply.code == BUSY:
+    if reply.code == ErrorCode.BUSY:
         return ServerBusy(reply.message, reply.reasons)
-    if reply.code in (SPAWN_FAILED, SHUTTING_DOWN):
+    if reply.code in (ErrorCode.SPAWN_FAILED, ErrorCode.SHUTTING_DOWN):
         return SpawnError(reply.message, reply.reasons)
     return ZygoteError(f"{reply.code}: {reply.message}")

@@ -238,6 +238,10 @@ def frame(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
+#: The one-frame go-ahead to a child whose task came with its fork request.
+GO_FRAME = frame(encode(Go()))
+
+
 class FrameDecoder:
     """Splits a byte stream into length-prefixed frames; no I/O.
 
@@ -262,7 +266,9 @@ class FrameDecoder:
             end = start + HEADER_SIZE + size
             if len(buf) < end:
                 break
-            frames.append(bytes(buf[start + HEADER_SIZE : end]))
+            # One copy out of the buffer (slicing the bytearray would make two).
+            with memoryview(buf) as view:
+                frames.append(bytes(view[start + HEADER_SIZE : end]))
             start = end
         del buf[:start]
         return frames

@@ -26,10 +26,22 @@ __all__ = [
     "default_endpoint",
     "load_toml",
     "runtime_dir",
+    "setup_logging",
 ]
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s zygote[%(process)d] %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> logging.Logger:
+    """Send the `zygote` logger's records to stderr, one line each, in the
+    server's format: once per process (the supervisor, each zygote)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger = logging.getLogger("zygote")
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    return logger
 
 
 #: Settings that existed once: a config file naming one still loads.

@@ -7,25 +7,20 @@ A handle holds what the server pushed for its job (the `Result`, then the
 from __future__ import annotations
 
 import signal as _signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgpack
 
 from .errors import (
-    ServerUnavailable,
     TaskError,
     TaskTimeout,
     WorkerLost,
-    ZygoteError,
-    ZygoteTimeout,
 )
-from .protocol import EXITED, LOST, OK, RAISED, Exited, Kill, Result
+from .protocol import EXITED, LOST, OK, RAISED, Exited, Result
 
-if TYPE_CHECKING:
-    from .client import Zygote
-
-__all__ = ["ExitInfo", "Handle"]
+__all__ = ["Delivery", "ExitInfo", "Handle", "Link"]
 
 
 @dataclass(frozen=True)
@@ -42,31 +37,68 @@ class ExitInfo:
     maxrss_kb: int
 
 
+@dataclass(eq=False)
+class Delivery:
+    """What the server pushed for one job. The client writes it as messages
+    arrive; the job's handles read it."""
+
+    pid: int
+    result: Result | None = None
+    exited: Exited | None = None
+    collected: bool = False  # the server was told it may forget the result
+
+    def take(self, msg: Result | Exited) -> None:
+        if isinstance(msg, Result):
+            self.result = self.result or msg  # the first word stands
+        else:
+            self.exited = msg
+
+
+class Link(Protocol):
+    """What a handle needs from the client it came from."""
+
+    def poll(self) -> None:
+        """Take in whatever has arrived, without blocking."""
+
+    def wait_for(self, done: Callable[[], bool], timeout: float | None, follow: str) -> None:
+        """Take in messages until `done()`, probing the server about `follow`."""
+
+    def confirm(self, handle_id: str, delivery: Delivery) -> None:
+        """The result has reached user code: the server may forget it."""
+
+    def kill(self, handle_id: str, signal: int) -> bool:
+        """Signal the job's worker; False if it no longer runs."""
+
+
 class Handle:
     """One spawned job. Made by `Zygote.spawn()` or `Zygote.attach()`."""
 
     def __init__(
-        self, client: Zygote, id: str, pid: int, generation: int, warnings: list[str]
+        self,
+        link: Link,
+        id: str,
+        pid: int,
+        generation: int,
+        warnings: list[str],
+        delivery: Delivery,
     ) -> None:
         self.id = id
         self.pid = pid
         self.generation = generation
         #: fork-safety warnings the zygote attached to this spawn
         self.warnings = warnings
-        self._client = client
-        self._result: Result | None = None
-        self._exited: Exited | None = None
-        self._collected = False  # the server was told it may forget the result
+        self._link = link
+        self._delivery = delivery
 
     def __repr__(self) -> str:
-        state = "done" if self._result is not None else "running"
+        state = "done" if self._delivery.result is not None else "running"
         return f"<Handle {self.id} pid={self.pid} generation={self.generation} {state}>"
 
     def done(self) -> bool:
         """True once the result is known (never blocks)."""
-        if self._result is None:
-            self._client._receive_ready()
-        return self._result is not None
+        if self._delivery.result is None:
+            self._link.poll()
+        return self._delivery.result is not None
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's return value; raises TaskError, WorkerLost, TaskTimeout,
@@ -74,20 +106,22 @@ class Handle:
 
         The server keeps a result until `result()` or `wait()` has returned
         it here; a handle dropped unread leaves it there for `attach()`."""
-        if self._result is None:
-            self._client._wait(lambda: self._result is not None, timeout, follow=self.id)
-        assert self._result is not None
-        self._client._confirm(self)
-        return _outcome(self._result)
+        delivery = self._delivery
+        if delivery.result is None:
+            self._link.wait_for(lambda: delivery.result is not None, timeout, self.id)
+        assert delivery.result is not None
+        self._link.confirm(self.id, delivery)
+        return _outcome(delivery.result)
 
     def wait(self, timeout: float | None = None) -> ExitInfo:
         """Wait for the worker process to end; its exit status and usage."""
-        if self._exited is None:
-            self._client._wait(lambda: self._exited is not None, timeout, follow=self.id)
-        e = self._exited
+        delivery = self._delivery
+        if delivery.exited is None:
+            self._link.wait_for(lambda: delivery.exited is not None, timeout, self.id)
+        e = delivery.exited
         assert e is not None
-        if self._result is not None:
-            self._client._confirm(self)
+        if delivery.result is not None:
+            self._link.confirm(self.id, delivery)
         return ExitInfo(
             e.pid,
             e.exit_code,
@@ -101,13 +135,7 @@ class Handle:
 
     def kill(self, signal: int = _signal.SIGTERM) -> bool:
         """Send `signal` to the worker; False if it is no longer running."""
-        try:
-            self._client._call(lambda req: Kill(req, self.id, int(signal)), self._client.timeout)
-        except (ZygoteTimeout, ServerUnavailable):
-            raise
-        except ZygoteError:  # the server's answer: no running worker
-            return False
-        return True
+        return self._link.kill(self.id, int(signal))
 
 
 def _outcome(result: Result) -> Any:

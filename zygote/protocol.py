@@ -20,6 +20,7 @@ Four conversations use this module:
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,15 +31,31 @@ PROTOCOL_VERSION = 1
 #: slack is derived from it). Big inputs belong in files, not in messages.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
-_TASK_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+# Matched with fullmatch(): "$" would also match before a trailing newline.
+_TASK_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _MAX_TASK_LEN = 512
-_HANDLE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HANDLE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class ErrorCode(enum.StrEnum):
+    """The `code` of an `Error` reply. On the wire a plain string: a client
+    meets codes newer than it knows as strings, and says them as they are."""
+
+    BAD_REQUEST = "bad_request"  # malformed: not msgpack, a field missing or wrong
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_KIND = "unknown_kind"
+    TOO_LARGE = "too_large"
+    BUSY = "busy"  # every worker slot taken and the queue full: try again later
+    SPAWN_FAILED = "spawn_failed"  # no healthy worker could be made, or refused
+    SHUTTING_DOWN = "shutting_down"
+    UNKNOWN_HANDLE = "unknown_handle"  # no such job (or one long gone)
+    INTERNAL = "internal"  # a bug in the server; it carries on
 
 
 class ProtocolError(Exception):
     """A message that cannot be accepted. `code` goes into the `Error` reply."""
 
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class MalformedMessage(ProtocolError):
@@ -46,22 +63,35 @@ class MalformedMessage(ProtocolError):
 
 
 class UnsupportedVersion(ProtocolError):
-    code = "unsupported_version"
+    code = ErrorCode.UNSUPPORTED_VERSION
 
 
 class UnknownKind(ProtocolError):
-    code = "unknown_kind"
+    code = ErrorCode.UNKNOWN_KIND
 
 
 class MessageTooLarge(ProtocolError):
-    code = "too_large"
+    code = ErrorCode.TOO_LARGE
 
 
-# Error codes the supervisor sends besides the ProtocolError ones.
-BUSY = "busy"
-SPAWN_FAILED = "spawn_failed"
-SHUTTING_DOWN = "shutting_down"
-UNKNOWN_HANDLE = "unknown_handle"
+def shutting_down(reason: str) -> str:
+    """What a request refused by a stopping server is told."""
+    return f"server shutting down: {reason}"
+
+
+#: What a spawn request costs beyond its variable parts (task, arguments,
+#: environment, working directory): msgpack keys, numbers, framing.
+SPAWN_OVERHEAD = 1024
+
+
+def spawn_size(task: str, payload: bytes, env: dict[str, str] | None, cwd: str | None) -> int:
+    """An upper bound on the encoded size of a spawn (or of the fork request
+    or task carrying it): the client checks it against the server's limit,
+    the server against what may travel with a fork request."""
+    size = SPAWN_OVERHEAD + len(payload) + len(task.encode()) + len((cwd or "").encode())
+    # msgpack spends up to 5 bytes on each string's header.
+    return size + sum(len(k.encode()) + len(v.encode()) + 10 for k, v in (env or {}).items())
+
 
 # Result outcomes.
 OK = "ok"  # the task returned; `value` holds it, msgpack-encoded
@@ -102,7 +132,7 @@ class Spawn(Message):
 
     def __post_init__(self) -> None:
         check_task_name(self.task)
-        if self.handle is not None and not _HANDLE_RE.match(self.handle):
+        if self.handle is not None and not _HANDLE_RE.fullmatch(self.handle):
             raise MalformedMessage(f"a handle is 1-64 of [A-Za-z0-9_.-], not {self.handle!r:.80}")
         if self.timeout is not None and not self.timeout > 0:
             raise MalformedMessage(f"timeout must be a positive number, not {self.timeout!r}")
@@ -405,5 +435,5 @@ ChannelMessage = Ready | Phase | ValidatorFailed | Result | Task | Go
 
 def check_task_name(task: str) -> None:
     """Raise MalformedMessage unless `task` looks like "package.module:qualname"."""
-    if len(task) > _MAX_TASK_LEN or not _TASK_RE.match(task):
+    if len(task) > _MAX_TASK_LEN or not _TASK_RE.fullmatch(task):
         raise MalformedMessage(f"task must look like 'package.module:function', not {task!r:.80}")

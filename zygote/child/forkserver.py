@@ -26,11 +26,8 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from .. import hooks
-from ..codec import (
-    decode_control,
-    encode,
-)
-from ..config import LOG_FORMAT
+from ..codec import GO_FRAME, decode_control, encode
+from ..config import setup_logging
 from ..linux import arm_lifeline, native_threads, open_lifeline, set_parent_death_signal
 from ..protocol import (
     Boot,
@@ -217,7 +214,7 @@ class ForkServer:
                 # Only now does the supervisor own the channel, so only now
                 # may the task run: had we died before this point, the child
                 # would see its channel close and exit without running it.
-                os.write(ours, worker.GO_FRAME)
+                os.write(ours, GO_FRAME)
         finally:
             for fd in (ours, theirs, lifeline):
                 os.close(fd)
@@ -379,12 +376,7 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     boot = decode_control(control.recv(_CONTROL_BUFFER))
     if not isinstance(boot, Boot):
         raise SystemExit(f"zygote: expected a boot message, got {boot.KIND}")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logger = logging.getLogger("zygote")
-    logger.addHandler(handler)
-    logger.setLevel(boot.log_level)
-    logger.propagate = False
+    setup_logging(boot.log_level).propagate = False
     # A child that crashes, or is killed with SIGABRT because it hung,
     # prints its Python stack to the server's log.
     faulthandler.enable(all_threads=True)

@@ -111,7 +111,13 @@ _NUMBERS = re.compile(r"[0-9a-fA-F]*\d[0-9a-fA-F]*")
 def take(allow: Sequence[str] = ()) -> list[ThreadInfo]:
     """Every thread of this process except the calling one."""
     if len(os.listdir("/proc/self/task")) == 1:  # the common case: only us
+        PYTHON_TIDS.clear()
         return []
+    # Forget the Python threads that are gone for good (their ids are not
+    # reused before the kernel's pid counter wraps around).
+    for old in list(PYTHON_TIDS):  # one atomic copy: other threads add to it
+        if not os.path.exists(f"/proc/self/task/{old}"):
+            PYTHON_TIDS.discard(old)
     me = threading.get_native_id()
     natives = native_threads()
     natives.pop(me, None)
@@ -152,6 +158,11 @@ def take(allow: Sequence[str] = ()) -> list[ThreadInfo]:
     for tid, comm in sorted(natives.items()):
         if not os.path.exists(f"/proc/self/task/{tid}"):
             continue  # a Python thread that ended after /proc was read
+        if tid in PYTHON_TIDS:
+            # A Python thread on its way out: gone from threading's view and
+            # past its last line of Python, not yet from /proc (seen under
+            # load: a churning pool's ended thread reported as native).
+            continue
         origin = ORIGINS.get(tid, "")
         allowed = (
             tid in hooks.FORK_SAFE_NATIVE
@@ -260,6 +271,9 @@ _join = threading.Thread.join
 #: Daemon threads whose start() was held back while preloading
 #: (--thread-policy defer), to be started in each worker instead.
 DEFERRED: list[threading.Thread] = []
+#: The kernel thread ids of Python threads started (while recording) that
+#: may still be in /proc: an ended one is not taken for a native thread.
+PYTHON_TIDS: set[int] = set()
 
 
 def record_thread_starts(*, defer: bool = False) -> None:
@@ -291,6 +305,8 @@ def record_thread_starts(*, defer: bool = False) -> None:
                 DEFERRED.append(self)
                 return
         _start(self)
+        if self.native_id is not None:  # set before start() returns
+            PYTHON_TIDS.add(self.native_id)
 
     def join(self: threading.Thread, timeout: float | None = None) -> None:
         # A deferred thread waited for during the preload after all: run it.

@@ -25,6 +25,7 @@ import msgpack
 
 from .. import hooks
 from ..codec import (
+    GO_FRAME,
     FrameDecoder,
     decode_channel,
     encode,
@@ -47,7 +48,6 @@ from .outbox import OUTBOX
 log = logging.getLogger("zygote.worker")
 
 READY_FRAME = frame(encode(Ready()))
-GO_FRAME = frame(encode(Go()))
 GO = object()  # the order to run the task that came with the fork
 
 

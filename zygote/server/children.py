@@ -1,39 +1,44 @@
-"""The supervisor's view of its children: zygote processes, workers, and the
-jobs they serve. State and non-blocking socket plumbing only; decisions
-about them live in the fleet (zygotes) and the spawner (jobs and workers).
+"""The supervisor's view of its children: zygote processes, the children
+they fork (workers and ready-pool children), and the jobs those serve.
+State, checked moves (lifecycle.py) and non-blocking socket plumbing only;
+decisions live in the fleet (zygotes), the tracker (worker processes) and
+the spawner (jobs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..codec import FrameDecoder, decode_control
 from ..linux import describe_wait_status, send_signal, wait_status_parts
 from ..protocol import Control, Forked, ProtocolError, Spawn
-from .store import Record
+from .lifecycle import (
+    CHILD_MOVES,
+    JOB_MOVES,
+    SLOT_STATES,
+    ChildState,
+    JobState,
+    Slots,
+    StateError,
+    check,
+    is_live,
+)
 from .timers import Timer
 
 _RECV_CHUNK = 1 << 18
 #: Control messages are small (a fork request carries at most CARRY_LIMIT);
 #: anything longer is a protocol error, not a reason to allocate more.
 _CONTROL_MAX = 1 << 17
-
-
-class JobState(enum.Enum):
-    QUEUED = "queued"  # waiting for a worker slot and a ready zygote
-    FORKING = "forking"  # fork requested, the zygote has not answered yet
-    STARTING = "starting"  # forked; hooks and validators running
-    RUNNING = "running"  # ready; the task runs
-    DONE = "done"
 
 
 class ZygoteState(enum.Enum):
@@ -45,59 +50,46 @@ class ZygoteState(enum.Enum):
 
 @dataclass(eq=False)
 class Job:
-    """One accepted spawn request, from the queue to its result."""
+    """One accepted spawn request, from the queue to its outcome."""
 
     handle: str
     spawn: Spawn
-    record: Record
     state: JobState = JobState.QUEUED
     attempts: int = 0
     reasons: list[str] = field(default_factory=list)
-    zygote: ZygoteProc | None = None
-    worker: Worker | None = None
-    carried: bool = False  # the task travelled with the fork request
-    requested: float = 0.0  # when the current fork was requested
-    timers: list[Timer] = field(default_factory=list)
+    #: the child forked for it (or taken from the pool), while it has one
+    child: Child | None = None
 
-    def cancel_timers(self) -> None:
-        for timer in self.timers:
-            timer.cancel()
-        self.timers.clear()
-
-
-@dataclass(eq=False)
-class PoolFork:
-    """A child being forked for the ready pool: no task yet, until it is
-    validated and handed one."""
-
-    handle: str
-    state: JobState = JobState.FORKING
-    zygote: ZygoteProc | None = None
-    worker: Worker | None = None
-    requested: float = 0.0
-    timers: list[Timer] = field(default_factory=list)
-
-    def cancel_timers(self) -> None:
-        for timer in self.timers:
-            timer.cancel()
-        self.timers.clear()
+    def move(self, state: JobState) -> None:
+        """The one place a job changes state (checked against JOB_MOVES)."""
+        check(JOB_MOVES, f"job {self.handle}", self.state, state)
+        self.state = state
+        if state in (JobState.RUNNING, JobState.DONE) and self.spawn.payload:
+            # Its worker has its task, or it is over: nothing that still
+            # holds the job (a log line, a late event) keeps the arguments.
+            self.spawn = dataclasses.replace(self.spawn, payload=b"")
+        if state is JobState.DONE:
+            self.child = None  # no cycle left for the collector to find
 
 
 @dataclass(eq=False)
 class ZygoteProc:
     generation: int
-    process: subprocess.Popen[bytes]
+    pid: int
     pidfd: int
     control: socket.socket
-    started: float = field(default_factory=time.monotonic)
+    started: float
+    #: kept so that subprocess never reaps it behind our back (it would, from
+    #: a Popen object collected while the process runs); we reap it ourselves
+    process: subprocess.Popen[bytes] | None = None
     state: ZygoteState = ZygoteState.BOOTING
     #: fork requests sent and not yet answered, by handle
-    pending: dict[str, Job | PoolFork] = field(default_factory=dict)
+    pending: dict[str, Child] = field(default_factory=dict)
     reaped: bool = False
     boot_timer: Timer | None = None
     healthy_children: int = 0
     corrupt_in_a_row: int = 0
-    trouble: str | None = None  # why it is to be killed, once the current batch is done
+    condemned: str | None = None  # why it is to be killed, once the current batch is done
     #: its latest thread report (one dict per kind of thread)
     threads: list[dict[str, Any]] = field(default_factory=list)
     #: its helper process (background functions), while it runs
@@ -107,7 +99,7 @@ class ZygoteProc:
     drops_fd: int | None = None
 
     @classmethod
-    def start(cls, generation: int, lifeline_fd: int) -> ZygoteProc:
+    def start(cls, generation: int, lifeline_fd: int, now: float) -> ZygoteProc:
         """Exec a fresh interpreter as the zygote. Never fork the supervisor
         itself: it has ZeroMQ's threads, and it must not carry their state."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -129,11 +121,10 @@ class ZygoteProc:
         finally:
             theirs.close()
         ours.setblocking(False)
-        return cls(generation, process, os.pidfd_open(process.pid), ours)
+        return cls(generation, process.pid, os.pidfd_open(process.pid), ours, now, process)
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+    def kill(self) -> None:
+        send_signal(self.pidfd, signal.SIGKILL)
 
     def receive(self) -> tuple[list[tuple[Control | str, list[int]]], bool]:
         """Every control message waiting, with the descriptors that came along
@@ -172,38 +163,81 @@ class ZygoteProc:
 
 
 @dataclass(eq=False)
-class Worker:
-    pid: int
-    pidfd: int
-    channel: socket.socket
-    #: its task's job; for a pool child, its PoolFork until it is handed a job
-    job: Job | PoolFork
+class Child:
+    """One fork request and, once forked, the process it made: a worker for
+    `job`, or a ready-pool child (no job until it takes one)."""
+
+    name: str  # its fork request's handle: its job's, or "pool:N"
     zygote: ZygoteProc
-    requested: float  # when the fork was requested: the start of the ready deadline
-    #: frames bigger than the largest result allowed are refused (set by the spawner)
+    slots: Slots
+    job: Job | None = None
+    state: ChildState = ChildState.FORKING
+    requested: float = 0.0  # when the fork was requested: the start of the ready deadline
+    carried: bool = False  # its task travelled with the fork request
+    #: its deadlines (fork, ready, time limit, exit): cancelled when it exits
+    timers: list[Timer] = field(default_factory=list)
+    # What it said, and what was decided about it, before it was ready.
+    warnings: list[str] = field(default_factory=list)  # the zygote's, at its fork
+    phase: str | None = None  # the start-up step it reported last
+    failure: str | None = None  # why the supervisor condemned it
+    failed_step: str | None = None  # the step (validator, hook) it failed in
+    ready_at: float | None = None
+    timed_out: bool = False  # killed for running past its time limit
+    # The process, once forked.
+    pid: int = 0
+    pidfd: int = -1
+    channel: socket.socket | None = None  # None again once closed
     decoder: FrameDecoder = field(default_factory=FrameDecoder)
     outbox: bytearray = field(default_factory=bytearray)
-    ready_at: float | None = None
-    alive: bool = True
-    channel_open: bool = True
+    # How it ended: the state it exited from, its wait status and usage.
+    exited_from: ChildState | None = None
     status: int | None = None
     status_lost: bool = False
     rusage: tuple[float, float, int] = (0.0, 0.0, 0)
-    result_seen: bool = False
-    phase: str | None = None
-    #: why the supervisor gave up on it (deadline, validator, garbage)
-    failure: str | None = None
-    #: the start-up step (validator, hook) it failed in, for the stats
-    failed_step: str | None = None
-    timed_out: bool = False
-    warnings: list[str] = field(default_factory=list)  # the zygote's, at its fork
-    timers: list[Timer] = field(default_factory=list)  # its task's time limit
-    pooled: bool = False  # validated and waiting in the ready pool
-    retired: bool = False  # a pool child let go (old generation, stopping)
+
+    def __post_init__(self) -> None:
+        self.slots.moved(False, self.holds_slot)  # a fork for a job takes a slot
+
+    def move(self, state: ChildState) -> None:
+        """The one place a child changes state (checked against CHILD_MOVES);
+        the slot it holds for its job follows."""
+        check(CHILD_MOVES, f"child {self.name}", self.state, state)
+        held = self.holds_slot
+        if state is ChildState.EXITED:
+            self.exited_from = self.state
+        self.state = state
+        self.slots.moved(held, self.holds_slot)
+
+    def take(self, job: Job) -> None:
+        """A ready pool child takes a job: it runs the moment it reads the task."""
+        if self.job is not None:
+            raise StateError(f"child {self.name} already has job {self.job.handle}")
+        self.job, job.child = job, self
+        self.move(ChildState.RUNNING)
+
+    @property
+    def holds_slot(self) -> bool:
+        return self.job is not None and self.state in SLOT_STATES
+
+    @property
+    def alive(self) -> bool:
+        """Forked, and not yet seen to exit."""
+        return is_live(self.state)
 
     @property
     def generation(self) -> int:
         return self.zygote.generation
+
+    def cancel_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
+
+    def forked(self, pid: int, pidfd: int, channel: socket.socket, max_frame: int) -> None:
+        """The zygote forked it: from now on it is a process."""
+        self.pid, self.pidfd, self.channel = pid, pidfd, channel
+        self.decoder = FrameDecoder(max_frame)
+        self.move(ChildState.STARTING)
 
     def running(self) -> bool:
         """Still running right now? `alive` turns False only once the loop
@@ -218,18 +252,6 @@ class Worker:
         """Signal it if it still runs (through its pidfd: never a recycled pid)."""
         return self.alive and send_signal(self.pidfd, sig)
 
-    def reap_orphan(self) -> None:
-        """Its zygote is gone: it became our child (we are the subreaper) and
-        is ours to reap — unless the zygote reaped it and died before saying."""
-        try:
-            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            self.status_lost = True
-            return
-        if pid:
-            self.status = status
-            self.rusage = (usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
-
     def exit_status(self) -> tuple[int | None, int | None, str]:
         """(exit code, signal, in words) once it has ended."""
         if self.status is None:
@@ -237,28 +259,21 @@ class Worker:
         code, sig, _ = wait_status_parts(self.status)
         return code, sig, describe_wait_status(self.status)
 
-    @property
-    def ended(self) -> bool:
-        return not self.alive and (self.status is not None or self.status_lost)
-
     def read(self) -> tuple[list[bytes], bool]:
         """Every complete frame waiting on the channel, and whether it closed."""
-        chunks = []
-        closed = False
+        assert self.channel is not None
+        frames: list[bytes] = []
         while True:
             try:
                 data = self.channel.recv(_RECV_CHUNK)
             except BlockingIOError:
-                break
+                return frames, False
             except ConnectionResetError:
-                closed = True
-                break
+                return frames, True
             if not data:
-                closed = True
-                break
-            chunks.append(data)
-        frames = self.decoder.feed(b"".join(chunks)) if chunks else []
-        return frames, closed
+                return frames, True
+            # Fed chunk by chunk: a big result is not joined into one more copy.
+            frames += self.decoder.feed(data)
 
     def write(self, data: bytes) -> bool:
         """Queue `data` and send what the socket takes; True when all is sent."""
@@ -266,6 +281,7 @@ class Worker:
         return self.flush()
 
     def flush(self) -> bool:
+        assert self.channel is not None
         try:
             while self.outbox:
                 sent = self.channel.send(self.outbox)

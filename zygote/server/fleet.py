@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,7 +21,7 @@ from ..codec import (
     encode,
 )
 from ..config import ServerConfig
-from ..linux import describe_wait_status, native_threads, send_signal
+from ..linux import describe_wait_status, native_threads
 from ..protocol import (
     Boot,
     Booted,
@@ -49,13 +47,22 @@ DROPS_LOG_INTERVAL = 10.0
 
 
 class ZygoteEvents(Protocol):
-    """What a zygote reports, for whoever runs the workers (the spawner)."""
+    """What zygotes report, for whoever runs the workers (the spawner)."""
 
-    def on_forked(self, zygote: ZygoteProc, msg: Forked, fds: list[int]) -> None: ...
-    def on_fork_failed(self, zygote: ZygoteProc, msg: ForkFailed) -> None: ...
-    def on_reaped(self, pid: int, status: int, rusage: tuple[float, float, int]) -> None: ...
-    def on_zygote_ready(self) -> None: ...
-    def on_zygote_gone(self, zygote: ZygoteProc) -> None: ...
+    def forked(self, zygote: ZygoteProc, msg: Forked, fds: list[int]) -> None: ...
+    def fork_failed(self, zygote: ZygoteProc, msg: ForkFailed) -> None: ...
+    def zygote_ready(self) -> None: ...
+    def zygote_gone(self, zygote: ZygoteProc) -> None: ...
+
+
+class ExitStatuses(Protocol):
+    """Who records the exit statuses zygotes report (the tracker)."""
+
+    def exit_status(self, pid: int, status: int, rusage: tuple[float, float, int]) -> bool: ...
+
+
+#: Starts a zygote process: (generation, lifeline fd, now) -> its handle.
+Launcher = Callable[[int, int, float], ZygoteProc]
 
 
 class Fleet:
@@ -64,14 +71,17 @@ class Fleet:
         config: ServerConfig,
         loop: EventLoop,
         lifeline_fd: int,
-        events: ZygoteEvents,
+        exits: ExitStatuses,
         give_up: Callable[[str, int], None],
+        launch: Launcher = ZygoteProc.start,
     ) -> None:
         self.config = config
         self.loop = loop
         self.lifeline_fd = lifeline_fd
-        self.events = events
+        self.exits = exits
         self.give_up = give_up
+        self.launch = launch
+        self.events: ZygoteEvents  # the spawner, which listens once it is built
         self.current: ZygoteProc | None = None  # the one that takes fork requests
         self.incoming: ZygoteProc | None = None  # a refork's generation, booting
         self.zygotes: dict[int, ZygoteProc] = {}  # by pid: current and retiring
@@ -85,6 +95,9 @@ class Fleet:
         self._drops_logged = 0
         self._drops_timer: Timer | None = None
         self._gone_counting: list[ZygoteProc] = []  # gone, drops counter open
+
+    def listen(self, events: ZygoteEvents) -> None:
+        self.events = events
 
     @property
     def ready(self) -> ZygoteProc | None:
@@ -118,7 +131,7 @@ class Fleet:
 
     def _launch(self) -> ZygoteProc:
         self.generation += 1
-        zygote = ZygoteProc.start(self.generation, self.lifeline_fd)
+        zygote = self.launch(self.generation, self.lifeline_fd, self.loop.now())
         self.zygotes[zygote.pid] = zygote
         config = self.config
         boot = Boot(
@@ -153,7 +166,7 @@ class Fleet:
         except BlockingIOError:  # not reading: the fork deadline will tell why
             return False
         except OSError:
-            self.lost(zygote, "its control socket broke")
+            self._gone(zygote, "its control socket broke")
             return False
         return True
 
@@ -168,7 +181,7 @@ class Fleet:
         zygote.corrupt_in_a_row += 1
         if zygote.corrupt_in_a_row >= self.config.corrupt_limit and zygote is self.current:
             self.retired_corrupt += 1
-            self.broken(zygote, f"gave {zygote.corrupt_in_a_row} corrupt children in a row")
+            self.kill_zygote(zygote, f"gave {zygote.corrupt_in_a_row} corrupt children in a row")
 
     def _failed(self, zygote: ZygoteProc, why: str) -> None:
         """Count a zygote that ended without one healthy child; give up at the limit."""
@@ -184,7 +197,7 @@ class Fleet:
     def _boot_failed(self, zygote: ZygoteProc, why: str) -> None:
         if not self.booted_once:  # it never worked: a configuration error, say so now
             self.give_up(f"the zygote cannot preload: {why}", EXIT_BOOT)
-        self.broken(zygote, why)
+        self.kill_zygote(zygote, why)
 
     # -- control messages ---------------------------------------------------
 
@@ -194,26 +207,26 @@ class Fleet:
         # Whatever went wrong in the batch is acted on after all of it was
         # handled: a fork reported later in the same batch still counts, so
         # its job is not run a second time by the zygote's successor.
-        if zygote.trouble is not None:
-            self.broken(zygote, zygote.trouble)
+        if zygote.condemned is not None:
+            self.kill_zygote(zygote, zygote.condemned)
         elif closed:
-            self.lost(zygote, "it closed its control socket")
+            self._gone(zygote, "it closed its control socket")
 
-    def trouble(self, zygote: ZygoteProc, why: str) -> None:
+    def condemn(self, zygote: ZygoteProc, why: str) -> None:
         """Note that a zygote cannot be trusted; it is killed once the batch of
         messages being handled is done."""
-        if zygote.trouble is None:
-            zygote.trouble = why
+        if zygote.condemned is None:
+            zygote.condemned = why
 
     def _handle(self, zygote: ZygoteProc, messages: list[tuple[Any, list[int]]]) -> None:
         for msg, fds in messages:
             if isinstance(msg, str):  # what was wrong with a message
                 for fd in fds:
                     os.close(fd)
-                self.trouble(zygote, msg)
+                self.condemn(zygote, msg)
                 continue
             if isinstance(msg, Forked):
-                self.events.on_forked(zygote, msg, fds)
+                self.events.forked(zygote, msg, fds)
                 continue
             if isinstance(msg, HelperStarted) and fds and zygote.drops_fd is None:
                 zygote.drops_fd = fds.pop(0)
@@ -221,9 +234,12 @@ class Fleet:
             for fd in fds:
                 os.close(fd)
             if isinstance(msg, Reaped):
-                self.events.on_reaped(msg.pid, msg.status, (msg.utime, msg.stime, msg.maxrss_kb))
+                rusage = (msg.utime, msg.stime, msg.maxrss_kb)
+                if not self.exits.exit_status(msg.pid, msg.status, rusage):
+                    words = describe_wait_status(msg.status)
+                    log.debug("zygote %d reaped process %d (%s)", zygote.pid, msg.pid, words)
             elif isinstance(msg, ForkFailed):
-                self.events.on_fork_failed(zygote, msg)
+                self.events.fork_failed(zygote, msg)
             elif isinstance(msg, Threads):
                 zygote.threads = msg.threads
             elif isinstance(msg, HelperStarted):
@@ -286,14 +302,14 @@ class Fleet:
             "zygote generation %d ready (pid %d) after %.0f ms",
             zygote.generation,
             zygote.pid,
-            (time.monotonic() - zygote.started) * 1000,
+            (self.loop.now() - zygote.started) * 1000,
         )
         if zygote is self.incoming:  # a refork: take over, retire the old one
             old, self.current, self.incoming = self.current, zygote, None
             if old is not None:
                 log.info("generation %d takes over from %d", zygote.generation, old.generation)
                 self.retire(old)
-        self.events.on_zygote_ready()
+        self.events.zygote_ready()
 
     def _boot_overdue(self, zygote: ZygoteProc) -> None:
         if zygote.state is ZygoteState.BOOTING:
@@ -303,17 +319,17 @@ class Fleet:
 
     # -- losing zygotes -------------------------------------------------------
 
-    def broken(self, zygote: ZygoteProc, why: str) -> None:
+    def kill_zygote(self, zygote: ZygoteProc, why: str) -> None:
         """Kill a zygote that cannot be trusted any more; a new one replaces it."""
         if zygote.state is ZygoteState.DEAD:
             return
         log.error(
             "zygote generation %d (pid %d) %s; killing it", zygote.generation, zygote.pid, why
         )
-        send_signal(zygote.pidfd, signal.SIGKILL)
-        self.lost(zygote, why)
+        zygote.kill()
+        self._gone(zygote, why)
 
-    def lost(self, zygote: ZygoteProc, why: str) -> None:
+    def _gone(self, zygote: ZygoteProc, why: str) -> None:
         """The zygote is gone, or as good as gone: let the spawner take back
         what it had not forked, and start its successor."""
         if zygote.state is ZygoteState.DEAD:
@@ -329,7 +345,7 @@ class Fleet:
             self._gone_counting.append(zygote)
         if zygote.boot_timer is not None:
             zygote.boot_timer.cancel()
-        self.events.on_zygote_gone(zygote)
+        self.events.zygote_gone(zygote)
         if zygote is self.incoming:  # a refork that did not boot: the old one stays
             self.incoming = None
             log.error(
@@ -374,17 +390,18 @@ class Fleet:
         zygote = self.zygotes.pop(pid, None)
         if zygote is None:
             return None
-        zygote.process.returncode = os.waitstatus_to_exitcode(status)
+        if zygote.process is not None:
+            zygote.process.returncode = os.waitstatus_to_exitcode(status)
         zygote.reaped = True
         os.close(zygote.pidfd)
         words = describe_wait_status(status)
         already_lost = zygote.state is ZygoteState.DEAD
-        self.lost(zygote, words)  # if not already lost, this settles its children too
+        self._gone(zygote, words)  # if not already gone, this settles its children too
         log.info("zygote generation %d (pid %d) %s", zygote.generation, pid, words)
         if already_lost:
             # Lost before it was reaped: its children are ours only now (we
             # are the subreaper), so settle them now.
-            self.events.on_zygote_gone(zygote)
+            self.events.zygote_gone(zygote)
         return zygote
 
     def close(self) -> None:
@@ -394,7 +411,7 @@ class Fleet:
 
     def kill_all(self) -> None:
         for zygote in self.zygotes.values():
-            send_signal(zygote.pidfd, signal.SIGKILL)
+            zygote.kill()
 
     def stats(self) -> dict[str, Any]:
         zygote = self.current

@@ -4,6 +4,7 @@ poll, callbacks per descriptor, and deadlines. Single-threaded."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +17,10 @@ log = logging.getLogger("zygote.supervisor")
 
 
 class EventLoop:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.poller = zmq.Poller()
-        self.timers = Timers()
+        self.now = clock  # the server's one clock: deadlines, durations
+        self.timers = Timers(clock)
         self._handlers: dict[Any, Handler] = {}
         self.internal_errors = 0
 

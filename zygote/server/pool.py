@@ -10,7 +10,8 @@ import collections
 import itertools
 from collections.abc import Callable
 
-from .children import PoolFork, Worker, ZygoteProc
+from .children import Child, ZygoteProc
+from .lifecycle import ChildState
 from .loop import EventLoop
 from .timers import Timer
 
@@ -28,33 +29,32 @@ class ReadyPool:
         self,
         size: int,
         loop: EventLoop,
-        request_fork: Callable[[PoolFork], bool],
-        close_channel: Callable[[Worker], None],
+        request_fork: Callable[[str], Child | None],
+        retire: Callable[[Child], None],
     ) -> None:
         self.size = size
         self.loop = loop
         self.request_fork = request_fork
-        self.close_channel = close_channel
-        self.ready: collections.deque[Worker] = collections.deque()
-        self.starting = 0  # forks requested for the pool, not ready yet
+        self._retire = retire
+        self.ready: collections.deque[Child] = collections.deque()  # IDLE, oldest first
+        self.starting: set[Child] = set()  # forks requested for the pool, not ready yet
         self.taken = 0
         self._numbers = itertools.count(1)
         self._timer: Timer | None = None
         self._refused_delay = 0.0
 
-    def take(self, current: ZygoteProc | None) -> Worker | None:
+    def take(self, current: ZygoteProc | None) -> Child | None:
         """A validated child of the current zygote, or None. Children of an
         older generation are let go on the way: they have the old code."""
         while self.ready:
-            worker = self.ready.popleft()
-            worker.pooled = False
+            child = self.ready.popleft()
             # Its death may sit unhandled in the same batch of events as this
             # request: a child that died is not given a task it cannot run.
-            if worker.zygote is current and worker.running():
+            if child.zygote is current and child.running():
                 self.taken += 1
                 self.refill_soon()
-                return worker
-            self.retire(worker)
+                return child
+            self._retire(child)
             self.refill_soon()  # a child of the current zygote that died: replace it
         return None
 
@@ -65,53 +65,49 @@ class ReadyPool:
     def refill(self) -> None:
         """Request forks until the pool (ready and starting) is full."""
         self._timer = None
-        while len(self.ready) + self.starting < self.size:
+        while len(self.ready) + len(self.starting) < self.size:
             # ":" is outside the alphabet of the handles clients pick.
-            fork = PoolFork(f"pool:{next(self._numbers)}")
-            if not self.request_fork(fork):
+            child = self.request_fork(f"pool:{next(self._numbers)}")
+            if child is None:
                 return
-            self.starting += 1
+            self.starting.add(child)
 
-    def refused(self) -> None:
+    def refused(self, child: Child) -> None:
         """The zygote refused a pool fork (thread policy): back off."""
-        self.starting -= 1
+        self.starting.discard(child)
         self._refused_delay = min(max(REFUSED_DELAY, self._refused_delay * 2), REFUSED_DELAY_CAP)
         self.refill_soon(self._refused_delay)
 
-    def add(self, worker: Worker) -> None:
-        """A pool child reported ready."""
+    def add(self, child: Child) -> None:
+        """A pool child reported ready: it waits, idle, for a task."""
         self._refused_delay = 0.0
-        self.starting -= 1
-        worker.pooled = True
-        self.ready.append(worker)
+        self.starting.discard(child)
+        child.move(ChildState.IDLE)
+        self.ready.append(child)
 
-    def lost(self, worker: Worker | None = None) -> None:
+    def lost(self, child: Child) -> None:
         """A pool child (or its fork) failed before ready, or died idle."""
-        if worker is not None and worker.pooled:
-            worker.pooled = False
-            self.ready.remove(worker)
-        else:
-            self.starting -= 1
+        self.starting.discard(child)
+        if child in self.ready:
+            self.ready.remove(child)
         self.refill_soon()
 
-    def retire(self, worker: Worker) -> None:
-        """Let a pool child go: closing its channel tells it to exit."""
-        if worker.pooled:
-            worker.pooled = False
-            self.ready.remove(worker)
-        if not worker.retired:
-            worker.retired = True
-            self.close_channel(worker)
+    def retire(self, child: Child) -> None:
+        """Let an idle pool child go: closing its channel tells it to exit."""
+        if child in self.ready:
+            self.ready.remove(child)
+        if child.state is ChildState.IDLE:
+            self._retire(child)
 
     def retire_stale(self, current: ZygoteProc | None) -> None:
         """Let go of ready children of a zygote that is no longer current."""
-        stale = [worker for worker in self.ready if worker.zygote is not current]
-        for worker in stale:
-            self.retire(worker)
+        stale = [child for child in self.ready if child.zygote is not current]
+        for child in stale:
+            self.retire(child)
         if stale:
             self.refill_soon()
 
     def retire_all(self) -> None:
         self.size = 0
-        for worker in list(self.ready):
-            self.retire(worker)
+        for child in list(self.ready):
+            self.retire(child)

@@ -1,8 +1,8 @@
 """From an accepted request to a finished worker: the queue, fork requests
 (or a child from the ready pool), start-up deadlines, replacement of corrupt
 children and retries, and each job's outcome and exit, decoded in words.
-The worker processes themselves are watched by the tracker. Part of the
-supervisor process.
+The processes themselves are watched by the tracker, the zygotes by the
+fleet; the spawner hears from both. Part of the supervisor process.
 """
 
 from __future__ import annotations
@@ -13,34 +13,29 @@ import logging
 import os
 import signal
 import socket
-import time
 from typing import Any, Protocol
 
-from ..codec import (
-    FrameDecoder,
-    encode,
-    frame,
-)
+from ..codec import GO_FRAME, encode, frame
 from ..config import ServerConfig
-from ..linux import describe_wait_status, send_signal
+from ..linux import send_signal
 from ..protocol import (
     LOST,
-    SHUTTING_DOWN,
-    SPAWN_FAILED,
     TIMEOUT,
+    ErrorCode,
     Exited,
     Fork,
     Forked,
     ForkFailed,
-    Go,
     Result,
     Task,
+    shutting_down,
+    spawn_size,
 )
-from .children import Job, JobState, PoolFork, Worker, ZygoteProc
+from .children import Child, Job, ZygoteProc
 from .fleet import Fleet
+from .lifecycle import ChildState, JobState, Slots
 from .loop import EventLoop
 from .pool import ReadyPool
-from .store import Record
 from .tracker import Tracker
 
 log = logging.getLogger("zygote.supervisor")
@@ -48,39 +43,43 @@ log = logging.getLogger("zygote.supervisor")
 #: Tasks whose arguments fit in this travel with the fork request, so the
 #: child finds them decoded in memory; bigger ones go down the channel.
 CARRY_LIMIT = 64 * 1024
-_GO_FRAME = frame(encode(Go()))
 
 
 class Clients(Protocol):
-    """What the spawner tells the clients' side (the supervisor)."""
+    """What the spawner tells the clients' side (the supervisor, which alone
+    writes the records clients read)."""
 
-    def on_started(self, job: Job) -> None: ...
-    def on_outcome(self, record: Record) -> None: ...
-    def on_failed(self, job: Job, code: str, text: str) -> None: ...
+    def job_started(self, handle: str, pid: int, generation: int, warnings: list[str]) -> None: ...
+    def job_result(self, handle: str, data: bytes) -> None: ...
+    def job_ended(self, handle: str, result: bytes | None, exited: bytes) -> None: ...
+    def job_failed(self, handle: str, code: ErrorCode, text: str, reasons: list[str]) -> None: ...
 
 
 class Spawner:
-    def __init__(self, config: ServerConfig, loop: EventLoop, clients: Clients) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        loop: EventLoop,
+        fleet: Fleet,
+        tracker: Tracker,
+        clients: Clients,
+    ) -> None:
         self.config = config
         self.loop = loop
+        self.fleet = fleet
+        self.tracker = tracker
         self.clients = clients
-        self.fleet: Fleet  # set by the supervisor, which wires the two together
         self.queue: collections.deque[Job] = collections.deque()
         self.jobs: dict[str, Job] = {}
-        self.slots = 0  # workers alive or being forked
+        self.slots = Slots(config.max_workers)  # counted by the children's moves
         self.stopping: str | None = None
         self.counts: collections.Counter[str] = collections.Counter()
         self.failures_by_step: collections.Counter[str] = collections.Counter()
         self.guard_wait_seconds = 0.0
         self._pool_error = ""  # the ready pool's last fork error, logged once
-        self.tracker = Tracker(config, loop, self)
-        self.pool = ReadyPool(
-            config.prefork, loop, self._request_pool_fork, self.tracker.close_channel
-        )
-
-    @property
-    def workers(self) -> dict[int, Worker]:
-        return self.tracker.workers
+        self.pool = ReadyPool(config.prefork, loop, self._fork_for_pool, tracker.retire)
+        fleet.listen(self)
+        tracker.listen(self)
 
     # -- requests -----------------------------------------------------------
 
@@ -97,124 +96,105 @@ class Spawner:
     def kill(self, handle: str, sig: int) -> int | None:
         """Signal the worker running `handle`; its pid, or None if none runs."""
         job = self.jobs.get(handle)
-        worker = job.worker if job else None
-        if worker is None or not worker.alive:
+        child = job.child if job else None
+        if child is None or not child.alive:
             return None
-        worker.signal(sig)
-        return worker.pid
+        child.signal(sig)
+        return child.pid
 
     def dispatch(self) -> None:
         """Start queued jobs while there are free slots: on a child from the
         ready pool if there is one, else on a new fork."""
-        while self.queue and self.slots < self.config.max_workers:
-            worker = self.pool.take(self.fleet.current)
-            if worker is not None:
-                self._assign(worker, self.queue.popleft())
+        while self.queue and self.slots.free:
+            child = self.pool.take(self.fleet.current)
+            if child is not None:
+                self._assign(child, self.queue.popleft())
                 continue
             zygote = self.fleet.ready
-            if zygote is None or not self._request_fork(zygote, self.queue[0]):
+            if zygote is None or not self._fork_for_job(zygote, self.queue[0]):
                 return
             self.queue.popleft()
 
-    def _request_fork(self, zygote: ZygoteProc, job: Job) -> bool:
+    def _fork_for_job(self, zygote: ZygoteProc, job: Job) -> bool:
         spawn = job.spawn
         # A fork request must stay small (the zygote reads a bounded buffer):
         # a task too big to travel with it, env and cwd included, goes down
         # the worker's channel.
-        size = len(spawn.payload) + len(spawn.task) + len(spawn.cwd or "")
-        size += sum(len(k) + len(v) + 8 for k, v in (spawn.env or {}).items())
-        job.carried = size + 1024 <= CARRY_LIMIT
+        carried = spawn_size(spawn.task, spawn.payload, spawn.env, spawn.cwd) <= CARRY_LIMIT
         request = Fork(job.handle)
-        if job.carried:
+        if carried:
             request = Fork(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd)
-        if not self._fork(zygote, job, request):
+        child = self._fork(zygote, request, job)
+        if child is None:
             return False
-        self.slots += 1
+        child.carried = carried
+        job.child = child
+        job.move(JobState.STARTING)
         return True
 
-    def _request_pool_fork(self, fork: PoolFork) -> bool:
+    def _fork_for_pool(self, name: str) -> Child | None:
         zygote = self.fleet.ready
-        return (
-            zygote is not None and not self.stopping and self._fork(zygote, fork, Fork(fork.handle))
-        )
+        if zygote is None or self.stopping:
+            return None
+        return self._fork(zygote, Fork(name), None)
 
-    def _fork(self, zygote: ZygoteProc, start: Job | PoolFork, request: Fork) -> bool:
+    def _fork(self, zygote: ZygoteProc, request: Fork, job: Job | None) -> Child | None:
         if not self.fleet.send_fork(zygote, request):
-            return False
-        start.requested = time.monotonic()
-        start.state = JobState.FORKING
-        start.zygote = zygote
-        zygote.pending[start.handle] = start
+            return None
+        child = Child(request.handle, zygote, self.slots, job, requested=self.loop.now())
+        zygote.pending[child.name] = child
         # Both deadlines are armed before the fork: a child that deadlocks
         # after it never reports anything, so only the parent side can tell.
-        start.timers = [
-            self.loop.later(self.config.fork_timeout, self._fork_overdue, start),
-            self.loop.later(self.config.validate_timeout, self._ready_overdue, start),
+        child.timers = [
+            self.loop.later(self.config.fork_timeout, self._fork_overdue, child),
+            self.loop.later(self.config.validate_timeout, self._ready_overdue, child),
         ]
-        return True
+        return child
 
-    def _assign(self, worker: Worker, job: Job) -> None:
-        """Hand a ready pool child its task: it is running the moment it reads it."""
-        self.slots += 1
-        job.carried = False  # its task goes down the channel, not with a fork
-        worker.job, job.worker, job.zygote = job, worker, worker.zygote
-        worker.requested = job.requested = time.monotonic()
-        job.state = JobState.RUNNING
-        job.record.warnings = worker.warnings
+    def _assign(self, child: Child, job: Job) -> None:
+        """Hand a ready pool child its task: it runs the moment it reads it."""
+        task = self._task_frame(job)
+        child.take(job)
+        child.requested = self.loop.now()
+        job.move(JobState.RUNNING)
         # Answer the client first: measured, writing the task first made the
         # child's wake-up compete with the reply, slowing both.
-        self._running(worker, job)
-        self._send_task(worker, job)
-        log.debug("spawn %s %s: pool worker %d", job.handle, job.spawn.task, worker.pid)
+        self._running(child, job)
+        self.tracker.send(child, task)
+        log.debug("spawn %s %s: pool worker %d", job.handle, job.spawn.task, child.pid)
 
-    def _running(self, worker: Worker, job: Job) -> None:
+    def _running(self, child: Child, job: Job) -> None:
         """The job has a ready worker: answer its clients, start its clock."""
-        self.clients.on_started(job)
+        self.clients.job_started(job.handle, child.pid, child.generation, child.warnings)
         if job.spawn.timeout is not None:
-            self.tracker.time_limit(worker, job.spawn.timeout, f"[{job.handle}] {job.spawn.task}")
+            self.tracker.time_limit(child, job.spawn.timeout, f"[{job.handle}] {job.spawn.task}")
 
-    def _send_task(self, worker: Worker, job: Job) -> None:
+    def _task_frame(self, job: Job) -> bytes:
         spawn = job.spawn
-        task = Task(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd)
-        self.tracker.send(worker, frame(encode(task)))
+        return frame(encode(Task(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd)))
 
     # -- what zygotes report (fleet.ZygoteEvents) -----------------------------
 
-    def on_zygote_ready(self) -> None:
+    def zygote_ready(self) -> None:
         self.pool.retire_stale(self.fleet.current)
         self.dispatch()
         self.pool.refill()
 
-    def on_forked(self, zygote: ZygoteProc, msg: Forked, fds: list[int]) -> None:
+    def forked(self, zygote: ZygoteProc, msg: Forked, fds: list[int]) -> None:
+        child = zygote.pending.get(msg.handle)
         if len(fds) != 2:
             for fd in fds:
                 os.close(fd)
-            self.fleet.trouble(zygote, f"sent {len(fds)} descriptors with a fork reply")
-            job = zygote.pending.get(msg.handle)
-            if isinstance(job, Job) and job.carried and job.state is JobState.FORKING:
-                # The zygote has told this child to go: it may be running
-                # the task right now, so running it again could run it
-                # twice. Stop it and give up on the request instead. (The
-                # pid is still that child's: its zygote has not reaped it.)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(msg.pid, signal.SIGKILL)
-                del zygote.pending[msg.handle]
-                job.cancel_timers()
-                self.slots -= 1
-                text = (
-                    f"worker {msg.pid} was forked, but the supervisor lost its descriptors "
-                    "(out of file descriptors?); it was killed, and as the task may have "
-                    "started it is not run again"
-                )
-                log.error("spawn %s %s: %s", job.handle, job.spawn.task, text)
-                self._fail(job, SPAWN_FAILED, text)
-            # Otherwise the job stays pending and is queued again when the
-            # zygote goes: the child never got its task, and exits when it
-            # finds its channel's other end gone.
+            self.fleet.condemn(zygote, f"sent {len(fds)} descriptors with a fork reply")
+            if child is not None and child.job is not None and child.carried:
+                self._lost_carried(zygote, child, child.job, msg.pid)
+            # Otherwise the child stays pending and its job is queued again
+            # when the zygote goes: the child never got its task, and exits
+            # when it finds its channel's other end gone.
             return
-        job = zygote.pending.pop(msg.handle, None)
+        zygote.pending.pop(msg.handle, None)
         channel_fd, pidfd = fds
-        if job is None or job.state is not JobState.FORKING:
+        if child is None or child.state is not ChildState.FORKING:
             # We gave up on this fork already; the child must not run.
             send_signal(pidfd, signal.SIGKILL)
             os.close(pidfd)
@@ -227,120 +207,129 @@ class Spawner:
             self.counts["fork_guard_timeouts"] += 1
         channel = socket.socket(fileno=channel_fd)
         channel.setblocking(False)
-        worker = Worker(msg.pid, pidfd, channel, job, zygote, job.requested)
-        worker.decoder = FrameDecoder(self.config.max_message_bytes + 65536)
-        job.worker = worker
-        job.state = JobState.STARTING
-        job.timers[0].cancel()  # the fork deadline; the ready one stays
-        worker.warnings = list(msg.warnings)
-        self.tracker.track(worker)
-        if isinstance(job, PoolFork):
+        child.timers[0].cancel()  # the fork deadline; the ready one stays
+        child.forked(msg.pid, pidfd, channel, self.config.max_message_bytes + 65536)
+        child.warnings = list(msg.warnings)
+        self.tracker.track(child)
+        job = child.job
+        if job is None:
             return
-        job.record.warnings = list(msg.warnings)
-        if not job.carried:
-            self._send_task(worker, job)
+        if not child.carried:
+            self.tracker.send(child, self._task_frame(job))
         log.debug(
             "spawn %s %s: worker %d forked by generation %d",
             job.handle,
             job.spawn.task,
-            worker.pid,
+            child.pid,
             zygote.generation,
         )
 
-    def on_fork_failed(self, zygote: ZygoteProc, msg: ForkFailed) -> None:
-        job = zygote.pending.pop(msg.handle, None)
-        if job is None or job.state is not JobState.FORKING:
+    def _lost_carried(self, zygote: ZygoteProc, child: Child, job: Job, pid: int) -> None:
+        """The zygote has told this child to go, so it may be running its task
+        right now, and we cannot watch it: running the task again could run
+        it twice. Stop it and give up on the request instead. (The pid is
+        still that child's: its zygote has not reaped it.)"""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        del zygote.pending[child.name]
+        child.cancel_timers()
+        child.move(ChildState.ENDED)
+        text = (
+            f"worker {pid} was forked, but the supervisor lost its descriptors "
+            "(out of file descriptors?); it was killed, and as the task may have "
+            "started it is not run again"
+        )
+        log.error("spawn %s %s: %s", job.handle, job.spawn.task, text)
+        self._fail(job, ErrorCode.SPAWN_FAILED, text)
+
+    def fork_failed(self, zygote: ZygoteProc, msg: ForkFailed) -> None:
+        child = zygote.pending.pop(msg.handle, None)
+        if child is None or child.state is not ChildState.FORKING:
             return
-        if isinstance(job, PoolFork):
-            job.cancel_timers()
+        child.cancel_timers()
+        child.move(ChildState.ENDED)
+        job = child.job
+        if job is None:  # a pool fork
             if msg.error != self._pool_error:  # once per change, not per retry
                 log.warning("ready pool: %s", msg.error)
                 self._pool_error = msg.error
             if msg.refused:
                 self.counts["refused_forks"] += 1
-                self.pool.refused()
+                self.pool.refused(child)
             else:
                 self.counts["failed_starts"] += 1
-                self.pool.lost()
-            return
-        self.slots -= 1
-        if msg.refused:  # the thread policy: retrying cannot help
+                self.pool.lost(child)
+        elif msg.refused:  # the thread policy: retrying cannot help
             self.counts["refused_forks"] += 1
             log.error("spawn %s: %s", job.handle, msg.error)
-            self._fail(job, SPAWN_FAILED, msg.error)
+            self._fail(job, ErrorCode.SPAWN_FAILED, msg.error)
             self.dispatch()
         else:
             self._start_failed(job, msg.error, zygote)
 
-    def on_reaped(self, pid: int, status: int, rusage: tuple[float, float, int]) -> None:
-        if not self.tracker.reaped(pid, status, rusage):
-            log.debug("reaped process %d (%s)", pid, describe_wait_status(status))
-
-    def on_zygote_gone(self, zygote: ZygoteProc) -> None:
-        for job in reversed(list(zygote.pending.values())):
-            job.cancel_timers()
-            if isinstance(job, PoolFork):
-                self.pool.lost()
+    def zygote_gone(self, zygote: ZygoteProc) -> None:
+        for child in reversed(list(zygote.pending.values())):
+            child.cancel_timers()
+            child.move(ChildState.ENDED)
+            if child.job is None:
+                self.pool.lost(child)
                 continue
             # Never forked, or forked into a child that will see its channel
             # close and exit without running anything: safe to run again. It
             # counts as an attempt all the same, so that a request that kills
             # every zygote it meets ends in an error, not in a loop.
-            self.slots -= 1
-            job.zygote = None
+            job = child.job
             job.attempts += 1
-            job.reasons.append(f"zygote generation {zygote.generation} was lost while forking it")
-            if self.stopping:
-                self._fail(job, SHUTTING_DOWN, f"server shutting down: {self.stopping}")
-            elif job.attempts > self.config.spawn_retries:
-                self._fail(job, SPAWN_FAILED, f"no healthy worker: {job.reasons[-1]}")
-            else:
-                job.state = JobState.QUEUED
-                self.queue.appendleft(job)
+            self._retry(job, f"zygote generation {zygote.generation} was lost while forking it")
         zygote.pending.clear()
-        for worker in list(self.workers.values()):
-            if worker.zygote is not zygote:
+        for child in list(self.tracker.children.values()):
+            if child.zygote is not zygote:
                 continue
-            if worker.pooled:  # the old generation's code: let it go
-                self.pool.retire(worker)
-            elif isinstance(worker.job, Job) and worker.job.carried:
+            if child.state is ChildState.IDLE:  # the old generation's code: let it go
+                self.pool.retire(child)
+            elif child.carried and child.state is ChildState.STARTING:
                 # It may have died between handing us the channel and
                 # telling the child to go; one more Go is harmless.
-                self.tracker.send(worker, _GO_FRAME)
+                self.tracker.send(child, GO_FRAME)
         self.tracker.zygote_gone(zygote, set(self.fleet.zygotes))
 
     # -- deadlines ------------------------------------------------------------
 
-    def _fork_overdue(self, job: Job | PoolFork) -> None:
-        if job.state is JobState.FORKING and job.zygote is not None:
+    def _fork_overdue(self, child: Child) -> None:
+        if child.state is ChildState.FORKING:
             timeout = self.config.fork_timeout
-            self.fleet.broken(job.zygote, f"did not answer a fork request within {timeout:g}s")
+            self.fleet.kill_zygote(
+                child.zygote, f"did not answer a fork request within {timeout:g}s"
+            )
 
-    def _ready_overdue(self, job: Job | PoolFork) -> None:
-        worker = job.worker
-        if job.state is JobState.FORKING:
-            self._fork_overdue(job)
-        elif job.state is JobState.STARTING and worker is not None and worker.alive:
-            where = f" (stuck in {worker.phase})" if worker.phase else ""
+    def _ready_overdue(self, child: Child) -> None:
+        if child.state is ChildState.FORKING:
+            self._fork_overdue(child)
+        elif child.state is ChildState.STARTING:
+            where = f" (stuck in {child.phase})" if child.phase else ""
             failure = f"not ready within {self.config.validate_timeout:g}s{where}"
-            self.tracker.fail_start(worker, failure, worker.phase or "start-up")
+            self.tracker.fail_start(child, failure, child.phase or "start-up")
 
     # -- start failures ---------------------------------------------------------
 
-    def _start_failed(self, job: Job, reason: str, zygote: ZygoteProc | None) -> None:
+    def _start_failed(self, job: Job, reason: str, zygote: ZygoteProc) -> None:
         """A start attempt failed: retry the job, or give up and tell the client.
         A failure reported after its zygote was replaced does not count
         against the request: the zygote, not the request, was the problem."""
-        job.cancel_timers()
-        job.worker = None
-        job.zygote = None
-        job.reasons.append(reason)
         self.counts["failed_starts"] += 1
-        if zygote is not None and zygote is self.fleet.current:
+        if zygote is self.fleet.current:
             job.attempts += 1
             self.fleet.child_corrupt(zygote)
+        self._retry(job, reason)
+        self.dispatch()
+
+    def _retry(self, job: Job, reason: str) -> None:
+        """Queue a job whose start failed again, first in line, unless it is
+        out of attempts or the server is stopping."""
+        job.child = None
+        job.reasons.append(reason)
         if self.stopping:
-            self._fail(job, SHUTTING_DOWN, f"server shutting down: {self.stopping}")
+            self._fail(job, ErrorCode.SHUTTING_DOWN, shutting_down(self.stopping))
         elif job.attempts <= self.config.spawn_retries:
             log.warning(
                 "spawn %s: %s; replacing it (attempt %d of %d)",
@@ -349,116 +338,106 @@ class Spawner:
                 job.attempts + 1,
                 self.config.spawn_retries + 1,
             )
-            job.state = JobState.QUEUED
+            job.move(JobState.QUEUED)
             self.queue.appendleft(job)
         else:
             text = f"no healthy worker after {len(job.reasons)} attempts: {reason}"
             log.error("spawn %s (%s): %s", job.handle, job.spawn.task, text)
-            self._fail(job, SPAWN_FAILED, text)
-        self.dispatch()
+            self._fail(job, ErrorCode.SPAWN_FAILED, text)
 
-    def _fail(self, job: Job, code: str, text: str) -> None:
-        job.cancel_timers()
-        job.state = JobState.DONE
+    def _fail(self, job: Job, code: ErrorCode, text: str) -> None:
+        job.move(JobState.DONE)
         self.jobs.pop(job.handle, None)
-        self.clients.on_failed(job, code, text)
+        self.clients.job_failed(job.handle, code, text, job.reasons)
 
-    # -- what the tracker reports (tracker.WorkerEvents) -----------------------
+    # -- what the tracker reports (tracker.ChildEvents) -----------------------
 
-    def on_ready(self, worker: Worker) -> None:
-        job = worker.job
-        if job.state is not JobState.STARTING:
-            return
-        worker.ready_at = time.monotonic()
-        job.state = JobState.RUNNING
-        job.cancel_timers()
-        self.fleet.child_healthy(worker.zygote)
-        if isinstance(job, PoolFork):
+    def child_ready(self, child: Child) -> None:
+        child.ready_at = self.loop.now()
+        child.cancel_timers()
+        self.fleet.child_healthy(child.zygote)
+        job = child.job
+        if job is None:
             self._pool_error = ""
-            self.pool.add(worker)
+            self.pool.add(child)
             if self.stopping:  # forked before the stop, ready after it
-                self.pool.retire(worker)
+                self.pool.retire(child)
             self.pool.retire_stale(self.fleet.current)
             self.dispatch()
             return
-        self._running(worker, job)
+        child.move(ChildState.RUNNING)
+        job.move(JobState.RUNNING)
+        self._running(child, job)
         log.debug(
             "worker %d [%s] ready in %.1f ms",
-            worker.pid,
+            child.pid,
             job.handle,
-            (worker.ready_at - worker.requested) * 1000,
+            (child.ready_at - child.requested) * 1000,
         )
 
-    def on_result(self, worker: Worker, data: bytes) -> None:
-        if isinstance(worker.job, Job):
-            worker.job.record.result = data
-            self.clients.on_outcome(worker.job.record)
+    def child_result(self, child: Child, data: bytes) -> None:
+        assert child.job is not None
+        self.clients.job_result(child.job.handle, data)
 
-    def on_gone(self, worker: Worker) -> None:
-        if isinstance(worker.job, Job):
-            self.slots -= 1
+    def child_exited(self, child: Child) -> None:
+        if child.exited_from is ChildState.IDLE:
+            self.pool.lost(child)
+        elif child.job is not None:  # its slot is free (its move said so)
             self.dispatch()
 
-    def on_ended(self, worker: Worker) -> None:
-        job = worker.job
-        code, sig, words = worker.exit_status()
-        lifetime = time.monotonic() - worker.requested
-        if job.state in (JobState.FORKING, JobState.STARTING):
-            self._corrupt_child(worker, words)
+    def child_ended(self, child: Child) -> None:
+        code, sig, words = child.exit_status()
+        if child.exited_from is ChildState.STARTING:
+            self._corrupt_child(child, words)
             return
-        if isinstance(job, PoolFork):  # a pool child that never got a task
-            if not worker.retired:
-                log.warning("pool worker %d %s while waiting for a task", worker.pid, words)
-                self.pool.lost(worker)
+        job = child.job
+        if job is None:  # a pool child that never got a task
+            if child.exited_from is ChildState.IDLE:
+                log.warning("pool worker %d %s while waiting for a task", child.pid, words)
             return
-        record = job.record
-        if not worker.result_seen:
-            outcome = TIMEOUT if worker.timed_out else LOST
-            what = words
-            if worker.timed_out:
+        lifetime = self.loop.now() - child.requested
+        result = None
+        if child.exited_from is ChildState.RUNNING:  # no result came
+            outcome, what = (TIMEOUT, None) if child.timed_out else (LOST, words)
+            if child.timed_out:
                 what = f"ran past its {job.spawn.timeout:g}s timeout and was killed"
-            message = f"worker {worker.pid} running {job.spawn.task} {what}"
-            record.result = encode(
+            message = f"worker {child.pid} running {job.spawn.task} {what}"
+            result = encode(
                 Result(job.handle, outcome, message=message, exit_code=code, signal=sig)
             )
-        utime, stime, maxrss = worker.rusage
-        record.exited = encode(
-            Exited(job.handle, worker.pid, code, sig, words, lifetime, utime, stime, maxrss)
-        )
-        job.cancel_timers()
-        job.state = JobState.DONE
+        utime, stime, maxrss = child.rusage
+        exited = Exited(job.handle, child.pid, code, sig, words, lifetime, utime, stime, maxrss)
+        job.move(JobState.DONE)
         self.jobs.pop(job.handle, None)
-        self.clients.on_outcome(record)
+        self.clients.job_ended(job.handle, result, encode(exited))
         self.counts["completed"] += 1
-        level = logging.INFO if code == 0 and worker.result_seen else logging.WARNING
+        level = logging.INFO if code == 0 and result is None else logging.WARNING
         log.log(
             level,
             "worker %d [%s] %s %s after %.1f ms",
-            worker.pid,
+            child.pid,
             job.handle,
             job.spawn.task,
             words,
             lifetime * 1000,
         )
 
-    def _corrupt_child(self, worker: Worker, words: str) -> None:
+    def _corrupt_child(self, child: Child, words: str) -> None:
         """A child that ended before ready: count it against its step and its
         zygote, and try the job again (or fork another pool child)."""
-        step = worker.failed_step or worker.phase or "start-up"
+        step = child.failed_step or child.phase or "start-up"
         self.failures_by_step[step] += 1
-        reason = worker.failure or f"worker {worker.pid} {words} before it was ready"
-        if worker.phase and not worker.failure:
-            reason += f" (in {worker.phase})"
-        job = worker.job
-        log.warning("worker %d [%s] %s; it was %s", worker.pid, job.handle, reason, words)
-        if isinstance(job, Job):
-            self._start_failed(job, reason, worker.zygote)
+        reason = child.failure or f"worker {child.pid} {words} before it was ready"
+        if child.phase and not child.failure:
+            reason += f" (in {child.phase})"
+        log.warning("worker %d [%s] %s; it was %s", child.pid, child.name, reason, words)
+        if child.job is not None:
+            self._start_failed(child.job, reason, child.zygote)
             return
-        job.cancel_timers()
         self.counts["failed_starts"] += 1
-        if worker.zygote is self.fleet.current:
-            self.fleet.child_corrupt(worker.zygote)
-        self.pool.lost()
+        if child.zygote is self.fleet.current:
+            self.fleet.child_corrupt(child.zygote)
+        self.pool.lost(child)
 
     # -- stopping -------------------------------------------------------------
 
@@ -467,14 +446,14 @@ class Spawner:
         self.stopping = reason
         self.pool.retire_all()
         while self.queue:
-            self._fail(self.queue.popleft(), SHUTTING_DOWN, f"server shutting down: {reason}")
+            self._fail(self.queue.popleft(), ErrorCode.SHUTTING_DOWN, shutting_down(reason))
 
     def stats(self) -> dict[str, Any]:
-        busy = sum(isinstance(worker.job, Job) for worker in self.workers.values())
+        busy = sum(child.job is not None for child in self.tracker.children.values())
         return {
             "workers": busy,
             "pool_ready": len(self.pool.ready),
-            "pool_starting": self.pool.starting,
+            "pool_starting": len(self.pool.starting),
             "pool_size": self.pool.size,
             "pool_taken": self.pool.taken,
             "queued": len(self.queue),

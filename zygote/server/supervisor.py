@@ -32,15 +32,12 @@ from ..codec import (
     request_id,
 )
 from ..config import ConfigError, ServerConfig, ensure_private_dir, runtime_dir
-from ..linux import set_child_subreaper, signal_name
+from ..linux import describe_wait_status, set_child_subreaper, signal_name
 from ..protocol import (
-    BUSY,
-    SHUTTING_DOWN,
-    SPAWN_FAILED,
-    UNKNOWN_HANDLE,
     Attach,
     Collected,
     Error,
+    ErrorCode,
     Kill,
     Message,
     Ok,
@@ -51,12 +48,14 @@ from ..protocol import (
     Spawned,
     Stats,
     Stop,
+    shutting_down,
 )
 from .children import Job
 from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
 from .loop import EventLoop
 from .spawner import Spawner
 from .store import Envelope, Record, ResultStore
+from .tracker import Tracker
 
 log = logging.getLogger("zygote.supervisor")
 
@@ -64,6 +63,11 @@ log = logging.getLogger("zygote.supervisor")
 EXIT_OK, EXIT_CONFIG = 0, 2
 __all__ = ["EXIT_BOOT", "EXIT_CONFIG", "EXIT_OK", "EXIT_UNHEALTHY", "Supervisor"]
 _HOUSEKEEPING = 1.0
+#: Results at least this big are handed to ZeroMQ without a copy.
+_ZERO_COPY_MIN = 64 * 1024
+#: Rejected client messages are logged at most once per peer per interval.
+REJECT_LOG_INTERVAL = 10.0
+_REJECT_PEERS_KEPT = 1024
 
 
 class Supervisor:
@@ -74,11 +78,20 @@ class Supervisor:
         self._handle_numbers = itertools.count(1)
         self.loop = EventLoop()
         self.store = ResultStore(config.result_ttl, config.max_results, config.max_results_bytes)
-        self.spawner = Spawner(config, self.loop, self)
+        # Workers hold the read end of this pipe; its write end, only we.
+        self.lifeline_r, self.lifeline_w = os.pipe()
+        self.tracker = Tracker(config, self.loop)
+        self.fleet = Fleet(config, self.loop, self.lifeline_r, self.tracker, self.give_up)
+        self.spawner = Spawner(config, self.loop, self.fleet, self.tracker, self)
         self.signals: collections.deque[int] = collections.deque()
         self.stopping: str | None = None
         self.exit_code = EXIT_OK
         self.busy_rejections = 0
+        self.rejected = 0
+        # Per peer: (rejections not yet logged, when it was last logged).
+        self._rejections: collections.OrderedDict[bytes, tuple[int, float]] = (
+            collections.OrderedDict()
+        )
 
     # -- lifecycle --------------------------------------------------------
 
@@ -87,7 +100,7 @@ class Supervisor:
         self._setup()
         try:
             self.loop.later(_HOUSEKEEPING, self._housekeeping)
-            while not (self.stopping and not self.spawner.jobs and not self.spawner.workers):
+            while not (self.stopping and not self.spawner.jobs and not self.tracker.children):
                 self.loop.run_once(_HOUSEKEEPING)
         finally:
             self._teardown()
@@ -106,7 +119,6 @@ class Supervisor:
         # limits a client gets a clear "too large" reply instead.
         self.router.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.max_message_bytes + 65536)
         self.endpoint = self._bind(self.config.endpoint)
-        self.lifeline_r, self.lifeline_w = os.pipe()
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
@@ -115,8 +127,6 @@ class Supervisor:
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
         self.loop.watch(self.router, self._on_client_messages)
         self.loop.watch(self._wake_r.fileno(), self._on_signals)
-        self.fleet = Fleet(self.config, self.loop, self.lifeline_r, self.spawner, self.give_up)
-        self.spawner.fleet = self.fleet
         log.info("zygote %s listening on %s (pid %d)", __version__, self.endpoint, os.getpid())
         self.fleet.start()
 
@@ -154,7 +164,8 @@ class Supervisor:
 
     def _housekeeping(self) -> None:
         self.loop.later(_HOUSEKEEPING, self._housekeeping)
-        self.fleet.forget_drops({worker.zygote.pid for worker in self.spawner.workers.values()})
+        self._report_rejections()
+        self.fleet.forget_drops({child.zygote.pid for child in self.tracker.children.values()})
         for record in self.store.expire():
             log.warning(
                 "result of %s (%s) expired: no client collected it", record.handle, record.task
@@ -186,7 +197,8 @@ class Supervisor:
                 return
             if self.fleet.reaped(pid, status) is None:
                 rusage = (usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
-                self.spawner.on_reaped(pid, status, rusage)
+                if not self.tracker.exit_status(pid, status, rusage):
+                    log.debug("reaped process %d (%s)", pid, describe_wait_status(status))
 
     # -- clients ----------------------------------------------------------
 
@@ -199,12 +211,12 @@ class Supervisor:
             # DEALER clients send [id, body]; REQ clients [id, b"", body].
             envelope, data = tuple(frames[:-1]), frames[-1]
             if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1]):
-                log.warning("dropped a %d-frame message: one msgpack frame expected", len(frames))
+                self._rejected(frames[0], f"a {len(frames)}-frame message: one frame expected")
                 continue
             try:
                 msg = decode_request(data, self.config.max_message_bytes)
             except ProtocolError as exc:
-                log.warning("rejected a client message: %s", exc)
+                self._rejected(frames[0], str(exc))
                 self._send(envelope, Error(request_id(data), exc.code, str(exc)))
                 continue
             try:
@@ -212,7 +224,39 @@ class Supervisor:
             except Exception as exc:
                 # A bug of ours; the client still gets an answer, not a hang.
                 log.exception("internal error handling a %s request", msg.KIND)
-                self._send(envelope, Error(request_id(data), "internal", f"server error: {exc}"))
+                error = Error(request_id(data), ErrorCode.INTERNAL, f"server error: {exc}")
+                self._send(envelope, error)
+
+    def _rejected(self, peer: bytes, what: str) -> None:
+        """Log a rejected message — at most once per peer per interval: a
+        client sending garbage in a loop must not flood the log. The ones
+        not logged are counted, and the count is logged when the interval
+        is up (`_report_rejections`)."""
+        self.rejected += 1
+        now = self.loop.now()
+        count, logged = self._rejections.pop(peer, (0, -REJECT_LOG_INTERVAL))
+        if now - logged >= REJECT_LOG_INTERVAL:
+            log.warning("rejected a message from client %s: %s", peer.hex()[:16], what)
+            count, logged = 0, now
+        else:
+            count += 1
+        self._rejections[peer] = (count, logged)
+        while len(self._rejections) > _REJECT_PEERS_KEPT:
+            self._rejections.popitem(last=False)
+
+    def _report_rejections(self) -> None:
+        now = self.loop.now()
+        for peer, (count, logged) in list(self._rejections.items()):
+            if now - logged < REJECT_LOG_INTERVAL:
+                continue
+            if count:
+                log.warning(
+                    "rejected %d more messages from client %s in the last %.0f s",
+                    count,
+                    peer.hex()[:16],
+                    now - logged,
+                )
+            del self._rejections[peer]
 
     def _on_request(self, envelope: Envelope, msg: Message) -> None:
         if isinstance(msg, Spawn):
@@ -229,7 +273,7 @@ class Supervisor:
             pid = self.spawner.kill(msg.handle, msg.signal)
             if pid is None:
                 text = f"handle {msg.handle!r} has no running worker"
-                self._send(envelope, Error(msg.req, UNKNOWN_HANDLE, text))
+                self._send(envelope, Error(msg.req, ErrorCode.UNKNOWN_HANDLE, text))
             else:
                 log.info(
                     "worker %d [%s] sent %s by a client", pid, msg.handle, signal_name(msg.signal)
@@ -241,7 +285,7 @@ class Supervisor:
             self._send(envelope, Ok(msg.req, self.stats()))
         elif isinstance(msg, Refork):
             if self.stopping:
-                self._send(envelope, Error(msg.req, SHUTTING_DOWN, self._stop_message()))
+                self._send(envelope, Error(msg.req, ErrorCode.SHUTTING_DOWN, self._stop_message()))
             else:
                 self._send(envelope, Ok(msg.req, {"generation": self.fleet.refork()}))
         elif isinstance(msg, Stop):
@@ -255,23 +299,24 @@ class Supervisor:
         ended = None if msg.handle is None else self.store.ended(msg.handle)
         if ended is not None:  # sent again after its reply was lost, and gone since
             text = f"job {msg.handle} already ended, and is not run again: {ended}"
-            self._send(envelope, Error(msg.req, SPAWN_FAILED, text))
+            self._send(envelope, Error(msg.req, ErrorCode.SPAWN_FAILED, text))
             return
         if self.stopping:
-            self._send(envelope, Error(msg.req, SHUTTING_DOWN, self._stop_message()))
+            self._send(envelope, Error(msg.req, ErrorCode.SHUTTING_DOWN, self._stop_message()))
             return
         if self.spawner.full():
             self.busy_rejections += 1
             text = (
-                f"server busy: {self.spawner.slots} workers running and "
+                f"server busy: {self.spawner.slots.taken} workers running and "
                 f"{len(self.spawner.queue)} requests queued (max-workers "
                 f"{self.config.max_workers}, queue-size {self.config.queue_size})"
             )
-            self._send(envelope, Error(msg.req, BUSY, text))
+            self._send(envelope, Error(msg.req, ErrorCode.BUSY, text))
             return
         # Ours have a ":", which the handles clients pick cannot contain.
         handle = msg.handle or f"{self.server_id}:{next(self._handle_numbers)}"
-        self.spawner.submit(Job(handle, msg, self.store.open(handle, msg.task, envelope, msg.req)))
+        self.store.open(handle, msg.task, envelope, msg.req)
+        self.spawner.submit(Job(handle, msg))
 
     def _on_attach(self, envelope: Envelope, msg: Attach) -> None:
         record = self.store.get(msg.handle)
@@ -280,7 +325,7 @@ class Supervisor:
             text = f"unknown handle {msg.handle!r}: " + (
                 f"the job ended, {ended}" if ended else "no such job, or one long gone"
             )
-            self._send(envelope, Error(msg.req, UNKNOWN_HANDLE, text))
+            self._send(envelope, Error(msg.req, ErrorCode.UNKNOWN_HANDLE, text))
             return
         record.followers[envelope] = None
         if record.ready:
@@ -295,7 +340,10 @@ class Supervisor:
     def _send_raw(self, envelope: Envelope, data: bytes) -> bool:
         """Send without blocking; False if the client is gone or not reading."""
         try:
-            self.router.send_multipart([*envelope, data], zmq.NOBLOCK)
+            # A big result is lent to ZeroMQ, not copied: it keeps a reference
+            # to the bytes until its I/O thread has sent them.
+            copy = len(data) < _ZERO_COPY_MIN
+            self.router.send_multipart([*envelope, data], zmq.NOBLOCK, copy=copy)
         except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
             log.debug("could not reach a client: %s", exc)
             return False
@@ -320,23 +368,39 @@ class Supervisor:
                 self.store.max_bytes,
             )
 
-    # -- what the spawner reports (spawner.Clients) ---------------------------
+    # -- what the spawner reports (spawner.Clients); records change only here --
 
-    def on_started(self, job: Job) -> None:
-        worker, record = job.worker, job.record
-        assert worker is not None
-        record.pid, record.generation, record.ready = worker.pid, worker.generation, True
+    def job_started(self, handle: str, pid: int, generation: int, warnings: list[str]) -> None:
+        record = self.store.get(handle)
+        if record is None:  # dropped already (result bound, TTL)
+            return
+        record.pid, record.generation, record.warnings = pid, generation, list(warnings)
+        record.ready = True
         for envelope, req in record.waiting:
             self._send(envelope, self._spawned(record, req))
         record.waiting.clear()
 
-    def on_outcome(self, record: Record) -> None:
+    def job_result(self, handle: str, data: bytes) -> None:
+        record = self.store.get(handle)
+        if record is not None:
+            record.result = data
+            self._deliver(record)
+
+    def job_ended(self, handle: str, result: bytes | None, exited: bytes) -> None:
+        record = self.store.get(handle)
+        if record is None:
+            return
+        if result is not None:
+            record.result = result
+        record.exited = exited
         self._deliver(record)
 
-    def on_failed(self, job: Job, code: str, text: str) -> None:
-        for envelope, req in job.record.waiting:
-            self._send(envelope, Error(req, code, text, job.reasons))
-        self.store.discard(job.handle, f"it failed: {text}")
+    def job_failed(self, handle: str, code: ErrorCode, text: str, reasons: list[str]) -> None:
+        record = self.store.get(handle)
+        if record is not None:
+            for envelope, req in record.waiting:
+                self._send(envelope, Error(req, code, text, reasons))
+        self.store.discard(handle, f"it failed: {text}")
 
     # -- stopping ---------------------------------------------------------
 
@@ -367,7 +431,7 @@ class Supervisor:
         self.loop.later(grace, self._terminate, signal.SIGTERM)
 
     def _terminate(self, sig: int) -> None:
-        count = self.spawner.tracker.terminate(sig)
+        count = self.tracker.terminate(sig)
         if sig == signal.SIGTERM and count:
             # Counts ready-pool children that had not left yet, not just workers.
             log.warning("grace period over: sent SIGTERM to %d child processes", count)
@@ -383,7 +447,7 @@ class Supervisor:
         }
 
     def _stop_message(self) -> str:
-        return f"server shutting down: {self.stopping}"
+        return shutting_down(self.stopping or "")
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the server for `Zygote.stats()` and `zygote status`."""
@@ -398,6 +462,7 @@ class Supervisor:
             "results_kept": self.store.uncollected,
             "results_kept_bytes": self.store.uncollected_bytes,
             "busy_rejections": self.busy_rejections,
+            "rejected_messages": self.rejected,
             "internal_errors": self.loop.internal_errors,
         }
 

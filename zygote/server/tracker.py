@@ -1,9 +1,13 @@
-"""Watching worker processes: their channels, their deadlines, their exits.
+"""Watching the children zygotes fork: their channels, their deadlines, their
+exits, and their exit statuses.
 
 Process-level mechanics only, for the spawner, which decides what each event
-means for a job or the pool: it hears when a worker is ready, when it sent
-its result, when its process is gone, and when its exit status is known.
-Part of the supervisor process.
+means for a job or the pool. It hears when a child is ready, when it sent its
+result, when its process is gone (its slot is free), and when its exit status
+is known. Exit statuses come from three places — the zygote that reaped its
+child, our own wait4 on orphans re-parented to us (we are the subreaper), and
+a zygote's death that took a status with it — and all of them are recorded
+here, by `exit_status()` alone. Part of the supervisor process.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Protocol
 
 import zmq
@@ -19,29 +24,44 @@ from ..codec import decode_channel
 from ..config import ServerConfig, signal_by_name
 from ..linux import child_pids, kill_child
 from ..protocol import Message, Phase, ProtocolError, Ready, Result, ValidatorFailed
-from .children import Worker, ZygoteProc
+from .children import Child, ZygoteProc
+from .lifecycle import ChildState
 from .loop import EventLoop
 
 log = logging.getLogger("zygote.supervisor")
 
+Rusage = tuple[float, float, int]  # user and system CPU seconds, max RSS in KiB
 
-class WorkerEvents(Protocol):
-    def on_ready(self, worker: Worker) -> None: ...
-    def on_result(self, worker: Worker, data: bytes) -> None: ...
-    def on_gone(self, worker: Worker) -> None: ...
-    def on_ended(self, worker: Worker) -> None: ...
+
+class ChildEvents(Protocol):
+    """What the tracker reports about children (to the spawner)."""
+
+    def child_ready(self, child: Child) -> None: ...
+    def child_result(self, child: Child, data: bytes) -> None: ...
+    def child_exited(self, child: Child) -> None: ...
+    def child_ended(self, child: Child) -> None: ...
 
 
 class Tracker:
-    def __init__(self, config: ServerConfig, loop: EventLoop, events: WorkerEvents) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        loop: EventLoop,
+        find_children: Callable[[], set[int]] = child_pids,
+    ) -> None:
         self.config = config
         self.loop = loop
-        self.events = events
-        self.workers: dict[int, Worker] = {}
+        self.find_children = find_children
+        self.events: ChildEvents  # the spawner, which listens once it is built
+        self.children: dict[int, Child] = {}  # forked and not yet ended, by pid
         self.kill_signal = signal_by_name(config.kill_signal)
 
-    def track(self, worker: Worker) -> None:
-        old = self.workers.get(worker.pid)
+    def listen(self, events: ChildEvents) -> None:
+        self.events = events
+
+    def track(self, child: Child) -> None:
+        """Watch a child the zygote has just forked."""
+        old = self.children.get(child.pid)
         if old is not None:
             # Its pid was reused, so it is long gone: another zygote's word of
             # its exit is still on the way. Settle it now, status unknown.
@@ -50,72 +70,101 @@ class Tracker:
                 self._on_exit(old)
             else:
                 self._settle(old)
-        self.workers[worker.pid] = worker
-        self.loop.watch(worker.channel.fileno(), lambda: self._on_channel(worker))
-        self.loop.watch(worker.pidfd, lambda: self._on_exit(worker))
+        self.children[child.pid] = child
+        assert child.channel is not None
+        self.loop.watch(child.channel.fileno(), lambda: self._on_channel(child))
+        self.loop.watch(child.pidfd, lambda: self._on_exit(child))
 
-    def send(self, worker: Worker, data: bytes) -> None:
+    def send(self, child: Child, data: bytes) -> None:
         """Write to its channel; what the socket does not take now goes when
         it is writable again."""
-        if worker.channel_open and not worker.write(data):
-            self.loop.modify(worker.channel.fileno(), zmq.POLLIN | zmq.POLLOUT)
+        if child.channel is not None and not child.write(data):
+            self.loop.modify(child.channel.fileno(), zmq.POLLIN | zmq.POLLOUT)
 
-    def close_channel(self, worker: Worker) -> None:
-        if worker.channel_open:
-            worker.channel_open = False
-            self.loop.unwatch(worker.channel.fileno())
-            worker.channel.close()
+    def close_channel(self, child: Child) -> None:
+        """Close our end: for a worker that sent its result, or a pool child,
+        the cue to exit."""
+        if child.channel is not None:
+            self.loop.unwatch(child.channel.fileno())
+            child.channel.close()
+            child.channel = None
 
-    def fail_start(self, worker: Worker, failure: str, step: str) -> None:
+    def retire(self, child: Child) -> None:
+        """Let an idle pool child go."""
+        child.move(ChildState.RETIRING)
+        self.close_channel(child)
+
+    def fail_start(self, child: Child, failure: str, step: str) -> None:
         """Kill a child that failed its start-up; with SIGABRT, faulthandler
         prints where it was first. SIGKILL follows if that does not do it."""
-        worker.failure, worker.failed_step = failure, step
-        worker.signal(self.kill_signal)
+        child.failure, child.failed_step = failure, step
+        child.signal(self.kill_signal)
         if self.kill_signal != signal.SIGKILL:
-            self.loop.later(self.config.kill_grace, worker.signal, signal.SIGKILL)
+            child.timers.append(
+                self.loop.later(self.config.kill_grace, child.signal, signal.SIGKILL)
+            )
 
-    def time_limit(self, worker: Worker, seconds: float, what: str) -> None:
+    def time_limit(self, child: Child, seconds: float, what: str) -> None:
         """SIGTERM the worker after `seconds` unless it has sent its result;
         SIGKILL after the grace period."""
-        worker.timers.append(self.loop.later(seconds, self._overdue, worker, seconds, what))
+        child.timers.append(self.loop.later(seconds, self._overdue, child, seconds, what))
 
-    def _overdue(self, worker: Worker, seconds: float, what: str) -> None:
-        if not worker.alive or worker.result_seen:
+    def _overdue(self, child: Child, seconds: float, what: str) -> None:
+        if child.state is not ChildState.RUNNING:
             return
-        worker.timed_out = True
+        child.timed_out = True
         log.warning(
-            "worker %d %s ran past its %gs timeout; sending SIGTERM", worker.pid, what, seconds
+            "worker %d %s ran past its %gs timeout; sending SIGTERM", child.pid, what, seconds
         )
-        worker.signal(signal.SIGTERM)
-        self.loop.later(self.config.kill_grace, worker.signal, signal.SIGKILL)
+        child.signal(signal.SIGTERM)
+        child.timers.append(self.loop.later(self.config.kill_grace, child.signal, signal.SIGKILL))
 
-    def reaped(self, pid: int, status: int, rusage: tuple[float, float, int]) -> bool:
-        """An exit status arrived (from its zygote, or from our own wait)."""
-        worker = self.workers.get(pid)
-        if worker is None:
+    def terminate(self, sig: int) -> int:
+        """Signal every live child (workers and ready-pool children); how many."""
+        alive = [child for child in self.children.values() if child.alive]
+        for child in alive:
+            child.signal(sig)
+        return len(alive)
+
+    # -- exit statuses ----------------------------------------------------------
+
+    def exit_status(self, pid: int, status: int, rusage: Rusage) -> bool:
+        """A child's exit status arrived: from its zygote, which reaped it, or
+        from our own wait. False if it is not one of ours."""
+        child = self.children.get(pid)
+        if child is None:
             return False
-        worker.status = status
-        worker.rusage = rusage
-        if worker.alive:
-            self._on_exit(worker)
+        child.status, child.rusage = status, rusage
+        if child.alive:
+            self._on_exit(child)
         else:
-            self._settle(worker)
+            self._settle(child)
         return True
+
+    def _reap_orphan(self, child: Child) -> None:
+        """Its zygote is gone: it became our child (we are the subreaper) and
+        is ours to reap — unless the zygote reaped it and died before saying."""
+        try:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            child.status_lost = True
+            self._settle(child)
+            return
+        if pid:
+            self.exit_status(pid, status, (usage.ru_utime, usage.ru_stime, usage.ru_maxrss))
 
     def zygote_gone(self, zygote: ZygoteProc, known: set[int]) -> None:
         """Once a dead zygote is reaped its children are ours (we are the
-        subreaper). Workers of it that already ended are ours to reap now (or
-        their status went with it). And a child it forked but never told us
-        about — it died between fork() and saying so — is killed: it was never
-        handed a task, and no deadline of ours covers it."""
+        subreaper). Children of it that already exited are ours to reap now
+        (or their status went with it). And a child it forked but never told
+        us about — it died between fork() and saying so — is killed: it was
+        never handed a task, and no deadline of ours covers it."""
         if not zygote.reaped:
             return
-        for worker in list(self.workers.values()):
-            if worker.zygote is zygote and not worker.alive:
-                if worker.status is None:
-                    worker.reap_orphan()
-                self._settle(worker)
-        for pid in child_pids() - known - self.workers.keys():
+        for child in list(self.children.values()):
+            if child.zygote is zygote and child.state is ChildState.EXITED:
+                self._reap_orphan(child)
+        for pid in self.find_children() - known - self.children.keys():
             if pid == zygote.helper_pid:  # the next zygote starts its own
                 log.info(
                     "killing the helper (pid %d) of zygote generation %d, which is gone",
@@ -130,89 +179,85 @@ class Tracker:
                 )
             kill_child(pid)
 
-    def terminate(self, sig: int) -> int:
-        """Signal every live child (workers and ready-pool children); how many."""
-        alive = [worker for worker in self.workers.values() if worker.alive]
-        for worker in alive:
-            worker.signal(sig)
-        return len(alive)
-
     # -- events ---------------------------------------------------------------
 
-    def _on_channel(self, worker: Worker) -> None:
-        if worker.outbox and worker.flush():
-            self.loop.modify(worker.channel.fileno(), zmq.POLLIN)
+    def _on_channel(self, child: Child) -> None:
+        if child.channel is None:
+            return
+        if child.outbox and child.flush():
+            self.loop.modify(child.channel.fileno(), zmq.POLLIN)
         try:
-            frames, closed = worker.read()
+            frames, closed = child.read()
         except ProtocolError as exc:
             frames, closed = [], True
-            self._misbehaved(worker, f"sent an oversized frame: {exc}")
+            self._misbehaved(child, f"sent an oversized frame: {exc}")
         for data in frames:
             try:
                 msg = decode_channel(data)
             except ProtocolError as exc:
-                self._misbehaved(worker, f"sent garbage: {exc}")
+                self._misbehaved(child, f"sent garbage: {exc}")
                 break
-            self._on_message(worker, msg, data)
+            self._on_message(child, msg, data)
         if closed:
-            self.close_channel(worker)
+            self.close_channel(child)
 
-    def _on_message(self, worker: Worker, msg: Message, data: bytes) -> None:
-        starting = worker.ready_at is None
+    def _on_message(self, child: Child, msg: Message, data: bytes) -> None:
+        starting = child.state is ChildState.STARTING
         if isinstance(msg, Phase) and starting:
-            worker.phase = msg.name
+            child.phase = msg.name
         elif isinstance(msg, Ready) and starting:
-            if worker.failure is None:  # not from a child already condemned
-                self.events.on_ready(worker)
-        elif isinstance(msg, Result) and msg.handle == worker.job.handle and not starting:
-            if not worker.result_seen:
-                worker.result_seen = True
-                self.events.on_result(worker, data)
-                self.close_channel(worker)  # the worker's cue to exit
-                # ... which it takes once its before_exit hooks are done,
-                # unless something in it hangs (a hook stuck where SIGALRM
-                # cannot reach, a flush to a full pipe): it does not keep its
-                # slot for that.
-                grace = self.config.exit_timeout + self.config.kill_grace
-                worker.timers.append(self.loop.later(grace, worker.signal, signal.SIGKILL))
+            if child.failure is None:  # not from a child already condemned
+                self.events.child_ready(child)
+        elif isinstance(msg, Result) and child.state is ChildState.RUNNING:
+            if child.job is None or msg.handle != child.job.handle:
+                self._misbehaved(child, f"sent a result for {msg.handle!r}")
+                return
+            child.move(ChildState.FINISHING)
+            self.events.child_result(child, data)
+            self.close_channel(child)  # the worker's cue to exit
+            # ... which it takes once its before_exit hooks are done, unless
+            # something in it hangs (a hook stuck where SIGALRM cannot reach,
+            # a flush to a full pipe): it does not keep its slot for that.
+            grace = self.config.exit_timeout + self.config.kill_grace
+            child.timers.append(self.loop.later(grace, child.signal, signal.SIGKILL))
         elif isinstance(msg, ValidatorFailed) and starting:
             error = msg.error.strip()
-            log.warning(
-                "worker %d [%s] failed %s:\n%s", worker.pid, worker.job.handle, msg.name, error
-            )
+            log.warning("worker %d [%s] failed %s:\n%s", child.pid, child.name, msg.name, error)
             last = error.splitlines()[-1] if error else "?"
-            self.fail_start(worker, f"{msg.name} failed: {last}", msg.name)
+            self.fail_start(child, f"{msg.name} failed: {last}", msg.name)
         else:
-            self._misbehaved(worker, f"sent an unexpected {msg.KIND} message")
+            self._misbehaved(child, f"sent an unexpected {msg.KIND} message")
 
-    def _misbehaved(self, worker: Worker, what: str) -> None:
-        worker.failure = worker.failure or what
-        log.error("worker %d [%s] %s; killing it", worker.pid, worker.job.handle, what)
-        worker.signal(signal.SIGKILL)
+    def _misbehaved(self, child: Child, what: str) -> None:
+        child.failure = child.failure or what
+        log.error("worker %d [%s] %s; killing it", child.pid, child.name, what)
+        child.signal(signal.SIGKILL)
 
-    def _on_exit(self, worker: Worker) -> None:
-        """Its pidfd turned readable: the process has exited."""
-        if not worker.alive:
+    def _on_exit(self, child: Child) -> None:
+        """Its pidfd turned readable (or its status came first): it has exited."""
+        if not child.alive:
             return
-        worker.alive = False
-        self.loop.unwatch(worker.pidfd)
-        os.close(worker.pidfd)
+        self.loop.unwatch(child.pidfd)
+        os.close(child.pidfd)
         # Whatever it wrote before dying is in the channel now: read it
         # before deciding anything from the exit, or a finished result
         # would be reported as lost.
-        if worker.channel_open:
-            self._on_channel(worker)
-            self.close_channel(worker)
-        for timer in worker.timers:
-            timer.cancel()
-        self.events.on_gone(worker)
+        self._on_channel(child)
+        self.close_channel(child)
+        child.cancel_timers()
+        child.move(ChildState.EXITED)
+        self.events.child_exited(child)
         # Only once its zygote is reaped is an orphan ours to reap (before
         # that, it is still the zygote's child, and wait4 would fail).
-        if worker.status is None and worker.zygote.reaped:
-            worker.reap_orphan()
-        self._settle(worker)
+        if child.status is None and child.zygote.reaped:
+            self._reap_orphan(child)
+        else:
+            self._settle(child)
 
-    def _settle(self, worker: Worker) -> None:
-        if worker.ended and self.workers.get(worker.pid) is worker:
-            del self.workers[worker.pid]
-            self.events.on_ended(worker)
+    def _settle(self, child: Child) -> None:
+        """It has exited and its status is known (or lost): report it, once."""
+        known = child.status is not None or child.status_lost
+        if known and self.children.get(child.pid) is child:
+            del self.children[child.pid]
+            child.move(ChildState.ENDED)
+            self.events.child_ended(child)

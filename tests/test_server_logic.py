@@ -1,0 +1,287 @@
+"""The supervisor's decisions, without processes: the real fleet, spawner,
+pool and tracker, a hand-driven clock, fake zygotes and workers
+(tests/fake_processes.py). Retries, deadlines, slot accounting, the
+escalation ladder and the generation switch — each in milliseconds."""
+
+from __future__ import annotations
+
+import gc
+import signal
+import weakref
+from collections.abc import Iterator
+
+import msgpack
+import pytest
+
+from zygote.codec import decode_reply
+from zygote.protocol import Exited, Ready, Result, Task, ValidatorFailed
+from zygote.server.fleet import EXIT_UNHEALTHY
+from zygote.server.lifecycle import ChildState, JobState
+
+from .fake_processes import FakeWorker, FakeZygote, Harness
+
+
+@pytest.fixture
+def harness(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    marker = request.node.get_closest_marker("settings")
+    h = Harness(monkeypatch, **(marker.kwargs if marker else {}))
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def ready_zygote(h: Harness) -> FakeZygote:
+    zygote = h.zygote
+    zygote.boot()
+    h.run()
+    assert h.fleet.ready is zygote.proc
+    return zygote
+
+
+def start(h: Harness, zygote: FakeZygote) -> FakeWorker:
+    """Fork the next requested child and report it ready."""
+    worker = zygote.fork()
+    h.run()
+    worker.send(Ready())
+    h.run()
+    return worker
+
+
+def finish(h: Harness, zygote: FakeZygote, worker: FakeWorker, handle: str) -> None:
+    worker.send(Result(handle, "ok", value=msgpack.packb(3)))
+    h.run()
+    worker.exit()
+    zygote.reap(worker, 0)
+    h.run()
+
+
+def test_a_job_from_fork_request_to_exit(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    job = h.submit("j1", 1, 2)
+    assert job.state is JobState.STARTING and h.spawner.slots.taken == 1
+    worker = zygote.fork()
+    assert worker.request.task == "tests.tasks:add"  # small: it travels with the fork
+    h.run()
+    assert job.child is not None and job.child.state is ChildState.STARTING
+    worker.send(Ready())
+    h.run()
+    assert h.clients.events == [("started", "j1", worker.pid, 1)]
+    assert job.state is JobState.RUNNING and job.spawn.payload == b""  # delivered: dropped
+    finish(h, zygote, worker, "j1")
+    assert h.clients.kinds("j1") == ["started", "result", "ended"]
+    _, _, result, exited = h.clients.events[-1]
+    assert result is None  # the worker's own result stands
+    report = decode_reply(exited)
+    assert isinstance(report, Exited) and report.exit_code == 0
+    assert h.spawner.slots.taken == 0 and not h.spawner.jobs and not h.tracker.children
+    _, closed = worker.received()
+    assert closed  # the cue to exit, after the result
+
+
+def test_an_ended_job_is_freed_without_the_cycle_collector(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    gc.disable()
+    try:
+        job = h.submit("j1", 1, 2)
+        worker = start(h, zygote)
+        assert job.child is not None
+        refs = [weakref.ref(job), weakref.ref(job.child)]
+        finish(h, zygote, worker, "j1")
+        del job
+        assert [ref() for ref in refs] == [None, None]
+    finally:
+        gc.enable()
+
+
+def test_a_result_sent_just_before_exit_is_not_reported_lost(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    h.submit("j1")
+    worker = start(h, zygote)
+    worker.send(Result("j1", "ok", value=msgpack.packb(3)))
+    worker.exit()  # both in the same batch of events: the channel is read first
+    zygote.reap(worker, 0)
+    h.run()
+    assert h.clients.kinds("j1") == ["started", "result", "ended"]
+    assert h.clients.events[-1][2] is None
+
+
+def test_a_big_task_goes_down_the_channel(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    h.submit("j1", "x" * 100_000)
+    worker = zygote.fork()
+    assert worker.request.task is None
+    h.run()
+    messages, _ = worker.received()
+    assert [type(m) for m in messages] == [Task]
+
+
+@pytest.mark.settings(spawn_retries=1, corrupt_limit=10)
+def test_a_corrupt_child_is_replaced_until_the_retries_run_out(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    job = h.submit("j1")
+    for attempt in (1, 2):
+        worker = zygote.fork()
+        h.run()
+        child = job.child
+        assert child is not None
+        worker.send(ValidatorFailed("flaky", "RuntimeError: broken lock"))
+        h.run()
+        assert h.kernel.signals(child.pidfd) == [signal.SIGKILL]
+        assert child.state is ChildState.EXITED  # its status is still to come
+        zygote.reap(worker, signal.SIGKILL)  # killed: a wait status of 9
+        h.run()
+        if attempt == 1:
+            assert job.state is JobState.STARTING  # forked again at once
+    kind, _, code, text, reasons = h.clients.events[-1]
+    assert (kind, code) == ("failed", "spawn_failed")
+    assert "no healthy worker after 2 attempts" in text and len(reasons) == 2
+    assert "flaky failed: RuntimeError: broken lock" in reasons[0]
+    assert h.spawner.failures_by_step == {"flaky": 2}
+    assert h.spawner.slots.taken == 0 and not h.tracker.children
+
+
+@pytest.mark.settings(fork_timeout=5.0)
+def test_a_fork_request_never_answered_replaces_the_zygote(harness: Harness) -> None:
+    h = harness
+    first = ready_zygote(h)
+    job = h.submit("j1")
+    assert first.recv() is not None  # the request, never answered
+    h.run(advance=5.0)
+    assert h.kernel.signals(first.proc.pidfd) == [signal.SIGKILL]
+    assert len(h.zygotes) == 2 and h.fleet.restarts == 1
+    assert job.state is JobState.QUEUED and job.attempts == 1
+    second = ready_zygote(h)
+    worker = second.fork()
+    assert worker.request.handle == "j1"
+    h.run()
+    assert job.state is JobState.STARTING and h.spawner.slots.taken == 1
+
+
+@pytest.mark.settings(validate_timeout=3.0, spawn_retries=0)
+def test_a_child_never_ready_is_killed_at_its_deadline(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    job = h.submit("j1")
+    worker = zygote.fork()
+    h.run()
+    child = job.child
+    assert child is not None
+    h.run(advance=2.9)
+    assert child.alive and not h.kernel.signals(child.pidfd)
+    h.run(advance=0.2)
+    assert h.kernel.signals(child.pidfd) == [signal.SIGKILL]
+    zygote.reap(worker, signal.SIGKILL)
+    h.run()
+    kind, _, code, text, _ = h.clients.events[-1]
+    assert (kind, code) == ("failed", "spawn_failed") and "not ready within 3s" in text
+
+
+@pytest.mark.settings(max_workers=2)
+def test_worker_slots_bound_the_forks_in_flight(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    jobs = [h.submit(f"j{i}") for i in range(5)]
+    first, second = zygote.fork(), zygote.fork()
+    assert zygote.recv() is None  # no third request: both slots are taken
+    assert len(h.spawner.queue) == 3 and h.spawner.slots.taken == 2
+    h.run()
+    for worker in (first, second):
+        worker.send(Ready())
+    h.run()
+    finish(h, zygote, first, first.request.handle)
+    third = zygote.fork()  # the freed slot goes to the next in line
+    assert third.request.handle == "j2"
+    assert h.spawner.slots.taken == 2 and [j.state for j in jobs[3:]] == [JobState.QUEUED] * 2
+
+
+@pytest.mark.settings(corrupt_limit=2, zygote_failure_limit=2, spawn_retries=10)
+def test_the_escalation_ladder(harness: Harness) -> None:
+    h = harness
+    h.submit("j1")
+    for generation in (1, 2):
+        zygote = ready_zygote(h)
+        for _ in range(2):  # two children dying before ready: corrupt
+            worker = zygote.fork()
+            h.run()
+            worker.exit()
+            zygote.reap(worker, signal.SIGSEGV)
+            h.run()
+        assert h.kernel.signals(zygote.proc.pidfd) == [signal.SIGKILL], generation
+    assert h.fleet.retired_corrupt == 2
+    # Two zygotes in a row without a healthy child: the last rung.
+    assert len(h.gave_up) == 1 and h.gave_up[0][1] == EXIT_UNHEALTHY
+    assert "2 zygotes in a row failed" in h.gave_up[0][0]
+
+
+@pytest.mark.settings(prefork=1)
+def test_a_new_generation_takes_over_and_retires_the_old_pool(harness: Harness) -> None:
+    h = harness
+    old = ready_zygote(h)
+    pooled = start(h, old)
+    assert [c.pid for c in h.spawner.pool.ready] == [pooled.pid]
+    assert h.fleet.refork() == 2
+    new = ready_zygote(h)
+    assert h.fleet.current is new.proc and old.closed()  # retired: end-of-file
+    _, closed = pooled.received()
+    assert closed  # the old generation's pool child is let go
+    replacement = start(h, new)  # and the pool refills from the new one
+    h.run(advance=0.01)
+    assert [c.pid for c in h.spawner.pool.ready] == [replacement.pid]
+    job = h.submit("j1")
+    assert job.child is not None and job.child.pid == replacement.pid
+    assert h.clients.events[-1] == ("started", "j1", replacement.pid, 2)
+    pooled.exit()
+    old.reap(pooled, 0)
+    h.run()
+    assert not [e for e in h.clients.events if e[0] == "failed"]
+
+
+@pytest.mark.settings(prefork=1)
+def test_a_pool_child_dying_idle_is_replaced(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    pooled = start(h, zygote)
+    pooled.exit()
+    h.run(advance=0.01)
+    assert not h.spawner.pool.ready
+    zygote.reap(pooled, signal.SIGKILL)
+    h.run(advance=0.01)
+    replacement = start(h, zygote)
+    assert [c.pid for c in h.spawner.pool.ready] == [replacement.pid]
+    assert h.spawner.slots.taken == 0  # pool children hold no worker slot
+
+
+def test_a_task_past_its_time_limit_is_stopped(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    job = h.submit("j1", timeout=5.0)
+    worker = start(h, zygote)
+    assert job.child is not None
+    pidfd = job.child.pidfd
+    h.run(advance=5.0)
+    assert h.kernel.signals(pidfd) == [signal.SIGTERM]
+    zygote.reap(worker, signal.SIGTERM)
+    h.run()
+    _, _, result, _ = h.clients.events[-1]
+    lost = decode_reply(result)
+    assert isinstance(lost, Result) and lost.outcome == "timeout"
+    assert "ran past its 5s timeout" in lost.message
+
+
+def test_a_stop_fails_the_queue_and_lets_running_jobs_finish(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    h.submit("j1")
+    h.submit("j2")
+    h.submit("j3")  # queued: max_workers is 2
+    first = start(h, zygote)
+    h.spawner.stop("test")
+    assert h.clients.events[-1][:3] == ("failed", "j3", "shutting_down")
+    finish(h, zygote, first, "j1")
+    assert h.clients.kinds("j1") == ["started", "result", "ended"]
