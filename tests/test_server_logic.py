@@ -27,6 +27,8 @@ def harness(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     h = Harness(monkeypatch, **(marker.kwargs if marker else {}))
     try:
         yield h
+        # The loop logs and survives a bug in a handler: here it must not happen.
+        assert h.loop.internal_errors == 0
     finally:
         h.close()
 
