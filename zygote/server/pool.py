@@ -72,7 +72,7 @@ class ReadyPool:
                 return
             self.starting.add(child)
 
-    def refused(self, child: Child) -> None:
+    def back_off(self, child: Child) -> None:
         """The zygote refused a pool fork (thread policy): back off."""
         self.starting.discard(child)
         self._refused_delay = min(max(REFUSED_DELAY, self._refused_delay * 2), REFUSED_DELAY_CAP)
@@ -85,8 +85,8 @@ class ReadyPool:
         child.move(ChildState.IDLE)
         self.ready.append(child)
 
-    def lost(self, child: Child) -> None:
-        """A pool child (or its fork) failed before ready, or died idle."""
+    def replace(self, child: Child) -> None:
+        """A pool child (or its fork) failed before ready, or died idle: fork another."""
         self.starting.discard(child)
         if child in self.ready:
             self.ready.remove(child)

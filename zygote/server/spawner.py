@@ -255,10 +255,10 @@ class Spawner:
                 self._pool_error = msg.error
             if msg.refused:
                 self.counts["refused_forks"] += 1
-                self.pool.refused(child)
+                self.pool.back_off(child)
             else:
                 self.counts["failed_starts"] += 1
-                self.pool.lost(child)
+                self.pool.replace(child)
         elif msg.refused:  # the thread policy: retrying cannot help
             self.counts["refused_forks"] += 1
             log.error("spawn %s: %s", job.handle, msg.error)
@@ -272,7 +272,7 @@ class Spawner:
             child.cancel_timers()
             child.move(ChildState.ENDED)
             if child.job is None:
-                self.pool.lost(child)
+                self.pool.replace(child)
                 continue
             # Never forked, or forked into a child that will see its channel
             # close and exit without running anything: safe to run again. It
@@ -381,7 +381,7 @@ class Spawner:
 
     def child_exited(self, child: Child) -> None:
         if child.exited_from is ChildState.IDLE:
-            self.pool.lost(child)
+            self.pool.replace(child)
         elif child.job is not None:  # its slot is free (its move said so)
             self.dispatch()
 
@@ -437,7 +437,7 @@ class Spawner:
         self.counts["failed_starts"] += 1
         if child.zygote is self.fleet.current:
             self.fleet.child_corrupt(child.zygote)
-        self.pool.lost(child)
+        self.pool.replace(child)
 
     # -- stopping -------------------------------------------------------------
 
