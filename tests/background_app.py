@@ -64,7 +64,7 @@ def send_garbage() -> int:
 
 
 def send_after(path: str) -> list[bool]:
-    """Wait for `path` to exist (the test reforks meanwhile), then send."""
+    """Wait for `path` to exist (the test reloads meanwhile), then send."""
     deadline = time.monotonic() + 30
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)

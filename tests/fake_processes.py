@@ -30,6 +30,7 @@ from zygote.protocol import (
     Fork,
     Forked,
     Message,
+    Promote,
     Reaped,
     Spawn,
 )
@@ -96,17 +97,30 @@ class FakeWorker:
     def exit(self) -> None:
         os.eventfd_write(self.pidfd, 1)
 
+    def promotion(self, fleet: Fleet) -> FakeZygote:
+        """The Promote this worker was sent, and the zygote it becomes."""
+        data, fds, _, _ = socket.recv_fds(self.channel, 4096, 1)
+        messages = [decode_channel(f) for f in self.decoder.feed(data)]
+        assert [type(m) for m in messages] == [Promote] and len(fds) == 1, messages
+        control = socket.socket(fileno=fds[0])
+        return FakeZygote(control, fleet.zygotes[self.pid], self.pidfd)
+
 
 class FakeZygote:
     """The zygote's side of its control socket."""
 
-    def __init__(self, generation: int, now: float) -> None:
-        ours, self.sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
+    def __init__(self, sock: socket.socket, proc: ZygoteProc, pidfd: int) -> None:
+        self.sock, self.proc, self.pidfd = sock, proc, pidfd
         self.sock.setblocking(False)
-        self.pidfd = os.eventfd(0, os.EFD_NONBLOCK)
-        self.proc = ZygoteProc(generation, next(_FAKE_PIDS), os.dup(self.pidfd), ours, now)
         self.workers: list[FakeWorker] = []
+
+    @classmethod
+    def launched(cls, generation: int, now: float) -> FakeZygote:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        pidfd = os.eventfd(0, os.EFD_NONBLOCK)
+        proc = ZygoteProc(generation, next(_FAKE_PIDS), os.dup(pidfd), ours, now)
+        return cls(theirs, proc, pidfd)
 
     def recv(self) -> Control | None:
         """The next message from the supervisor; None if none is waiting, or
@@ -198,7 +212,7 @@ class Harness:
         self.fleet.start()
 
     def _launch(self, generation: int, lifeline_fd: int, now: float) -> ZygoteProc:
-        zygote = FakeZygote(generation, now)
+        zygote = FakeZygote.launched(generation, now)
         self.zygotes.append(zygote)
         return zygote.proc
 
@@ -220,10 +234,17 @@ class Harness:
         self.run()
         return job
 
+    def promoted(self, worker: FakeWorker) -> FakeZygote:
+        zygote = worker.promotion(self.fleet)
+        self.zygotes.append(zygote)
+        return zygote
+
     def close(self) -> None:
+        pidfds = {z.pidfd for z in self.zygotes}
+        pidfds |= {w.pidfd for z in self.zygotes for w in z.workers}
         for zygote in self.zygotes:
             zygote.sock.close()
-            os.close(zygote.pidfd)
             for worker in zygote.workers:
                 worker.channel.close()
-                os.close(worker.pidfd)
+        for pidfd in pidfds:  # a promoted worker's is its zygote's
+            os.close(pidfd)

@@ -131,3 +131,8 @@ def append_pid(path):
     with open(path, "a") as f:
         f.write(f"{os.getpid()}\n")
     return os.getpid()
+
+
+def loaded(module):
+    """Was `module` imported before this task ran (by the preload)?"""
+    return module in sys.modules

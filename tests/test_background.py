@@ -218,7 +218,7 @@ def test_a_new_generation_brings_its_own_helper(start_server, tmp_path) -> None:
     server = start_server(preload=("tests.background_app",), env={"ZYGOTE_TEST_DIR": str(tmp_path)})
     first = wait_until(lambda: server.stats()["helper_pid"], what="the helper")
     with Zygote(server.endpoint, timeout=30) as client:
-        assert client.refork() == 2
+        assert client.reload() == 2
     second = wait_until(
         lambda: (s := server.stats())["generation"] == 2 and s["helper_pid"],
         what="generation 2's helper",
@@ -247,7 +247,7 @@ def test_sends_after_the_generation_retired_are_dropped_and_counted(start_server
     first = wait_until(lambda: server.stats()["helper_pid"], what="the helper")
     client = server.client(timeout=60)
     late = client.spawn("tests.background_app:send_after", str(tmp_path / "go"))
-    assert client.refork() == 2
+    assert client.reload() == 2
     wait_until(lambda: not os.path.exists(f"/proc/{first}"), what="the old helper gone")
     (tmp_path / "go").write_text("")
     assert late.result() == [False, False, False]

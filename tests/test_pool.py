@@ -1,5 +1,5 @@
 """The ready pool: refill, retirement on a new generation, replacement of a
-pool child that fails validation; and refork."""
+pool child that fails validation; and reload."""
 
 from __future__ import annotations
 
@@ -74,13 +74,13 @@ def test_pool_child_failing_validation_is_replaced(start_server, tmp_path) -> No
     assert client.spawn("tests.tasks:add", 2, 3).result() == 5
 
 
-def test_refork_retires_the_old_generation_and_its_pool(start_server) -> None:
+def test_reload_retires_the_old_generation_and_its_pool(start_server) -> None:
     server = start_server("--prefork", "2")
     wait_until(lambda: _pool_full(server), what="a full pool")
     old_zygote = server.stats()["zygote_pid"]
     old_pool = _idle_children(server)
     client = server.client(timeout=30)
-    assert client.refork() == 2
+    assert client.reload() == 2
     wait_until(
         lambda: server.stats()["generation"] == 2 and _pool_full(server),
         what="generation 2 with a full pool",
@@ -113,19 +113,19 @@ def test_zygote_death_retires_its_pool(start_server) -> None:
     assert client.spawn("tests.tasks:add", 1, 1).generation == 2
 
 
-def test_refork_that_cannot_preload_keeps_the_old_generation(start_server, tmp_path) -> None:
+def test_reload_that_cannot_preload_keeps_the_old_generation(start_server, tmp_path) -> None:
     module = tmp_path / "changing.py"
     module.write_text("VALUE = 1\n")
     server = start_server(preload=("tests.tasks", "changing"), env={"PYTHONPATH": str(tmp_path)})
     module.write_text("raise RuntimeError('broken deploy')\n")
-    proc = zygote_cli("refork", "--endpoint", server.endpoint)
+    proc = zygote_cli("reload", "--endpoint", server.endpoint)
     assert proc.returncode == 1
     assert "failed to start" in proc.stderr and "keeps serving" in proc.stderr
     assert server.stats()["generation"] == 1
     with server.client(timeout=30) as client:
         assert client.spawn("tests.tasks:add", 1, 1).result() == 2
     module.write_text("VALUE = 2\n")
-    proc = zygote_cli("refork", "--endpoint", server.endpoint)
+    proc = zygote_cli("reload", "--endpoint", server.endpoint)
     assert proc.returncode == 0, proc.stderr
     assert "generation 3 serving" in proc.stdout
     with server.client(timeout=30) as client:

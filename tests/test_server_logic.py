@@ -14,7 +14,7 @@ import msgpack
 import pytest
 
 from zygote.codec import decode_reply
-from zygote.protocol import Exited, Ready, Result, Task, ValidatorFailed
+from zygote.protocol import Boot, BootFailed, Exited, Ready, Result, Task, ValidatorFailed
 from zygote.server.fleet import EXIT_UNHEALTHY
 from zygote.server.lifecycle import ChildState, JobState
 
@@ -222,26 +222,122 @@ def test_the_escalation_ladder(harness: Harness) -> None:
 
 
 @pytest.mark.settings(prefork=1)
-def test_a_new_generation_takes_over_and_retires_the_old_pool(harness: Harness) -> None:
+def test_a_reload_serves_once_its_probe_child_is_ready(harness: Harness) -> None:
     h = harness
     old = ready_zygote(h)
     pooled = start(h, old)
     assert [c.pid for c in h.spawner.pool.ready] == [pooled.pid]
-    assert h.fleet.refork() == 2
-    new = ready_zygote(h)
+    assert h.fleet.reload() == 2
+    new = h.zygote
+    new.boot()
+    h.run()
+    assert h.fleet.current is old.proc  # not before a child of it is sound
+    probe = start(h, new)
     assert h.fleet.current is new.proc and old.closed()  # retired: end-of-file
     _, closed = pooled.received()
     assert closed  # the old generation's pool child is let go
-    replacement = start(h, new)  # and the pool refills from the new one
-    h.run(advance=0.01)
-    assert [c.pid for c in h.spawner.pool.ready] == [replacement.pid]
+    assert [c.pid for c in h.spawner.pool.ready] == [probe.pid]  # the probe joins the pool
     job = h.submit("j1")
-    assert job.child is not None and job.child.pid == replacement.pid
-    assert h.clients.events[-1] == ("started", "j1", replacement.pid, 2)
+    assert job.child is not None and job.child.pid == probe.pid
+    assert h.clients.events[-1] == ("started", "j1", probe.pid, 2)
     pooled.exit()
     old.reap(pooled, 0)
     h.run()
     assert not [e for e in h.clients.events if e[0] == "failed"]
+
+
+def test_a_reload_whose_probe_fails_keeps_the_old_generation(harness: Harness) -> None:
+    h = harness
+    old = ready_zygote(h)
+    h.fleet.reload()
+    new = h.zygote
+    new.boot()
+    h.run()
+    probe = new.fork()
+    h.run()
+    probe.send(ValidatorFailed("db", "ConnectionError: refused"))
+    h.run()
+    new.reap(probe, signal.SIGKILL)
+    h.run()
+    assert h.kernel.signals(new.proc.pidfd) == [signal.SIGKILL]
+    assert h.fleet.current is old.proc and h.fleet.incoming is None
+    h.submit("j1")
+    assert old.fork().request.handle == "j1"  # the old generation serves on
+
+
+@pytest.mark.settings(refork_after=[2])
+def test_a_refork_promotes_the_next_worker_to_finish(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    for handle in ("j1", "j2"):  # two spawns: the policy is due
+        h.submit(handle)
+        worker = start(h, zygote)
+        assert not worker.request.candidate
+        finish(h, zygote, worker, handle)
+    h.submit("j3")
+    candidate = zygote.fork()
+    assert candidate.request.candidate  # told to wait after its task
+    h.run()
+    candidate.send(Ready())
+    h.run()
+    candidate.send(Result("j3", "ok", value=msgpack.packb(3)))
+    h.run()
+    promoted = h.promoted(candidate)
+    assert h.spawner.slots.taken == 0 and not h.tracker.children  # no longer a worker
+    ended = decode_reply(h.clients.events[-1][3])
+    assert isinstance(ended, Exited) and ended.description == "became zygote generation 2"
+    boot = promoted.boot()
+    assert boot.generation == 2
+    h.run()
+    probe = start(h, promoted)
+    assert h.fleet.current is promoted.proc and zygote.closed()
+    assert h.fleet.policy.reforks == 1
+    _, closed = probe.received()
+    assert closed  # no pool here (--prefork 0): the probe child is let go
+    h.submit("j4")
+    assert promoted.fork().request.handle == "j4"  # the new generation forks
+
+
+def test_a_refused_candidate_leaves_the_old_generation_serving(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    answers: list[tuple[int | None, str | None]] = []
+    h.fleet.announce = lambda generation, error: answers.append((generation, error))
+    h.fleet.refork()
+    h.submit("j1")
+    candidate = zygote.fork()
+    assert candidate.request.candidate
+    h.run()
+    candidate.send(Ready())
+    h.run()
+    candidate.send(Result("j1", "ok", value=msgpack.packb(3)))
+    h.run()
+    promoted = h.promoted(candidate)
+    assert isinstance(promoted.recv(), Boot)
+    promoted.send(BootFailed("a thread was left behind: Python thread 'poller'"))
+    h.run()
+    assert h.fleet.current is zygote.proc and h.fleet.incoming is None
+    assert answers == [
+        (
+            None,
+            "refork to generation 2 failed (the candidate was refused: "
+            "a thread was left behind: Python thread 'poller')",
+        )
+    ]
+    assert h.fleet.refused == {"a thread was left behind: Python thread 'poller'": 1}
+    h.submit("j2")
+    worker = zygote.fork()
+    assert not worker.request.candidate  # nobody asks any more
+
+
+def test_an_on_demand_refork_with_no_task_finishing_gives_up(harness: Harness) -> None:
+    h = harness
+    ready_zygote(h)
+    answers: list[tuple[int | None, str | None]] = []
+    h.fleet.announce = lambda generation, error: answers.append((generation, error))
+    h.fleet.refork()
+    h.run(advance=h.config.refork_timeout)
+    assert answers and answers[0][0] is None and "no worker finished a task" in str(answers[0][1])
 
 
 @pytest.mark.settings(prefork=1)

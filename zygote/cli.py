@@ -38,7 +38,7 @@ def _server_option(
         help = f"{help} [default: the number of CPUs, at least 2; here {default}]"
     elif name == "fork_guard_timeout":
         help = f"{help} [default: 1, at most half of --fork-timeout]"
-    elif name != "endpoint" and not extra.get("multiple"):
+    elif name not in ("endpoint", "refork_after") and not extra.get("multiple"):
         help = f"{help} [default: {default}]"
     option = "--" + (flag or name).replace("_", "-")
     if kind is bool:  # an on/off switch: --fork-guards / --no-fork-guards
@@ -142,6 +142,15 @@ _SERVER_OPTIONS = [
         "log_level",
         click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
         "Log level.",
+    ),
+    _server_option(
+        "refork_after",
+        str,
+        "Refork after N[,N...] spawns in a generation: the next worker to finish its "
+        "task becomes the next zygote (the last number repeats). [default: off]",
+    ),
+    _server_option(
+        "refork_timeout", float, "Seconds an on-demand refork waits for a finished task."
     ),
 ]
 
@@ -274,6 +283,28 @@ def status(as_json: bool, endpoint: str | None) -> None:
 
 
 @main.command()
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the new generation to serve.",
+)
+@_endpoint_option
+def refork(timeout: float, endpoint: str | None) -> None:
+    """Promote a warm worker to be the next zygote generation: the next
+    worker to finish its task becomes a zygote (its imports and caches warm),
+    and takes over once a child of it passed the validators."""
+    from .client import Zygote
+
+    try:
+        with Zygote(endpoint, timeout=timeout) as client:
+            click.echo(f"generation {client.refork()} serving")
+    except ZygoteError as exc:
+        raise click.ClickException(f"refork failed: {exc}") from None
+
+
+@main.command()
 @click.option("--wait/--no-wait", default=True, help="Wait until the new generation serves.")
 @click.option(
     "--timeout",
@@ -283,14 +314,15 @@ def status(as_json: bool, endpoint: str | None) -> None:
     help="Seconds to wait for the new generation.",
 )
 @_endpoint_option
-def refork(wait: bool, timeout: float, endpoint: str | None) -> None:
-    """Start a new zygote generation (preloading your code afresh); it takes
-    over once booted, and the old one and its ready pool are retired."""
+def reload(wait: bool, timeout: float, endpoint: str | None) -> None:
+    """Start the next zygote generation from a fresh interpreter (your code
+    imported again); it takes over once a child of it passed the validators,
+    and the old one and its ready pool are retired."""
     from .client import Zygote
 
     try:
         with Zygote(endpoint, timeout=10.0) as client:
-            generation = client.refork()
+            generation = client.reload()
             click.echo(f"generation {generation} starting")
             deadline = time.monotonic() + timeout
             while wait:

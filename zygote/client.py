@@ -53,6 +53,7 @@ from .protocol import (
     Ping,
     ProtocolError,
     Refork,
+    Reload,
     Result,
     Spawn,
     Spawned,
@@ -230,11 +231,21 @@ class Zygote:
         return time.perf_counter() - start
 
     def refork(self) -> int:
-        """Start a new zygote generation (a fresh interpreter that preloads your
-        code again); it takes over new spawns once booted, and the old one and
-        its ready pool are retired. Returns the new generation's number
-        without waiting for it to boot."""
+        """Promote a warm worker to be the next zygote generation: the next
+        worker to finish its task successfully (waiting for one if none is
+        running) becomes a zygote, and takes over new spawns and the ready
+        pool once a child of it has passed the validators. Returns the new
+        generation; raises ZygoteError with the reason if it failed (no task
+        finished in time, a thread left behind, a failed validator)."""
         reply = self._call(lambda req: Refork(req), self.timeout)
+        assert isinstance(reply, Ok)
+        return int(reply.info["generation"])
+
+    def reload(self) -> int:
+        """Start the next generation from a fresh interpreter that imports
+        the preload again (new code); it takes over once a child of it has
+        passed the validators. Returns its number at once."""
+        reply = self._call(lambda req: Reload(req), self.timeout)
         assert isinstance(reply, Ok)
         return int(reply.info["generation"])
 

@@ -44,10 +44,12 @@ from .protocol import (
     Ok,
     Phase,
     Ping,
+    Promote,
     ProtocolError,
     Ready,
     Reaped,
     Refork,
+    Reload,
     Reply,
     Request,
     Result,
@@ -117,7 +119,7 @@ def _registry(*classes: type[Message]) -> dict[str, _Spec]:
     return {cls.KIND: _spec(cls) for cls in classes}
 
 
-_REQUESTS = _registry(Spawn, Attach, Collected, Kill, Stats, Ping, Refork, Stop)
+_REQUESTS = _registry(Spawn, Attach, Collected, Kill, Stats, Ping, Refork, Reload, Stop)
 _REPLIES = _registry(Spawned, Result, Exited, Ok, Error)
 _CONTROL = _registry(
     Boot,
@@ -131,7 +133,7 @@ _CONTROL = _registry(
     HelperStarted,
     HelperExited,
 )
-_CHANNEL = _registry(Ready, Phase, ValidatorFailed, Result, Task, Go)
+_CHANNEL = _registry(Ready, Phase, ValidatorFailed, Result, Task, Go, Promote)
 _FIELD_NAMES = {
     spec.cls: tuple(name for name, _, _ in spec.fields)
     for registry in (_REQUESTS, _REPLIES, _CONTROL, _CHANNEL)

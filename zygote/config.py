@@ -143,6 +143,11 @@ class ServerConfig:
     #: largest client message accepted, and largest task result
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log_level: str = "INFO"
+    #: refork policy: after this many spawns in a generation, promote the next
+    #: worker that finishes its task (the last number repeats; empty: only on demand)
+    refork_after: list[int] = field(default_factory=list)
+    #: an on-demand refork waits this long for a worker to finish a task
+    refork_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -163,6 +168,7 @@ class ServerConfig:
             "boot_timeout",
             "result_ttl",
             "exit_timeout",
+            "refork_timeout",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
@@ -194,10 +200,29 @@ class ServerConfig:
         for task in self.validators:
             if ":" not in task:
                 raise ConfigError(f"a validator is named 'module:function', not {task!r}")
+        self.refork_after = _spawn_counts(self.refork_after)
 
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def _spawn_counts(value: object) -> list[int]:
+    """--refork-after "100,500" (or TOML [100, 500], or 100) -> [100, 500]."""
+    items = value if isinstance(value, list | tuple) else [value]
+    counts = []
+    for item in items:
+        for part in str(item).split(","):
+            try:
+                count = int(part.strip())
+            except ValueError:
+                count = 0
+            if count < 1:
+                raise ConfigError(
+                    f"refork_after is a list of spawn counts like 100,500, not {value!r}"
+                )
+            counts.append(count)
+    return counts
 
 
 def signal_by_name(name: str | int) -> signal.Signals:

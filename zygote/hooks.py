@@ -21,8 +21,10 @@ __all__ = [
     "after_fork",
     "background",
     "before_exit",
+    "before_refork",
     "fork_lock",
     "mark_fork_safe",
+    "no_longer_fork_safe",
     "prevent_fork",
     "validator",
 ]
@@ -32,6 +34,9 @@ F = TypeVar("F", bound=Callable[[], object])
 # Filled at import time of preloaded modules, read in each new worker.
 AFTER_FORK: list[Callable[[], object]] = []
 BEFORE_EXIT: list[Callable[[], object]] = []
+BEFORE_REFORK: list[Callable[[], object]] = []
+#: Why this worker may not become a zygote (set by no_longer_fork_safe()).
+NOT_FORK_SAFE: list[str] = []
 VALIDATORS: dict[str, Callable[[], object]] = {}
 # Threads the application vouches for (they hold no lock a child needs).
 FORK_SAFE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
@@ -63,6 +68,22 @@ def before_exit(func: F) -> F:
     runs past it is cut off."""
     BEFORE_EXIT.append(func)
     return func
+
+
+def before_refork(func: F) -> F:
+    """Run `func()` in a worker chosen to become the next zygote generation
+    (a refork), after its task and its before_exit hooks: close what belongs
+    to one task (connections, temp files, a thread pool) so the new zygote's
+    children do not share it. A hook that raises rules the worker out."""
+    BEFORE_REFORK.append(func)
+    return func
+
+
+def no_longer_fork_safe(reason: str = "") -> None:
+    """Rule the calling worker out as a refork candidate: call it from a task
+    that left something behind a fork must not copy (a thread, a connection
+    in use, a lock held). The worker then ends as usual after its task."""
+    NOT_FORK_SAFE.append(reason or "no_longer_fork_safe() was called")
 
 
 def validator(func: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:

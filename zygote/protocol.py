@@ -49,6 +49,7 @@ class ErrorCode(enum.StrEnum):
     SPAWN_FAILED = "spawn_failed"  # no healthy worker could be made, or refused
     SHUTTING_DOWN = "shutting_down"
     UNKNOWN_HANDLE = "unknown_handle"  # no such job (or one long gone)
+    REFORK_FAILED = "refork_failed"  # no candidate, or it was refused or failed
     INTERNAL = "internal"  # a bug in the server; it carries on
 
 
@@ -184,10 +185,20 @@ class Ping(Message):
 
 @dataclass(frozen=True, slots=True)
 class Refork(Message):
-    """Start a new zygote generation (a fresh interpreter, preloaded again);
-    it takes over once booted, and the old one and its pool are retired."""
+    """Promote a warm worker — one that has just finished a task — to be the
+    next zygote generation. Answered once the new generation serves, or with
+    the reason it could not."""
 
     KIND = "refork"
+    req: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reload(Message):
+    """Start the next generation from a fresh interpreter that imports the
+    preload again (new code); answered with its number at once."""
+
+    KIND = "reload"
     req: int
 
 
@@ -311,6 +322,7 @@ class Fork(Message):
     payload: bytes | None = None
     env: dict[str, str] | None = None
     cwd: str | None = None
+    candidate: bool = False  # see Task.candidate
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,6 +419,16 @@ class Task(Message):
     payload: bytes
     env: dict[str, str] | None = None
     cwd: str | None = None
+    #: may be promoted to a zygote once its task succeeds: it waits to hear
+    candidate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Promote(Message):
+    """To a refork candidate whose task succeeded, with one descriptor: its
+    control socket as the next zygote generation (a Boot follows on it)."""
+
+    KIND = "promote"
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +438,7 @@ class Go(Message):
     KIND = "go"
 
 
-Request = Spawn | Attach | Collected | Kill | Stats | Ping | Refork | Stop
+Request = Spawn | Attach | Collected | Kill | Stats | Ping | Refork | Reload | Stop
 Reply = Spawned | Result | Exited | Ok | Error
 Control = (
     Boot
@@ -430,7 +452,7 @@ Control = (
     | HelperStarted
     | HelperExited
 )
-ChannelMessage = Ready | Phase | ValidatorFailed | Result | Task | Go
+ChannelMessage = Ready | Phase | ValidatorFailed | Result | Task | Go | Promote
 
 
 def check_task_name(task: str) -> None:

@@ -173,7 +173,12 @@ class ForkServer:
         task = None
         if request.task is not None and request.payload is not None:
             task = worker.PreparedTask(
-                request.handle, request.task, request.payload, request.env, request.cwd
+                request.handle,
+                request.task,
+                request.payload,
+                request.env,
+                request.cwd,
+                candidate=request.candidate,
             )
             task.prepare(import_modules=False)
         threads, reported = self.inventory()
@@ -195,6 +200,7 @@ class ForkServer:
             task=task,
             max_result_bytes=self.boot.max_result_bytes,
             exit_timeout=self.boot.exit_timeout,
+            promote=promote,
         )
         try:
             pid, held = self._fork(threads, lambda: worker.run(setup))
@@ -365,6 +371,53 @@ def preload(boot: Boot) -> None:
         inventory.note_origins(name, before)
 
 
+def promote(control_fd: int, lifeline_fd: int) -> int:
+    """In a worker whose task succeeded: become the next zygote generation
+    (a refork). Its lazy imports, caches and warmed-up state are what its
+    children inherit. Returns the exit code once the generation retires."""
+    control = socket.socket(fileno=control_fd)
+    boot = decode_control(control.recv(_CONTROL_BUFFER))
+    if not isinstance(boot, Boot):
+        log.error("refork candidate: expected a boot message, got %s", boot.KIND)
+        return 1
+    try:
+        _check_candidate(boot)
+        server = ForkServer(control, lifeline_fd, boot)
+    except BaseException as exc:
+        reason = str(exc) if isinstance(exc, NotACandidate) else traceback.format_exc()
+        control.sendall(encode(BootFailed(reason)))
+        return 1
+    # As after a preload: what the tasks left is frozen, not copied by a
+    # collection in every child.
+    gc.collect()
+    gc.freeze()
+    control.sendall(encode(Booted(os.getpid(), boot.generation)))
+    log.info("generation %d: promoted from a worker (pid %d)", boot.generation, os.getpid())
+    return _serve(server, boot)
+
+
+class NotACandidate(Exception):
+    """Why a worker cannot become a zygote (said to the supervisor as is)."""
+
+
+def _check_candidate(boot: Boot) -> None:
+    """Raise NotACandidate unless this worker is fit to be forked from."""
+    if hooks.NOT_FORK_SAFE:
+        raise NotACandidate(f"the task said so: {hooks.NOT_FORK_SAFE[0]}")
+    for hook in hooks.BEFORE_REFORK:
+        try:
+            hook()
+        except Exception as exc:
+            raise NotACandidate(f"before_refork hook {hooks._name(hook)} failed: {exc!r}") from exc
+    left = [t for t in inventory.take(boot.allow_threads) if not t.allowed]
+    if left:
+        names = "; ".join(dict.fromkeys(t.describe() for t in left))
+        raise NotACandidate(f"a thread was left behind: {names}")
+    # What a zygote does that a worker had stopped doing.
+    gate.GATE.active = boot.fork_guards
+    inventory.resume_recording()
+
+
 def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     """Entry point of a zygote process (exec'd by the supervisor)."""
     # If the supervisor dies, so do we; and if it died before we got here,
@@ -399,6 +452,10 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     gc.collect()
     gc.freeze()
     control.sendall(encode(Booted(os.getpid(), boot.generation)))
+    os._exit(_serve(server, boot))
+
+
+def _serve(server: ForkServer, boot: Boot) -> int:
     code = 0
     try:
         server.serve()
@@ -408,6 +465,6 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     finally:
         if server.helper is not None:
             server.helper.stop()
-        # A retiring zygote leaves its workers alone: they belong to the
-        # supervisor's subreaper once we are gone.
-        os._exit(code)
+    # A retiring zygote leaves its workers alone: they belong to the
+    # supervisor's subreaper once we are gone.
+    return code

@@ -127,9 +127,12 @@ def take(allow: Sequence[str] = ()) -> list[ThreadInfo]:
     # view when it has one. One that started since /proc was read is
     # running: it counts. One that ended since is gone: it does not.
     starting = []
+    current = threading.current_thread()
     for thread in threading.enumerate():
         tid = thread.native_id
-        if tid == me:
+        # In a forked child (a worker promoted to zygote), the calling
+        # thread's object keeps the parent's native id: know it by identity.
+        if tid == me or thread is current:
             continue
         if tid is None:  # its OS thread runs, but has not had the GIL yet
             starting.append(thread)
@@ -335,6 +338,12 @@ def stop_deferring() -> None:
 def stop_recording() -> None:
     global _recording
     _recording = False
+
+
+def resume_recording() -> None:
+    """In a worker promoted to zygote: record thread starts again."""
+    global _recording
+    _recording = True
 
 
 def start_deferred() -> None:

@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -38,6 +39,7 @@ from ..protocol import (
     RAISED,
     Go,
     Phase,
+    Promote,
     Ready,
     Result,
     Task,
@@ -80,10 +82,11 @@ class PreparedTask:
     args: list[Any] | None = None
     kwargs: dict[str, Any] | None = None
     ok_prefix: bytes = b""
+    candidate: bool = False  # may become a zygote after it: wait to hear
 
     @classmethod
     def from_message(cls, msg: Task) -> PreparedTask:
-        return cls(msg.handle, msg.task, msg.payload, msg.env, msg.cwd)
+        return cls(msg.handle, msg.task, msg.payload, msg.env, msg.cwd, candidate=msg.candidate)
 
     def prepare(self, *, import_modules: bool) -> None:
         """Resolve the function and decode the arguments, if possible.
@@ -120,6 +123,8 @@ class ChildSetup:
     task: PreparedTask | None = None
     max_result_bytes: int = 1 << 30
     exit_timeout: float = 2.0  # for the before_exit hooks, all together
+    #: become a zygote: (control fd, lifeline fd) -> exit code (forkserver.promote)
+    promote: Callable[[int, int], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,12 @@ def run(setup: ChildSetup) -> int:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
+    if task.candidate and setup.promote is not None:
+        control = _await_promotion(channel)
+        if control is not None:
+            os.close(channel)
+            return setup.promote(control, setup.lifeline)
+        return code
     # Dying means tearing down a copy of a big address space: about a
     # millisecond of kernel time that, on a small machine, delays the very
     # result we just sent (measured: +0.3 to +0.8 ms to the client). So drop
@@ -277,6 +288,29 @@ def _write_all(fd: int, data: bytes) -> None:
         view = memoryview(data)[written:]
         while view:
             view = view[os.write(fd, view) :]
+
+
+def _await_promotion(fd: int) -> int | None:
+    """A refork candidate waits for the supervisor's word: a Promote with its
+    control socket (returned), or its channel closed (None: it just ends)."""
+    sock = socket.socket(fileno=os.dup(fd))
+    decoder = FrameDecoder(1 << 16)
+    try:
+        while True:
+            data, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+            if not data:
+                for extra in fds:
+                    os.close(extra)
+                return None
+            frames = decoder.feed(data)
+            if fds and frames and isinstance(decode_channel(frames[0]), Promote):
+                return fds[0]
+            for extra in fds:
+                os.close(extra)
+    except OSError:
+        return None
+    finally:
+        sock.close()
 
 
 def _receive_order(fd: int) -> Task | object | None:

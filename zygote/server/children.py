@@ -97,6 +97,10 @@ class ZygoteProc:
     helper_restarts: int = 0
     #: an eventfd counting background messages dropped (workers, helper)
     drops_fd: int | None = None
+    #: jobs started on its children (the refork policy counts them)
+    spawns: int = 0
+    #: the generation whose worker it was, if it came from a refork
+    promoted_from: int | None = None
 
     @classmethod
     def start(cls, generation: int, lifeline_fd: int, now: float) -> ZygoteProc:
@@ -124,7 +128,8 @@ class ZygoteProc:
         return cls(generation, process.pid, os.pidfd_open(process.pid), ours, now, process)
 
     def kill(self) -> None:
-        send_signal(self.pidfd, signal.SIGKILL)
+        if not self.reaped:  # a reaped one's pidfd is closed, or about to be
+            send_signal(self.pidfd, signal.SIGKILL)
 
     def receive(self) -> tuple[list[tuple[Control | str, list[int]]], bool]:
         """Every control message waiting, with the descriptors that came along
@@ -174,6 +179,8 @@ class Child:
     state: ChildState = ChildState.FORKING
     requested: float = 0.0  # when the fork was requested: the start of the ready deadline
     carried: bool = False  # its task travelled with the fork request
+    candidate: bool = False  # told to wait, after its task, for a refork's Promote
+    probe: bool = False  # forked to check a new generation before it serves
     #: its deadlines (fork, ready, time limit, exit): cancelled when it exits
     timers: list[Timer] = field(default_factory=list)
     # What it said, and what was decided about it, before it was ready.

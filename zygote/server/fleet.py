@@ -10,7 +10,6 @@ giving a single healthy child — the server gives up and stops.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -35,15 +34,14 @@ from ..protocol import (
     Threads,
 )
 from .children import ZygoteProc, ZygoteState
+from .drops import Drops
+from .generations import ReforkPolicy
 from .loop import EventLoop
-from .timers import Timer
 
 log = logging.getLogger("zygote.supervisor")
 
 #: Exit statuses of `zygote start` when the ladder runs out.
 EXIT_BOOT, EXIT_UNHEALTHY = 3, 4
-#: Dropped background messages are logged at most once per this many seconds.
-DROPS_LOG_INTERVAL = 10.0
 
 
 class ZygoteEvents(Protocol):
@@ -53,6 +51,7 @@ class ZygoteEvents(Protocol):
     def fork_failed(self, zygote: ZygoteProc, msg: ForkFailed) -> None: ...
     def zygote_ready(self) -> None: ...
     def zygote_gone(self, zygote: ZygoteProc) -> None: ...
+    def probe(self, zygote: ZygoteProc) -> None: ...
 
 
 class ExitStatuses(Protocol):
@@ -74,6 +73,7 @@ class Fleet:
         exits: ExitStatuses,
         give_up: Callable[[str, int], None],
         launch: Launcher = ZygoteProc.start,
+        announce: Callable[[int | None, str | None], None] = lambda generation, error: None,
     ) -> None:
         self.config = config
         self.loop = loop
@@ -81,9 +81,13 @@ class Fleet:
         self.exits = exits
         self.give_up = give_up
         self.launch = launch
+        #: (the generation that took over, None) or (None, why it did not)
+        self.announce = announce
         self.events: ZygoteEvents  # the spawner, which listens once it is built
+        self.policy = ReforkPolicy(config.refork_after, loop.now)
+        self.refused: dict[str, int] = {}  # why refork candidates were refused, how often
         self.current: ZygoteProc | None = None  # the one that takes fork requests
-        self.incoming: ZygoteProc | None = None  # a refork's generation, booting
+        self.incoming: ZygoteProc | None = None  # the next generation, until it serves
         self.zygotes: dict[int, ZygoteProc] = {}  # by pid: current and retiring
         self.generation = 0
         self.failed_in_a_row = 0  # zygotes that failed before any healthy child
@@ -91,10 +95,7 @@ class Fleet:
         self.accepting = True  # False once the server stops: no more zygotes
         self.restarts = 0
         self.retired_corrupt = 0
-        self.background_dropped = 0
-        self._drops_logged = 0
-        self._drops_timer: Timer | None = None
-        self._gone_counting: list[ZygoteProc] = []  # gone, drops counter open
+        self.drops = Drops(loop)
 
     def listen(self, events: ZygoteEvents) -> None:
         self.events = events
@@ -122,17 +123,78 @@ class Fleet:
         if self.accepting and self.current is None:
             self.start()
 
-    def refork(self) -> int:
-        """Start a new generation while the current one keeps serving; it takes
-        over once booted. Returns its number."""
+    def reload(self) -> int:
+        """Start the next generation from a fresh interpreter (the preload
+        imported again: new code) while the current one keeps serving.
+        Returns its number."""
         if self.incoming is None:
             self.incoming = self._launch()
         return self.incoming.generation
+
+    def refork(self) -> None:
+        """Promote the next worker of the current generation that finishes
+        its task successfully (see generations.py); the outcome is announced."""
+        timeout = self.config.refork_timeout
+        self.policy.request(timeout)
+        self.loop.later(timeout, self._refork_overdue)
+        current = self.current.generation if self.current else "-"
+        log.info(
+            "refork requested: the next worker of generation %s to finish its task "
+            "becomes the next generation (waiting up to %gs)",
+            current,
+            timeout,
+        )
+
+    def _refork_overdue(self) -> None:
+        if self.policy.expired() and self.incoming is None:
+            why = (
+                f"no worker finished a task within {self.config.refork_timeout:g}s: "
+                "there was no warm worker to promote"
+            )
+            log.warning("refork: %s", why)
+            self.announce(None, why)
+
+    def wants_refork(self, zygote: ZygoteProc) -> bool:
+        """Should the next worker of `zygote` to finish be a refork candidate?"""
+        return (
+            zygote is self.current
+            and zygote.state is ZygoteState.READY
+            and self.incoming is None
+            and self.accepting
+            and self.policy.due(zygote.spawns)
+        )
+
+    def adopt(self, pid: int, pidfd: int, control: socket.socket, parent: ZygoteProc) -> ZygoteProc:
+        """A worker of `parent` is being promoted: it is the next generation
+        once it has booted and a probe child of it passed the validators."""
+        self.generation += 1
+        zygote = ZygoteProc(self.generation, pid, pidfd, control, self.loop.now())
+        zygote.promoted_from = parent.generation
+        self.zygotes[pid] = zygote
+        self.incoming = zygote
+        log.info(
+            "refork: worker %d of generation %d becomes generation %d",
+            pid,
+            parent.generation,
+            zygote.generation,
+        )
+        self._boot(zygote, self.config.validate_timeout)
+        return zygote
 
     def _launch(self) -> ZygoteProc:
         self.generation += 1
         zygote = self.launch(self.generation, self.lifeline_fd, self.loop.now())
         self.zygotes[zygote.pid] = zygote
+        self._boot(zygote, self.config.boot_timeout)
+        log.info(
+            "zygote generation %d starting (pid %d, preload: %s)",
+            zygote.generation,
+            zygote.pid,
+            ", ".join(self.config.preload) or "nothing",
+        )
+        return zygote
+
+    def _boot(self, zygote: ZygoteProc, timeout: float) -> None:
         config = self.config
         boot = Boot(
             zygote.generation,
@@ -149,15 +211,8 @@ class Fleet:
             config.exit_timeout,
         )
         zygote.control.send(encode(boot))
-        zygote.boot_timer = self.loop.later(config.boot_timeout, self._boot_overdue, zygote)
+        zygote.boot_timer = self.loop.later(timeout, self._boot_overdue, zygote, timeout)
         self.loop.watch(zygote.control.fileno(), lambda: self._on_control(zygote))
-        log.info(
-            "zygote generation %d starting (pid %d, preload: %s)",
-            zygote.generation,
-            zygote.pid,
-            ", ".join(config.preload) or "nothing",
-        )
-        return zygote
 
     def send_fork(self, zygote: ZygoteProc, request: Fork) -> bool:
         """Send a fork request; False if the zygote cannot take it now."""
@@ -229,13 +284,14 @@ class Fleet:
                 self.events.forked(zygote, msg, fds)
                 continue
             if isinstance(msg, HelperStarted) and fds and zygote.drops_fd is None:
-                zygote.drops_fd = fds.pop(0)
-                self.loop.watch(zygote.drops_fd, lambda: self._count_drops(zygote))
+                self.drops.watch(zygote, fds.pop(0))
             for fd in fds:
                 os.close(fd)
             if isinstance(msg, Reaped):
                 rusage = (msg.utime, msg.stime, msg.maxrss_kb)
-                if not self.exits.exit_status(msg.pid, msg.status, rusage):
+                if msg.pid in self.zygotes:  # a worker it forked was promoted
+                    self.reaped(msg.pid, msg.status)
+                elif not self.exits.exit_status(msg.pid, msg.status, rusage):
                     words = describe_wait_status(msg.status)
                     log.debug("zygote %d reaped process %d (%s)", zygote.pid, msg.pid, words)
             elif isinstance(msg, ForkFailed):
@@ -248,6 +304,8 @@ class Fleet:
                 zygote.helper_pid = None
             elif isinstance(msg, Booted):
                 self._on_booted(zygote)
+            elif isinstance(msg, BootFailed) and zygote.promoted_from is not None:
+                self._candidate_refused(zygote, msg.error.strip())
             elif isinstance(msg, BootFailed):
                 log.error(
                     "zygote generation %d failed to preload:\n%s",
@@ -255,41 +313,6 @@ class Fleet:
                     msg.error.rstrip(),
                 )
                 self._boot_failed(zygote, msg.error.strip().splitlines()[-1])
-
-    def _count_drops(self, zygote: ZygoteProc) -> None:
-        """Background messages were dropped: count them, and say so at once
-        if nothing was said for DROPS_LOG_INTERVAL, else when it is up."""
-        assert zygote.drops_fd is not None
-        with contextlib.suppress(BlockingIOError):
-            self.background_dropped += os.eventfd_read(zygote.drops_fd)
-        if self._drops_timer is None:
-            self._log_drops()
-
-    def _log_drops(self) -> None:
-        self._drops_timer = None
-        new = self.background_dropped - self._drops_logged
-        if not new:
-            return
-        log.warning(
-            "%d background messages dropped (a worker's buffer or a helper's inbox was "
-            "full, or the helper gone); %d in all",
-            new,
-            self.background_dropped,
-        )
-        self._drops_logged = self.background_dropped
-        self._drops_timer = self.loop.later(DROPS_LOG_INTERVAL, self._log_drops)
-
-    def forget_drops(self, working: set[int]) -> None:
-        """Stop counting the drops of gone zygotes none of whose workers
-        (`working`: the pids of zygotes with live workers) runs any more:
-        their workers keep the counter until they exit."""
-        for zygote in [z for z in self._gone_counting if z.pid not in working]:
-            self._gone_counting.remove(zygote)
-            self._close_drops(zygote)
-
-    def _close_drops(self, zygote: ZygoteProc) -> None:
-        if zygote.drops_fd is not None:  # its workers may still count drops
-            self._gone_counting.append(zygote)
 
     def _on_booted(self, zygote: ZygoteProc) -> None:
         if zygote.state is not ZygoteState.BOOTING:  # retired while it booted
@@ -304,18 +327,44 @@ class Fleet:
             zygote.pid,
             (self.loop.now() - zygote.started) * 1000,
         )
-        if zygote is self.incoming:  # a refork: take over, retire the old one
-            old, self.current, self.incoming = self.current, zygote, None
-            if old is not None:
-                log.info("generation %d takes over from %d", zygote.generation, old.generation)
-                self.retire(old)
+        if zygote is self.incoming:
+            # It serves once a child of it has passed the validators.
+            self.events.probe(zygote)
+            return
         self.events.zygote_ready()
 
-    def _boot_overdue(self, zygote: ZygoteProc) -> None:
+    def probe_passed(self, zygote: ZygoteProc) -> None:
+        """The incoming generation gave a healthy child: it takes over new
+        spawns and the ready pool; the old one retires (its workers finish)."""
+        if zygote is not self.incoming:
+            return
+        old, self.current, self.incoming = self.current, zygote, None
+        if zygote.promoted_from is not None:
+            self.policy.succeeded()
+        if old is not None:
+            log.info("generation %d takes over from %d", zygote.generation, old.generation)
+            self.retire(old)
+        self.events.zygote_ready()
+        self.announce(zygote.generation, None)
+
+    def _candidate_refused(self, zygote: ZygoteProc, why: str) -> None:
+        """A worker chosen for a refork said it cannot be one: said once per
+        reason (a policy would hit the same reason again), counted."""
+        first = why not in self.refused
+        self.refused[why] = self.refused.get(why, 0) + 1
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "refork: worker %d cannot become generation %d: %s",
+            zygote.pid,
+            zygote.generation,
+            why,
+        )
+        zygote.kill()
+        self._gone(zygote, f"the candidate was refused: {why}")
+
+    def _boot_overdue(self, zygote: ZygoteProc, timeout: float) -> None:
         if zygote.state is ZygoteState.BOOTING:
-            self._boot_failed(
-                zygote, f"preload did not finish within {self.config.boot_timeout:g}s"
-            )
+            self._boot_failed(zygote, f"did not boot within {timeout:g}s")
 
     # -- losing zygotes -------------------------------------------------------
 
@@ -341,19 +390,19 @@ class Fleet:
             self._handle(zygote, zygote.receive()[0])
         zygote.state = ZygoteState.DEAD
         zygote.control.close()
-        if zygote.drops_fd is not None:  # its workers may still count drops
-            self._gone_counting.append(zygote)
+        self.drops.zygote_gone(zygote)
         if zygote.boot_timer is not None:
             zygote.boot_timer.cancel()
         self.events.zygote_gone(zygote)
-        if zygote is self.incoming:  # a refork that did not boot: the old one stays
+        if zygote is self.incoming:  # it never served: the old one stays
             self.incoming = None
-            log.error(
-                "refork to generation %d failed (%s); generation %s keeps serving",
-                zygote.generation,
-                why,
-                self.current.generation if self.current else "-",
-            )
+            what = "refork" if zygote.promoted_from is not None else "reload"
+            current = self.current.generation if self.current else "-"
+            text = f"{what} to generation {zygote.generation} failed ({why})"
+            log.error("%s; generation %s keeps serving", text, current)
+            if zygote.promoted_from is not None:
+                self.policy.failed()
+            self.announce(None, text)
             return
         if retiring:
             return
@@ -392,11 +441,11 @@ class Fleet:
             return None
         if zygote.process is not None:
             zygote.process.returncode = os.waitstatus_to_exitcode(status)
-        zygote.reaped = True
-        os.close(zygote.pidfd)
+        zygote.reaped = True  # from now on, nothing signals it: its pid is free
         words = describe_wait_status(status)
         already_lost = zygote.state is ZygoteState.DEAD
         self._gone(zygote, words)  # if not already gone, this settles its children too
+        os.close(zygote.pidfd)
         log.info("zygote generation %d (pid %d) %s", zygote.generation, pid, words)
         if already_lost:
             # Lost before it was reaped: its children are ours only now (we
@@ -406,8 +455,7 @@ class Fleet:
 
     def close(self) -> None:
         """At the end: stop counting drops."""
-        for zygote in [*self.zygotes.values(), *self._gone_counting]:
-            self._close_drops(zygote)
+        self.drops.close(list(self.zygotes.values()))
 
     def kill_all(self) -> None:
         for zygote in self.zygotes.values():
@@ -426,7 +474,13 @@ class Fleet:
             "helper_pid": zygote.helper_pid if zygote else None,
             "helper_threads": helper_threads(zygote.helper_pid) if zygote else [],
             "helper_restarts": zygote.helper_restarts if zygote else 0,
-            "background_dropped": self.background_dropped,
+            "background_dropped": self.drops.total,
+            "promoted_from": zygote.promoted_from if zygote else None,
+            "generation_spawns": zygote.spawns if zygote else 0,
+            "reforks": self.policy.reforks,
+            "refork_failures": self.policy.failures,
+            "refork_refused": dict(self.refused),
+            "refork_requested": self.policy.requested,
         }
 
 

@@ -14,7 +14,7 @@ and `Slots` follows that from the moves, so a slot cannot leak.
 
     child:  FORKING ──▶ STARTING ──▶ RUNNING ──▶ FINISHING ──▶ EXITED ──▶ ENDED
                │           │  └──▶ IDLE ──┘ (pool)   any live state ──▶ EXITED
-               │           │        └──▶ RETIRING ──▶ EXITED
+               │           │        └──▶ RETIRING ──▶ EXITED     FINISHING ──▶ PROMOTED
                └───────────┴──▶ ENDED  (never forked, or never handed over)
 """
 
@@ -47,6 +47,7 @@ class ChildState(enum.Enum):
     RETIRING = "retiring"  # a pool child let go: its channel was closed
     EXITED = "exited"  # the process is gone; its exit status may still be on the way
     ENDED = "ended"  # its exit status is known (or was lost with its zygote)
+    PROMOTED = "promoted"  # its task done, it became a zygote (a refork): the fleet's now
 
 
 JOB_MOVES: Mapping[JobState, frozenset[JobState]] = {
@@ -73,10 +74,11 @@ CHILD_MOVES: Mapping[ChildState, frozenset[ChildState]] = {
     ChildState.STARTING: frozenset({ChildState.IDLE, ChildState.RUNNING, ChildState.EXITED}),
     ChildState.IDLE: frozenset({ChildState.RUNNING, ChildState.RETIRING, ChildState.EXITED}),
     ChildState.RUNNING: frozenset({ChildState.FINISHING, ChildState.EXITED}),
-    ChildState.FINISHING: frozenset({ChildState.EXITED}),
+    ChildState.FINISHING: frozenset({ChildState.EXITED, ChildState.PROMOTED}),
     ChildState.RETIRING: frozenset({ChildState.EXITED}),
     ChildState.EXITED: frozenset({ChildState.ENDED}),
     ChildState.ENDED: frozenset(),
+    ChildState.PROMOTED: frozenset(),
 }
 
 #: A child with a job holds a worker slot in these states: from its fork

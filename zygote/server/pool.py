@@ -85,6 +85,13 @@ class ReadyPool:
         child.move(ChildState.IDLE)
         self.ready.append(child)
 
+    def trim(self, current: ZygoteProc | None) -> None:
+        """Let go of ready children of other generations and of any beyond
+        the pool's size (a new generation's probe child, when it has none)."""
+        self.retire_stale(current)
+        while self.ready and len(self.ready) + len(self.starting) > self.size:
+            self.retire(self.ready[-1])
+
     def replace(self, child: Child) -> None:
         """A pool child (or its fork) failed before ready, or died idle: fork another."""
         self.starting.discard(child)

@@ -15,22 +15,18 @@ import signal
 import socket
 from typing import Any, Protocol
 
-from ..codec import GO_FRAME, encode, frame
+from ..codec import GO_FRAME
 from ..config import ServerConfig
 from ..linux import send_signal
 from ..protocol import (
-    LOST,
-    TIMEOUT,
     ErrorCode,
-    Exited,
     Fork,
     Forked,
     ForkFailed,
-    Result,
-    Task,
     shutting_down,
     spawn_size,
 )
+from . import outcomes
 from .children import Child, Job, ZygoteProc
 from .fleet import Fleet
 from .lifecycle import ChildState, JobState, Slots
@@ -43,6 +39,7 @@ log = logging.getLogger("zygote.supervisor")
 #: Tasks whose arguments fit in this travel with the fork request, so the
 #: child finds them decoded in memory; bigger ones go down the channel.
 CARRY_LIMIT = 64 * 1024
+_GONE = (ChildState.ENDED, ChildState.PROMOTED)
 
 
 class Clients(Protocol):
@@ -77,6 +74,7 @@ class Spawner:
         self.failures_by_step: collections.Counter[str] = collections.Counter()
         self.guard_wait_seconds = 0.0
         self._pool_error = ""  # the ready pool's last fork error, logged once
+        self.candidate: Child | None = None  # the refork candidate, while it lives
         self.pool = ReadyPool(config.prefork, loop, self._fork_for_pool, tracker.retire)
         fleet.listen(self)
         tracker.listen(self)
@@ -121,16 +119,26 @@ class Spawner:
         # a task too big to travel with it, env and cwd included, goes down
         # the worker's channel.
         carried = spawn_size(spawn.task, spawn.payload, spawn.env, spawn.cwd) <= CARRY_LIMIT
-        request = Fork(job.handle)
+        candidate = self._candidate_wanted(zygote)
+        request = Fork(job.handle, candidate=candidate)
         if carried:
-            request = Fork(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd)
+            request = Fork(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd, candidate)
         child = self._fork(zygote, request, job)
         if child is None:
             return False
-        child.carried = carried
+        child.carried, child.candidate = carried, candidate
+        if candidate:
+            self.candidate = child
         job.child = child
         job.move(JobState.STARTING)
         return True
+
+    def _candidate_wanted(self, zygote: ZygoteProc) -> bool:
+        """Is the next job started on `zygote` to be a refork candidate? One
+        at a time: a candidate waits after its task to hear whether it is
+        promoted, so there is no point in more."""
+        busy = self.candidate is not None and self.candidate.state not in _GONE
+        return not busy and self.fleet.wants_refork(zygote)
 
     def _fork_for_pool(self, name: str) -> Child | None:
         zygote = self.fleet.ready
@@ -153,7 +161,9 @@ class Spawner:
 
     def _assign(self, child: Child, job: Job) -> None:
         """Hand a ready pool child its task: it runs the moment it reads it."""
-        task = self._task_frame(job)
+        if self._candidate_wanted(child.zygote):
+            child.candidate, self.candidate = True, child
+        task = outcomes.task_frame(job, child.candidate)
         child.take(job)
         child.requested = self.loop.now()
         job.move(JobState.RUNNING)
@@ -166,12 +176,9 @@ class Spawner:
     def _running(self, child: Child, job: Job) -> None:
         """The job has a ready worker: answer its clients, start its clock."""
         self.clients.job_started(job.handle, child.pid, child.generation, child.warnings)
+        child.zygote.spawns += 1
         if job.spawn.timeout is not None:
             self.tracker.time_limit(child, job.spawn.timeout, f"[{job.handle}] {job.spawn.task}")
-
-    def _task_frame(self, job: Job) -> bytes:
-        spawn = job.spawn
-        return frame(encode(Task(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd)))
 
     # -- what zygotes report (fleet.ZygoteEvents) -----------------------------
 
@@ -179,6 +186,15 @@ class Spawner:
         self.pool.retire_stale(self.fleet.current)
         self.dispatch()
         self.pool.refill()
+
+    def probe(self, zygote: ZygoteProc) -> None:
+        """Fork a child of a booted next generation: it takes over once this
+        child has passed the validators (then joins the pool, or leaves)."""
+        child = self._fork(zygote, Fork(f"probe:{zygote.generation}"), None)
+        if child is None:
+            self.fleet.kill_zygote(zygote, "it did not take the fork request for its probe")
+        else:
+            child.probe = True
 
     def forked(self, zygote: ZygoteProc, msg: Forked, fds: list[int]) -> None:
         child = zygote.pending.get(msg.handle)
@@ -215,14 +231,8 @@ class Spawner:
         if job is None:
             return
         if not child.carried:
-            self.tracker.send(child, self._task_frame(job))
-        log.debug(
-            "spawn %s %s: worker %d forked by generation %d",
-            job.handle,
-            job.spawn.task,
-            child.pid,
-            zygote.generation,
-        )
+            self.tracker.send(child, outcomes.task_frame(job, child.candidate))
+        log.debug("spawn %s: worker %d of generation %d", job.handle, child.pid, zygote.generation)
 
     def _lost_carried(self, zygote: ZygoteProc, child: Child, job: Job, pid: int) -> None:
         """The zygote has told this child to go, so it may be running its task
@@ -249,7 +259,9 @@ class Spawner:
         child.cancel_timers()
         child.move(ChildState.ENDED)
         job = child.job
-        if job is None:  # a pool fork
+        if child.probe:
+            self.fleet.kill_zygote(zygote, f"it could not fork its probe child: {msg.error}")
+        elif job is None:  # a pool fork
             if msg.error != self._pool_error:  # once per change, not per retry
                 log.warning("ready pool: %s", msg.error)
                 self._pool_error = msg.error
@@ -297,10 +309,8 @@ class Spawner:
 
     def _fork_overdue(self, child: Child) -> None:
         if child.state is ChildState.FORKING:
-            timeout = self.config.fork_timeout
-            self.fleet.kill_zygote(
-                child.zygote, f"did not answer a fork request within {timeout:g}s"
-            )
+            why = f"did not answer a fork request within {self.config.fork_timeout:g}s"
+            self.fleet.kill_zygote(child.zygote, why)
 
     def _ready_overdue(self, child: Child) -> None:
         if child.state is ChildState.FORKING:
@@ -357,6 +367,11 @@ class Spawner:
         child.cancel_timers()
         self.fleet.child_healthy(child.zygote)
         job = child.job
+        if child.probe:  # its generation is sound: it takes over, and the
+            self.pool.add(child)  # probe joins the new pool (if it has room)
+            self.fleet.probe_passed(child.zygote)
+            self.pool.trim(self.fleet.current)
+            return
         if job is None:
             self._pool_error = ""
             self.pool.add(child)
@@ -368,16 +383,26 @@ class Spawner:
         child.move(ChildState.RUNNING)
         job.move(JobState.RUNNING)
         self._running(child, job)
-        log.debug(
-            "worker %d [%s] ready in %.1f ms",
-            child.pid,
-            job.handle,
-            (child.ready_at - child.requested) * 1000,
-        )
+        ready_ms = (child.ready_at - child.requested) * 1000
+        log.debug("worker %d [%s] ready in %.1f ms", child.pid, job.handle, ready_ms)
 
     def child_result(self, child: Child, data: bytes) -> None:
-        assert child.job is not None
-        self.clients.job_result(child.job.handle, data)
+        job = child.job
+        assert job is not None
+        self.clients.job_result(job.handle, data)
+        # A candidate whose task succeeded, while a refork is still wanted:
+        # instead of exiting, it becomes the next generation.
+        if child.candidate and self.fleet.wants_refork(child.zygote) and outcomes.succeeded(data):
+            self._promote(child, job)
+
+    def _promote(self, child: Child, job: Job) -> None:
+        handover = self.tracker.promote(child)
+        if handover is None:
+            return
+        control, pidfd = handover
+        zygote = self.fleet.adopt(child.pid, pidfd, control, child.zygote)
+        # Its job is over; its process goes on as a zygote.
+        self._job_over(job, child, 0, None, f"became zygote generation {zygote.generation}")
 
     def child_exited(self, child: Child) -> None:
         if child.exited_from is ChildState.IDLE:
@@ -395,32 +420,31 @@ class Spawner:
             if child.exited_from is ChildState.IDLE:
                 log.warning("pool worker %d %s while waiting for a task", child.pid, words)
             return
-        lifetime = self.loop.now() - child.requested
         result = None
         if child.exited_from is ChildState.RUNNING:  # no result came
-            outcome, what = (TIMEOUT, None) if child.timed_out else (LOST, words)
-            if child.timed_out:
-                what = f"ran past its {job.spawn.timeout:g}s timeout and was killed"
-            message = f"worker {child.pid} running {job.spawn.task} {what}"
-            result = encode(
-                Result(job.handle, outcome, message=message, exit_code=code, signal=sig)
-            )
-        utime, stime, maxrss = child.rusage
-        exited = Exited(job.handle, child.pid, code, sig, words, lifetime, utime, stime, maxrss)
+            result = outcomes.missing_result(job, child, code, sig, words)
+        self._job_over(job, child, code, sig, words, result)
+
+    def _job_over(
+        self,
+        job: Job,
+        child: Child,
+        code: int | None,
+        sig: int | None,
+        words: str,
+        result: bytes | None = None,
+    ) -> None:
+        """Report how a job's process ended (and its outcome, if the worker
+        sent none), and log it in words."""
+        lifetime = self.loop.now() - child.requested
+        exited = outcomes.exit_report(job, child, code, sig, words, lifetime)
         job.move(JobState.DONE)
         self.jobs.pop(job.handle, None)
-        self.clients.job_ended(job.handle, result, encode(exited))
+        self.clients.job_ended(job.handle, result, exited)
         self.counts["completed"] += 1
         level = logging.INFO if code == 0 and result is None else logging.WARNING
-        log.log(
-            level,
-            "worker %d [%s] %s %s after %.1f ms",
-            child.pid,
-            job.handle,
-            job.spawn.task,
-            words,
-            lifetime * 1000,
-        )
+        what = f"{job.spawn.task} {words} after {lifetime * 1000:.1f} ms"
+        log.log(level, "worker %d [%s] %s", child.pid, job.handle, what)
 
     def _corrupt_child(self, child: Child, words: str) -> None:
         """A child that ended before ready: count it against its step and its
@@ -435,6 +459,9 @@ class Spawner:
             self._start_failed(child.job, reason, child.zygote)
             return
         self.counts["failed_starts"] += 1
+        if child.probe:  # the generation it was to check does not serve
+            self.fleet.kill_zygote(child.zygote, f"its probe child failed: {reason}")
+            return
         if child.zygote is self.fleet.current:
             self.fleet.child_corrupt(child.zygote)
         self.pool.replace(child)
@@ -449,20 +476,17 @@ class Spawner:
             self._fail(self.queue.popleft(), ErrorCode.SHUTTING_DOWN, shutting_down(reason))
 
     def stats(self) -> dict[str, Any]:
-        busy = sum(child.job is not None for child in self.tracker.children.values())
+        counted = ("accepted", "completed", "failed_starts", "refused_forks")
+        guards = ("fork_guard_waits", "fork_guard_timeouts")
         return {
-            "workers": busy,
+            "workers": sum(child.job is not None for child in self.tracker.children.values()),
             "pool_ready": len(self.pool.ready),
             "pool_starting": len(self.pool.starting),
             "pool_size": self.pool.size,
             "pool_taken": self.pool.taken,
             "queued": len(self.queue),
-            "accepted": self.counts["accepted"],
-            "completed": self.counts["completed"],
-            "failed_starts": self.counts["failed_starts"],
-            "refused_forks": self.counts["refused_forks"],
+            **{name: self.counts[name] for name in counted},
             "validator_failures": dict(self.failures_by_step),
-            "fork_guard_waits": self.counts["fork_guard_waits"],
+            **{name: self.counts[name] for name in guards},
             "fork_guard_wait_seconds": round(self.guard_wait_seconds, 3),
-            "fork_guard_timeouts": self.counts["fork_guard_timeouts"],
         }

@@ -20,7 +20,6 @@ import secrets
 import signal
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -31,7 +30,7 @@ from ..codec import (
     encode,
     request_id,
 )
-from ..config import ConfigError, ServerConfig, ensure_private_dir, runtime_dir
+from ..config import ServerConfig
 from ..linux import describe_wait_status, set_child_subreaper, signal_name
 from ..protocol import (
     Attach,
@@ -44,12 +43,14 @@ from ..protocol import (
     Ping,
     ProtocolError,
     Refork,
+    Reload,
     Spawn,
     Spawned,
     Stats,
     Stop,
     shutting_down,
 )
+from . import endpoint
 from .children import Job
 from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
 from .loop import EventLoop
@@ -81,7 +82,16 @@ class Supervisor:
         # Workers hold the read end of this pipe; its write end, only we.
         self.lifeline_r, self.lifeline_w = os.pipe()
         self.tracker = Tracker(config, self.loop)
-        self.fleet = Fleet(config, self.loop, self.lifeline_r, self.tracker, self.give_up)
+        self.fleet = Fleet(
+            config,
+            self.loop,
+            self.lifeline_r,
+            self.tracker,
+            self.give_up,
+            announce=self._generation_switched,
+        )
+        # Clients waiting for an on-demand refork's outcome.
+        self._refork_waiters: list[tuple[Envelope, int]] = []
         self.spawner = Spawner(config, self.loop, self.fleet, self.tracker, self)
         self.signals: collections.deque[int] = collections.deque()
         self.stopping: str | None = None
@@ -109,40 +119,27 @@ class Supervisor:
     def _setup(self) -> None:
         set_child_subreaper()
         self.context = zmq.Context(io_threads=1)
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # Clients name themselves (a stable routing id): one that reconnects
-        # keeps its name and still gets the replies and results meant for it.
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.router.setsockopt(zmq.LINGER, 2000)
-        # libzmq drops (and disconnects) anything bigger; between the two
-        # limits a client gets a clear "too large" reply instead.
-        self.router.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.max_message_bytes + 65536)
-        self.endpoint = self._bind(self.config.endpoint)
+        self.router = endpoint.listen(
+            self.context, self.config.endpoint, self.config.max_message_bytes
+        )
+        self.endpoint = str(self.router.getsockopt_string(zmq.LAST_ENDPOINT))
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
+        for sig in (
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGQUIT,
+            signal.SIGCHLD,
+            signal.SIGHUP,
+            signal.SIGUSR2,
+        ):
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
         self.loop.watch(self.router, self._on_client_messages)
         self.loop.watch(self._wake_r.fileno(), self._on_signals)
         log.info("zygote %s listening on %s (pid %d)", __version__, self.endpoint, os.getpid())
         self.fleet.start()
-
-    def _bind(self, endpoint: str) -> str:
-        if endpoint.startswith("ipc://"):
-            path = endpoint[len("ipc://") :]
-            parent = Path(os.path.dirname(path) or ".")
-            if parent == runtime_dir() or not parent.is_dir():
-                ensure_private_dir(parent)
-            if os.path.exists(path) and _unix_socket_alive(path):
-                raise ConfigError(f"another server is already listening on {endpoint}")
-        try:
-            self.router.bind(endpoint)
-        except zmq.ZMQError as exc:
-            raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
-        return str(self.router.getsockopt_string(zmq.LAST_ENDPOINT))
 
     def _teardown(self) -> None:
         for zygote in list(self.fleet.zygotes.values()):
@@ -154,10 +151,7 @@ class Supervisor:
         self.fleet.close()
         self.router.close()
         self.context.term()
-        if self.endpoint.startswith("ipc://"):
-            # libzmq leaves the socket file behind; clients look for it.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.endpoint[len("ipc://") :])
+        endpoint.remove(self.endpoint)
         os.close(self.lifeline_w)
         level = logging.INFO if self.exit_code == EXIT_OK else logging.ERROR
         log.log(level, "stopped (exit status %d): %s", self.exit_code, self.stopping)
@@ -165,7 +159,7 @@ class Supervisor:
     def _housekeeping(self) -> None:
         self.loop.later(_HOUSEKEEPING, self._housekeeping)
         self._report_rejections()
-        self.fleet.forget_drops({child.zygote.pid for child in self.tracker.children.values()})
+        self.fleet.drops.forget({child.zygote.pid for child in self.tracker.children.values()})
         for record in self.store.expire():
             log.warning(
                 "result of %s (%s) expired: no client collected it", record.handle, record.task
@@ -179,8 +173,13 @@ class Supervisor:
             signum = self.signals.popleft()
             if signum == signal.SIGCHLD:
                 self._reap()
-            elif signum == signal.SIGHUP and not self.stopping:
-                log.info("SIGHUP: refork to generation %d", self.fleet.refork())
+            elif signum == signal.SIGHUP:
+                if not self.stopping:
+                    log.info("SIGHUP: reload to generation %d", self.fleet.reload())
+            elif signum == signal.SIGUSR2:
+                if not self.stopping:
+                    log.info("SIGUSR2: refork")
+                    self.fleet.refork()
             elif signum == signal.SIGQUIT or (signum == signal.SIGINT and self.stopping):
                 self.stop(f"{signal_name(signum)}: fast stop", EXIT_OK, grace=0.0)
             else:
@@ -283,11 +282,13 @@ class Supervisor:
             self._send(envelope, Ok(msg.req, self._identity()))
         elif isinstance(msg, Stats):
             self._send(envelope, Ok(msg.req, self.stats()))
+        elif isinstance(msg, Refork | Reload) and self.stopping:
+            self._send(envelope, Error(msg.req, ErrorCode.SHUTTING_DOWN, self._stop_message()))
+        elif isinstance(msg, Reload):
+            self._send(envelope, Ok(msg.req, {"generation": self.fleet.reload()}))
         elif isinstance(msg, Refork):
-            if self.stopping:
-                self._send(envelope, Error(msg.req, ErrorCode.SHUTTING_DOWN, self._stop_message()))
-            else:
-                self._send(envelope, Ok(msg.req, {"generation": self.fleet.refork()}))
+            self._refork_waiters.append((envelope, msg.req))  # answered on the outcome
+            self.fleet.refork()
         elif isinstance(msg, Stop):
             self._send(envelope, Ok(msg.req, {"stopping": True}))
             self.stop("stop requested by a client", EXIT_OK)
@@ -402,6 +403,15 @@ class Supervisor:
                 self._send(envelope, Error(req, code, text, reasons))
         self.store.discard(handle, f"it failed: {text}")
 
+    def _generation_switched(self, generation: int | None, error: str | None) -> None:
+        """A new generation took over, or did not: tell whoever asked for a refork."""
+        waiters, self._refork_waiters = self._refork_waiters, []
+        for envelope, req in waiters:
+            if generation is not None:
+                self._send(envelope, Ok(req, {"generation": generation}))
+            else:
+                self._send(envelope, Error(req, ErrorCode.REFORK_FAILED, error or "?"))
+
     # -- stopping ---------------------------------------------------------
 
     def give_up(self, reason: str, code: int) -> None:
@@ -465,15 +475,3 @@ class Supervisor:
             "rejected_messages": self.rejected,
             "internal_errors": self.loop.internal_errors,
         }
-
-
-def _unix_socket_alive(path: str) -> bool:
-    """True if something accepts connections on the unix socket at `path`."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True

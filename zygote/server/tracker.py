@@ -15,20 +15,23 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from typing import Protocol
 
 import zmq
 
-from ..codec import decode_channel
+from ..codec import decode_channel, encode, frame
 from ..config import ServerConfig, signal_by_name
 from ..linux import child_pids, kill_child
-from ..protocol import Message, Phase, ProtocolError, Ready, Result, ValidatorFailed
+from ..protocol import Message, Phase, Promote, ProtocolError, Ready, Result, ValidatorFailed
 from .children import Child, ZygoteProc
 from .lifecycle import ChildState
 from .loop import EventLoop
 
 log = logging.getLogger("zygote.supervisor")
+
+_PROMOTE_FRAME = frame(encode(Promote()))
 
 Rusage = tuple[float, float, int]  # user and system CPU seconds, max RSS in KiB
 
@@ -93,6 +96,27 @@ class Tracker:
         """Let an idle pool child go."""
         child.move(ChildState.RETIRING)
         self.close_channel(child)
+
+    def promote(self, child: Child) -> tuple[socket.socket, int] | None:
+        """Hand a refork candidate whose task succeeded its control socket as
+        a zygote. It is no longer a child we watch: returns our end of that
+        socket and its pidfd (the fleet's now); None if it is already gone."""
+        assert child.channel is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            socket.send_fds(child.channel, [_PROMOTE_FRAME], [theirs.fileno()])
+        except OSError:  # it died, or its channel is full: it just ends
+            ours.close()
+            return None
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.close_channel(child)
+        self.loop.unwatch(child.pidfd)
+        child.cancel_timers()
+        del self.children[child.pid]
+        child.move(ChildState.PROMOTED)
+        return ours, child.pidfd
 
     def fail_start(self, child: Child, failure: str, step: str) -> None:
         """Kill a child that failed its start-up; with SIGABRT, faulthandler
@@ -214,6 +238,8 @@ class Tracker:
                 return
             child.move(ChildState.FINISHING)
             self.events.child_result(child, data)
+            if not child.alive:  # promoted to a zygote: no longer ours
+                return
             self.close_channel(child)  # the worker's cue to exit
             # ... which it takes once its before_exit hooks are done, unless
             # something in it hangs (a hook stuck where SIGALRM cannot reach,

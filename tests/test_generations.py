@@ -1,0 +1,148 @@
+"""Generations with real processes: refork (a warm worker promoted to be the
+next zygote) and reload (a fresh exec), by request, by policy and by signal;
+candidates that must be refused; the old generation serving on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from zygote import Zygote, ZygoteError
+
+from .conftest import Server, wait_until
+
+APP = ("tests.tasks", "tests.generations_app")
+
+
+def refork_in_background(server: Server) -> tuple[threading.Thread, list[object]]:
+    """Ask for a refork from another client, as `zygote refork` would; it is
+    answered once a worker has finished a task and the new generation serves."""
+    outcome: list[object] = []
+
+    def ask() -> None:
+        with Zygote(server.endpoint, timeout=60) as client:
+            try:
+                outcome.append(client.refork())
+            except ZygoteError as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    wait_until(lambda: server.stats()["refork_requested"], what="the refork request")
+    return thread, outcome
+
+
+def test_refork_promotes_a_warm_worker(start_server: Callable[..., Server]) -> None:
+    server = start_server("--prefork", "0", preload=APP)
+    client = server.client(timeout=30)
+    assert client.spawn("tests.generations_app:lazy").result()["was_loaded"] is False
+    thread, outcome = refork_in_background(server)
+    candidate = client.spawn("tests.generations_app:lazy")
+    assert candidate.result()["was_loaded"] is False
+    thread.join(30)
+    assert outcome == [2]
+    # The candidate's job ended as usual; its process went on as the zygote.
+    exit_info = candidate.wait()
+    assert exit_info.exit_code == 0 and exit_info.description == "became zygote generation 2"
+    stats = server.stats()
+    assert stats["zygote_pid"] == candidate.pid and stats["promoted_from"] == 1
+    # Its children have what its task imported, and its before_refork hook ran.
+    warm = client.spawn("tests.generations_app:lazy")
+    assert warm.generation == 2
+    assert warm.result() == {"was_loaded": True, "pid": warm.pid, "hooks_ran": 1}
+    assert "generation 2 takes over from 1" in server.log()
+
+
+def test_refork_by_policy(start_server: Callable[..., Server]) -> None:
+    server = start_server("--prefork", "1", "--refork-after", "2", preload=APP)
+    client = server.client(timeout=30)
+    for _ in range(3):  # two spawns, then the candidate
+        client.spawn("tests.generations_app:lazy").result()
+    wait_until(lambda: server.stats()["generation"] == 2, what="generation 2")
+    handle = client.spawn("tests.generations_app:lazy")
+    assert handle.generation == 2 and handle.result()["was_loaded"] is True
+    assert server.stats()["reforks"] == 1
+
+
+@pytest.mark.parametrize(
+    ("task", "reason"),
+    [
+        ("tests.generations_app:leave_thread", "a thread was left behind: Python thread 'poller'"),
+        ("tests.generations_app:unsafe", "the task said so: it holds a connection in use"),
+        ("tests.generations_app:poison", "its probe child failed: poison-check failed"),
+    ],
+)
+def test_a_candidate_that_fails_is_discarded_and_the_old_generation_serves(
+    start_server: Callable[..., Server], task: str, reason: str
+) -> None:
+    server = start_server("--prefork", "1", preload=APP)
+    client = server.client(timeout=30)
+    thread, outcome = refork_in_background(server)
+    client.spawn(task).result()
+    thread.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], ZygoteError)
+    assert reason in str(outcome[0])
+    stats = server.stats()
+    assert stats["generation"] == 1 and stats["refork_failures"] == 1
+    handle = client.spawn("tests.tasks:add", 1, 2)
+    assert handle.result() == 3 and handle.generation == 1
+
+
+def test_running_workers_finish_across_the_switch(start_server: Callable[..., Server]) -> None:
+    server = start_server("--prefork", "0", preload=APP)
+    client = server.client(timeout=30)
+    long = client.spawn("tests.tasks:sleep", 1.5, "done")
+    thread, outcome = refork_in_background(server)
+    client.spawn("tests.generations_app:lazy").result()
+    thread.join(30)
+    assert outcome == [2]
+    assert long.result() == "done" and long.generation == 1
+    assert long.wait().exit_code == 0
+
+
+def test_a_promoted_zygote_killed_is_replaced_by_a_fresh_one(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server("--prefork", "0", preload=APP)
+    client = server.client(timeout=30)
+    thread, outcome = refork_in_background(server)
+    client.spawn("tests.generations_app:lazy").result()
+    thread.join(30)
+    assert outcome == [2]
+    os.kill(server.stats()["zygote_pid"], signal.SIGKILL)
+    wait_until(lambda: server.stats()["generation"] == 3, what="generation 3")
+    results = list(client.map("tests.tasks:identity", range(20)))
+    assert results == list(range(20))
+    stats = server.stats()
+    assert stats["promoted_from"] is None and stats["zygote_restarts"] == 1
+
+
+def test_signals_refork_and_reload(start_server: Callable[..., Server]) -> None:
+    server = start_server("--prefork", "0", preload=APP)
+    client = server.client(timeout=30)
+    os.kill(server.pid, signal.SIGUSR2)  # refork: the next task's worker
+    wait_until(lambda: server.stats()["refork_requested"], what="the refork request")
+    os.kill(server.pid, signal.SIGUSR2)  # again, while it is pending: harmless
+    client.spawn("tests.generations_app:lazy").result()
+    wait_until(lambda: server.stats()["generation"] == 2, what="generation 2")
+    os.kill(server.pid, signal.SIGHUP)  # reload: a fresh interpreter
+    wait_until(
+        lambda: server.stats()["generation"] == 3 and server.stats()["zygote_state"] == "ready",
+        what="generation 3",
+    )
+    handle = client.spawn("tests.generations_app:lazy")
+    assert handle.generation == 3 and handle.result()["was_loaded"] is False
+    assert server.stats()["internal_errors"] == 0
+
+
+def test_refork_with_nothing_running_waits_then_says_why(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server("--prefork", "0", "--refork-timeout", "0.5", preload=APP)
+    with pytest.raises(ZygoteError, match=r"no worker finished a task within 0\.5s"):
+        server.client(timeout=30).refork()
+    assert server.stats()["generation"] == 1

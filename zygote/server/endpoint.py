@@ -1,0 +1,69 @@
+"""The supervisor's listening socket: the ZeroMQ ROUTER, its options, binding
+it, and leaving no socket file behind. Part of the supervisor process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+import zmq
+
+from ..config import ConfigError, ensure_private_dir, runtime_dir
+
+
+def listen(
+    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, max_message: int
+) -> zmq.Socket[bytes]:
+    """A ROUTER socket bound to `endpoint` (its actual address in
+    `LAST_ENDPOINT`); ConfigError if that cannot be done."""
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # Clients name themselves (a stable routing id): one that reconnects
+    # keeps its name and still gets the replies and results meant for it.
+    router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    router.setsockopt(zmq.LINGER, 2000)
+    # libzmq drops (and disconnects) anything bigger; between the two
+    # limits a client gets a clear "too large" reply instead.
+    router.setsockopt(zmq.MAXMSGSIZE, 2 * max_message + 65536)
+    try:
+        _bind(router, endpoint)
+    except BaseException:
+        router.close()
+        raise
+    return router
+
+
+def _bind(router: zmq.Socket[bytes], endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        parent = Path(os.path.dirname(path) or ".")
+        if parent == runtime_dir() or not parent.is_dir():
+            ensure_private_dir(parent)
+        if os.path.exists(path) and _unix_socket_alive(path):
+            raise ConfigError(f"another server is already listening on {endpoint}")
+    try:
+        router.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
+
+
+def remove(endpoint: str) -> None:
+    """After closing: libzmq leaves an ipc socket file behind, and clients
+    take a file there for a server."""
+    if endpoint.startswith("ipc://"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(endpoint[len("ipc://") :])
+
+
+def _unix_socket_alive(path: str) -> bool:
+    """True if something accepts connections on the unix socket at `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
