@@ -330,8 +330,8 @@ def report(record: dict[str, Any]) -> None:
             f"{name}: generations {b['generations']} -> {a['generations']}; "
             f"found it loaded {b['was_loaded']}/{b['n']} -> {a['was_loaded']}/{a['n']}; "
             f"no-op spawn p50 {b['noop_p50']:.1f} -> {a['noop_p50']:.1f} ms; zygote threads "
-            f"{record['zygote_threads']['before'][name]} -> "
-            f"{record['zygote_threads']['after'][name]}"
+            f"{thread_names(record['zygote_threads']['before'][name])} -> "
+            f"{thread_names(record['zygote_threads']['after'][name])}"
         )
     print()
     print("Trigger to serving (ms)")
@@ -375,6 +375,11 @@ def report(record: dict[str, Any]) -> None:
         for line in lines:
             print(f"server log, {name}: {line}")
     print(f"took {record['seconds']:.0f} s")
+
+
+def thread_names(threads: list[dict[str, Any]]) -> str:
+    """The threads a zygote reported, in words."""
+    return "; ".join(str(t.get("description", t)) for t in threads) or "none"
 
 
 def span(values: list[float]) -> str:

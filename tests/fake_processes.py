@@ -206,9 +206,11 @@ class Harness:
             -1,
             self.tracker,
             lambda why, code: self.gave_up.append((why, code)),
-            self._launch,
+            launch=self._launch,
         )
-        self.spawner = Spawner(self.config, self.loop, self.fleet, self.tracker, self.clients)
+        self.spawner = Spawner(
+            self.config, self.loop, {"default": self.fleet}, self.tracker, self.clients
+        )
         self.fleet.start()
 
     def _launch(self, generation: int, lifeline_fd: int, now: float) -> ZygoteProc:

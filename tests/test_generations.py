@@ -146,3 +146,39 @@ def test_refork_with_nothing_running_waits_then_says_why(
     with pytest.raises(ZygoteError, match=r"no worker finished a task within 0\.5s"):
         server.client(timeout=30).refork()
     assert server.stats()["generation"] == 1
+
+
+def test_reload_under_load_serves_the_new_code_and_fails_no_spawn(
+    start_server: Callable[..., Server], tmp_path
+) -> None:
+    module = tmp_path / "deployed.py"
+    module.write_text("def version():\n    return 1\n")
+    server = start_server(
+        "--prefork", "2", preload=("tests.tasks", "deployed"), env={"PYTHONPATH": str(tmp_path)}
+    )
+    seen: list[object] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with Zygote(server.endpoint, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    seen.append(client.spawn("deployed:version").result())
+                except ZygoteError as exc:
+                    seen.append(exc)
+
+    loaders = [threading.Thread(target=load) for _ in range(2)]
+    for thread in loaders:
+        thread.start()
+    try:
+        wait_until(lambda: len(seen) >= 10, what="spawns under way")
+        module.write_text("def version():\n    return 2\n")
+        with Zygote(server.endpoint, timeout=30) as client:
+            assert client.reload() == 2
+        wait_until(lambda: 2 in seen[-5:], timeout=30, what="the new code answering")
+    finally:
+        stop.set()
+        for thread in loaders:
+            thread.join(30)
+    errors = [item for item in seen if isinstance(item, Exception)]
+    assert not errors and set(seen) == {1, 2}

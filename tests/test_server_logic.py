@@ -144,7 +144,7 @@ def test_a_corrupt_child_is_replaced_until_the_retries_run_out(harness: Harness)
     assert (kind, code) == ("failed", "spawn_failed")
     assert "no healthy worker after 2 attempts" in text and len(reasons) == 2
     assert "flaky failed: RuntimeError: broken lock" in reasons[0]
-    assert h.spawner.failures_by_step == {"flaky": 2}
+    assert h.spawner.counts.by_step == {"flaky": 2}
     assert h.spawner.slots.taken == 0 and not h.tracker.children
 
 
@@ -191,7 +191,7 @@ def test_worker_slots_bound_the_forks_in_flight(harness: Harness) -> None:
     jobs = [h.submit(f"j{i}") for i in range(5)]
     first, second = zygote.fork(), zygote.fork()
     assert zygote.recv() is None  # no third request: both slots are taken
-    assert len(h.spawner.queue) == 3 and h.spawner.slots.taken == 2
+    assert h.spawner.queued == 3 and h.spawner.slots.taken == 2
     h.run()
     for worker in (first, second):
         worker.send(Ready())
@@ -226,7 +226,7 @@ def test_a_reload_serves_once_its_probe_child_is_ready(harness: Harness) -> None
     h = harness
     old = ready_zygote(h)
     pooled = start(h, old)
-    assert [c.pid for c in h.spawner.pool.ready] == [pooled.pid]
+    assert [c.pid for c in h.spawner.lineages["default"].pool.ready] == [pooled.pid]
     assert h.fleet.reload() == 2
     new = h.zygote
     new.boot()
@@ -236,7 +236,9 @@ def test_a_reload_serves_once_its_probe_child_is_ready(harness: Harness) -> None
     assert h.fleet.current is new.proc and old.closed()  # retired: end-of-file
     _, closed = pooled.received()
     assert closed  # the old generation's pool child is let go
-    assert [c.pid for c in h.spawner.pool.ready] == [probe.pid]  # the probe joins the pool
+    assert [c.pid for c in h.spawner.lineages["default"].pool.ready] == [
+        probe.pid
+    ]  # the probe joins the pool
     job = h.submit("j1")
     assert job.child is not None and job.child.pid == probe.pid
     assert h.clients.events[-1] == ("started", "j1", probe.pid, 2)
@@ -347,11 +349,11 @@ def test_a_pool_child_dying_idle_is_replaced(harness: Harness) -> None:
     pooled = start(h, zygote)
     pooled.exit()
     h.run(advance=0.01)
-    assert not h.spawner.pool.ready
+    assert not h.spawner.lineages["default"].pool.ready
     zygote.reap(pooled, signal.SIGKILL)
     h.run(advance=0.01)
     replacement = start(h, zygote)
-    assert [c.pid for c in h.spawner.pool.ready] == [replacement.pid]
+    assert [c.pid for c in h.spawner.lineages["default"].pool.ready] == [replacement.pid]
     assert h.spawner.slots.taken == 0  # pool children hold no worker slot
 
 

@@ -23,9 +23,16 @@ _DEFAULTS = ServerConfig(endpoint="ipc://(default)")
 def _load_config_file(ctx: click.Context, _param: click.Parameter, path: str | None) -> None:
     if path:
         try:
-            ctx.default_map = {**(ctx.default_map or {}), **load_toml(path)}
+            settings = load_toml(path)
         except ConfigError as exc:
             raise click.BadParameter(str(exc)) from None
+        profiles = settings.get("profiles")
+        if isinstance(profiles, dict):  # a [profiles] table: as --profile would give it
+            settings["profiles"] = [
+                f"{name}={','.join(mods) if isinstance(mods, list) else mods}"
+                for name, mods in profiles.items()
+            ]
+        ctx.default_map = {**(ctx.default_map or {}), **settings}
 
 
 def _server_option(
@@ -57,6 +64,14 @@ def _server_option(
 
 _SERVER_OPTIONS = [
     _server_option("preload", str, "Module the zygote imports (repeatable).", multiple=True),
+    _server_option(
+        "profiles",
+        str,
+        "Another zygote lineage, NAME=MODULE[,MODULE...], spawned into with "
+        "--profile NAME / _profile=NAME (repeatable).",
+        flag="profile",
+        multiple=True,
+    ),
     _server_option(
         "endpoint",
         str,
@@ -224,12 +239,14 @@ _endpoint_option = click.option(
     help="Keyword argument (repeatable); VALUE is read like ARG.",
 )
 @click.option("--timeout", type=float, help="Kill the task after this many seconds.")
+@click.option("--profile", help="The zygote lineage to fork it from (start --profile).")
 @_endpoint_option
 def spawn(
     task: str,
     args: tuple[str, ...],
     kwargs: tuple[str, ...],
     timeout: float | None,
+    profile: str | None,
     endpoint: str | None,
 ) -> None:
     """Run TASK ("package.module:function") with ARGs and print its result as JSON.
@@ -247,7 +264,9 @@ def spawn(
         keywords[name] = _parse_arg(value)
     try:
         with Zygote(endpoint) as client:
-            handle = client.spawn(task, *map(_parse_arg, args), _timeout=timeout, **keywords)
+            handle = client.spawn(
+                task, *map(_parse_arg, args), _timeout=timeout, _profile=profile, **keywords
+            )
             value = handle.result()
     except TaskError as exc:
         if exc.remote_traceback:
@@ -290,8 +309,9 @@ def status(as_json: bool, endpoint: str | None) -> None:
     show_default=True,
     help="Seconds to wait for the new generation to serve.",
 )
+@click.option("--profile", help="The lineage to refork [default: the default one].")
 @_endpoint_option
-def refork(timeout: float, endpoint: str | None) -> None:
+def refork(timeout: float, profile: str | None, endpoint: str | None) -> None:
     """Promote a warm worker to be the next zygote generation: the next
     worker to finish its task becomes a zygote (its imports and caches warm),
     and takes over once a child of it passed the validators."""
@@ -299,7 +319,7 @@ def refork(timeout: float, endpoint: str | None) -> None:
 
     try:
         with Zygote(endpoint, timeout=timeout) as client:
-            click.echo(f"generation {client.refork()} serving")
+            click.echo(f"generation {client.refork(profile)} serving")
     except ZygoteError as exc:
         raise click.ClickException(f"refork failed: {exc}") from None
 

@@ -32,13 +32,12 @@ from .codec import (
 )
 from .config import default_endpoint
 from .errors import (
-    ServerBusy,
     ServerUnavailable,
-    SpawnError,
     ZygoteError,
     ZygoteTimeout,
+    error_for,
 )
-from .handle import Delivery, ExitInfo, Handle
+from .handle import Delivery, ExitInfo, Handle, Link
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     LOST,
@@ -59,6 +58,7 @@ from .protocol import (
     Spawned,
     Stats,
     Stop,
+    check_profile_name,
     check_task_name,
     spawn_size,
 )
@@ -110,7 +110,7 @@ class Zygote:
         self._abandoned: set[int] = set()
         # What the server pushed for each job a handle still follows.
         self._deliveries: weakref.WeakValueDictionary[str, Delivery] = weakref.WeakValueDictionary()
-        self._link = _HandleLink(self)
+        self._link = Link(self._receive_ready, self._wait, self._confirm, self._kill)
         self._server: str | None = None
         self._max_message = DEFAULT_MAX_MESSAGE_BYTES
         self._max_workers: int | None = None
@@ -154,16 +154,20 @@ class Zygote:
         _timeout: float | None = None,
         _env: dict[str, str] | None = None,
         _cwd: str | None = None,
+        _profile: str | None = None,
         **kwargs: Any,
     ) -> Handle:
         """Run `task` ("package.module:function") with the given arguments in a
         new worker; returns once the worker is ready and running it.
 
         `_timeout` kills the task after that many seconds, `_env` adds
-        environment variables, `_cwd` sets its working directory. Arguments
-        and the result travel as msgpack (tuples arrive as lists).
+        environment variables, `_cwd` sets its working directory, `_profile`
+        picks the zygote lineage (`zygote start --profile NAME=...`) to fork
+        it from. Arguments and the result travel as msgpack (tuples arrive
+        as lists).
         """
-        req = self._send_spawn(self._spawn_message(task, args, kwargs, _timeout, _env, _cwd))
+        message = self._spawn_message(task, args, kwargs, _timeout, _env, _cwd, _profile)
+        req = self._send_spawn(message)
         reply = self._reply(req, self.timeout, follow=self._handle_for(req))
         assert isinstance(reply, Handle)
         return reply
@@ -175,6 +179,7 @@ class Zygote:
         *,
         max_in_flight: int | None = None,
         timeout: float | None = None,
+        profile: str | None = None,
     ) -> Iterator[Any]:
         """`task(item)` for every item, results in order, like `Executor.map`.
 
@@ -182,7 +187,7 @@ class Zygote:
         spawned ahead of the one being consumed; the first are spawned at
         once. A failed item raises its error when its turn comes; jobs
         already running then finish on their own. `timeout` bounds the whole
-        run, counted from this call.
+        run, counted from this call; `profile` is `spawn()`'s `_profile`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         if max_in_flight is not None and max_in_flight < 1:
@@ -193,7 +198,8 @@ class Zygote:
 
         def fill() -> None:
             for item in itertools.islice(items, window - len(pending)):
-                pending.append(self._send_spawn(self._spawn_message(task, (item,), {})))
+                message = self._spawn_message(task, (item,), {}, profile=profile)
+                pending.append(self._send_spawn(message))
 
         def results() -> Iterator[Any]:
             try:
@@ -230,22 +236,22 @@ class Zygote:
         self._call(lambda req: Ping(req), self.timeout if self.timeout is not None else 10.0)
         return time.perf_counter() - start
 
-    def refork(self) -> int:
+    def refork(self, profile: str | None = None) -> int:
         """Promote a warm worker to be the next zygote generation: the next
         worker to finish its task successfully (waiting for one if none is
         running) becomes a zygote, and takes over new spawns and the ready
         pool once a child of it has passed the validators. Returns the new
         generation; raises ZygoteError with the reason if it failed (no task
         finished in time, a thread left behind, a failed validator)."""
-        reply = self._call(lambda req: Refork(req), self.timeout)
+        reply = self._call(lambda req: Refork(req, profile), self.timeout)
         assert isinstance(reply, Ok)
         return int(reply.info["generation"])
 
-    def reload(self) -> int:
+    def reload(self, profile: str | None = None) -> int:
         """Start the next generation from a fresh interpreter that imports
         the preload again (new code); it takes over once a child of it has
         passed the validators. Returns its number at once."""
-        reply = self._call(lambda req: Reload(req), self.timeout)
+        reply = self._call(lambda req: Reload(req, profile), self.timeout)
         assert isinstance(reply, Ok)
         return int(reply.info["generation"])
 
@@ -264,9 +270,11 @@ class Zygote:
         timeout: float | None = None,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        profile: str | None = None,
     ) -> Callable[[int], Message]:
         try:
             check_task_name(task)
+            check_profile_name(profile)
         except ProtocolError as exc:
             raise ValueError(str(exc)) from None
         payload = msgpack.packb([list(args), kwargs], use_bin_type=True)
@@ -285,7 +293,9 @@ class Zygote:
             )
         if timeout is not None and not timeout > 0:
             raise ValueError("_timeout must be a positive number of seconds")
-        return lambda req: Spawn(req, task, payload, timeout, env, cwd, self._handle_for(req))
+        return lambda req: Spawn(
+            req, task, payload, timeout, env, cwd, self._handle_for(req), profile
+        )
 
     def _send(self, make: Callable[[int], Message]) -> int:
         if self._socket.closed:
@@ -317,7 +327,7 @@ class Zygote:
             raise
         reply = self._replies.pop(req)
         if isinstance(reply, Error):
-            raise _error(reply)
+            raise error_for(reply.code, reply.message, reply.reasons)
         return reply
 
     def _wait(
@@ -367,6 +377,15 @@ class Zygote:
             except ProtocolError as exc:
                 raise ZygoteError(f"the server at {self.endpoint} sent garbage: {exc}") from None
             self._take(msg)
+
+    def _kill(self, handle_id: str, signal: int) -> bool:
+        try:
+            self._call(lambda req: Kill(req, handle_id, signal), self.timeout)
+        except (ZygoteTimeout, ServerUnavailable):
+            raise
+        except ZygoteError:  # the server's answer: no running worker
+            return False
+        return True
 
     def _confirm(self, handle_id: str, delivery: Delivery) -> None:
         """The result of a job has reached user code: the server may forget it."""
@@ -471,39 +490,5 @@ class Zygote:
         return self._max_workers
 
 
-class _HandleLink:
-    """The client as its handles see it (`handle.Link`)."""
-
-    def __init__(self, client: Zygote) -> None:
-        self._client = client
-
-    def poll(self) -> None:
-        self._client._receive_ready()
-
-    def wait_for(self, done: Callable[[], bool], timeout: float | None, follow: str) -> None:
-        self._client._wait(done, timeout, follow)
-
-    def confirm(self, handle_id: str, delivery: Delivery) -> None:
-        self._client._confirm(handle_id, delivery)
-
-    def kill(self, handle_id: str, signal: int) -> bool:
-        client = self._client
-        try:
-            client._call(lambda req: Kill(req, handle_id, signal), client.timeout)
-        except (ZygoteTimeout, ServerUnavailable):
-            raise
-        except ZygoteError:  # the server's answer: no running worker
-            return False
-        return True
-
-
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _error(reply: Error) -> ZygoteError:
-    if reply.code == ErrorCode.BUSY:
-        return ServerBusy(reply.message, reply.reasons)
-    if reply.code in (ErrorCode.SPAWN_FAILED, ErrorCode.SHUTTING_DOWN):
-        return SpawnError(reply.message, reply.reasons)
-    return ZygoteError(f"{reply.code}: {reply.message}")

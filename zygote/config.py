@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .protocol import DEFAULT_MAX_MESSAGE_BYTES
+from .protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_PROFILE,
+    ProtocolError,
+    check_profile_name,
+)
 
 __all__ = [
     "LOG_FORMAT",
@@ -90,6 +95,9 @@ class ServerConfig:
 
     endpoint: str = field(default_factory=default_endpoint)
     preload: list[str] = field(default_factory=list)
+    #: more zygote lineages, each with its own preload, generations, ready
+    #: pool and helper: name -> modules (`--profile NAME=MOD[,MOD...]`)
+    profiles: dict[str, list[str]] = field(default_factory=dict)
     #: live workers at most; further spawns wait in the queue
     max_workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
     #: children forked and validated ahead of need (not counted as workers)
@@ -201,10 +209,44 @@ class ServerConfig:
             if ":" not in task:
                 raise ConfigError(f"a validator is named 'module:function', not {task!r}")
         self.refork_after = _spawn_counts(self.refork_after)
+        self.profiles = _profiles(self.profiles)
+
+    def lineages(self) -> dict[str, list[str]]:
+        """Every profile's preload, the default one (`--preload`) first."""
+        return {DEFAULT_PROFILE: list(self.preload), **self.profiles}
 
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def _profiles(value: object) -> dict[str, list[str]]:
+    """--profile heavy=numpy,pandas (repeatable), or a TOML [profiles] table
+    (heavy = ["numpy", "pandas"] or "numpy,pandas") -> {"heavy": [...]}."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        items = []
+        for entry in value if isinstance(value, list | tuple) else [value]:
+            name, sep, modules = str(entry).partition("=")
+            if not sep:
+                raise ConfigError(f"a profile is NAME=MODULE[,MODULE...], not {entry!r}")
+            items.append((name.strip(), modules))
+    profiles: dict[str, list[str]] = {}
+    for name, modules in items:
+        try:
+            check_profile_name(name)
+        except ProtocolError:
+            raise ConfigError(f"a profile name is 1-64 of [A-Za-z0-9_.-], not {name!r}") from None
+        if name == DEFAULT_PROFILE or name in profiles:
+            raise ConfigError(
+                f"profile {name!r} is defined twice (--preload is {DEFAULT_PROFILE!r})"
+            )
+        listed = modules if isinstance(modules, list) else str(modules).split(",")
+        profiles[name] = [str(m).strip() for m in listed if str(m).strip()]
+        if not profiles[name]:
+            raise ConfigError(f"profile {name!r} preloads no module")
+    return profiles
 
 
 def _spawn_counts(value: object) -> list[int]:

@@ -6,6 +6,8 @@ catch `ZygoteError` for "anything zygote" or a subclass for one outcome.
 
 from __future__ import annotations
 
+from .protocol import ErrorCode
+
 __all__ = [
     "ServerBusy",
     "ServerUnavailable",
@@ -91,3 +93,12 @@ class TaskTimeout(ZygoteTimeout, WorkerLost):
         self, message: str, *, exit_code: int | None = None, signal: int | None = None
     ) -> None:
         WorkerLost.__init__(self, message, exit_code=exit_code, signal=signal)
+
+
+def error_for(code: str, message: str, reasons: list[str]) -> ZygoteError:
+    """The exception for a server's Error reply (its code: protocol.ErrorCode)."""
+    if code == ErrorCode.BUSY:
+        return ServerBusy(message, reasons)
+    if code in (ErrorCode.SPAWN_FAILED, ErrorCode.SHUTTING_DOWN):
+        return SpawnError(message, reasons)
+    return ZygoteError(f"{code}: {message}")

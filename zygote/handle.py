@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal as _signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 
@@ -54,20 +54,18 @@ class Delivery:
             self.exited = msg
 
 
-class Link(Protocol):
-    """What a handle needs from the client it came from."""
+@dataclass(frozen=True)
+class Link:
+    """What a handle needs from the client it came from (its methods)."""
 
-    def poll(self) -> None:
-        """Take in whatever has arrived, without blocking."""
-
-    def wait_for(self, done: Callable[[], bool], timeout: float | None, follow: str) -> None:
-        """Take in messages until `done()`, probing the server about `follow`."""
-
-    def confirm(self, handle_id: str, delivery: Delivery) -> None:
-        """The result has reached user code: the server may forget it."""
-
-    def kill(self, handle_id: str, signal: int) -> bool:
-        """Signal the job's worker; False if it no longer runs."""
+    #: take in whatever has arrived, without blocking
+    poll: Callable[[], None]
+    #: take in messages until done(), probing the server about a job: (done, timeout, job)
+    wait_for: Callable[[Callable[[], bool], float | None, str], None]
+    #: the result reached user code, the server may forget it: (job, its delivery)
+    confirm: Callable[[str, Delivery], None]
+    #: signal the job's worker; False if it no longer runs: (job, signal)
+    kill: Callable[[str, int], bool]
 
 
 class Handle:

@@ -178,3 +178,15 @@ def describe_wait_status(status: int) -> str:
     if code is not None:
         return "exited normally" if code == 0 else f"exited with code {code}"
     return f"ended with wait status {status:#x}"
+
+
+def helper_threads(pid: int | None) -> list[str]:
+    """The names of a helper process's threads but its main one (the
+    receiver); a thread a background function starts inherits its name."""
+    if pid is None:
+        return []
+    try:
+        threads = native_threads(pid)
+    except OSError:  # gone since
+        return []
+    return sorted({name for tid, name in threads.items() if tid != pid})

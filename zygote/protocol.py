@@ -130,9 +130,12 @@ class Spawn(Message):
     env: dict[str, str] | None = None
     cwd: str | None = None
     handle: str | None = None
+    #: the zygote lineage (`--profile NAME=...`) to run it in; None: the default
+    profile: str | None = None
 
     def __post_init__(self) -> None:
         check_task_name(self.task)
+        check_profile_name(self.profile)
         if self.handle is not None and not _HANDLE_RE.fullmatch(self.handle):
             raise MalformedMessage(f"a handle is 1-64 of [A-Za-z0-9_.-], not {self.handle!r:.80}")
         if self.timeout is not None and not self.timeout > 0:
@@ -186,20 +189,29 @@ class Ping(Message):
 @dataclass(frozen=True, slots=True)
 class Refork(Message):
     """Promote a warm worker — one that has just finished a task — to be the
-    next zygote generation. Answered once the new generation serves, or with
-    the reason it could not."""
+    next zygote generation of `profile` (None: the default one). Answered
+    once the new generation serves, or with the reason it could not."""
 
     KIND = "refork"
     req: int
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        check_profile_name(self.profile)
 
 
 @dataclass(frozen=True, slots=True)
 class Reload(Message):
-    """Start the next generation from a fresh interpreter that imports the
-    preload again (new code); answered with its number at once."""
+    """Start the next generation of `profile` (None: of every profile) from a
+    fresh interpreter that imports the preload again (new code); answered
+    with its number (the default profile's) at once."""
 
     KIND = "reload"
     req: int
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        check_profile_name(self.profile)
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +465,16 @@ Control = (
     | HelperExited
 )
 ChannelMessage = Ready | Phase | ValidatorFailed | Result | Task | Go | Promote
+
+
+DEFAULT_PROFILE = "default"
+_PROFILE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_profile_name(name: str | None) -> None:
+    """Raise MalformedMessage unless `name` is None or a profile name."""
+    if name is not None and not _PROFILE_RE.fullmatch(name):
+        raise MalformedMessage(f"a profile name is 1-64 of [A-Za-z0-9_.-], not {name!r:.80}")
 
 
 def check_task_name(task: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..codec import FrameDecoder, decode_control
 from ..linux import describe_wait_status, send_signal, wait_status_parts
-from ..protocol import Control, Forked, ProtocolError, Spawn
+from ..protocol import DEFAULT_PROFILE, Control, Forked, ProtocolError, Spawn
 from .lifecycle import (
     CHILD_MOVES,
     JOB_MOVES,
@@ -59,6 +59,10 @@ class Job:
     reasons: list[str] = field(default_factory=list)
     #: the child forked for it (or taken from the pool), while it has one
     child: Child | None = None
+
+    @property
+    def profile(self) -> str:
+        return self.spawn.profile or DEFAULT_PROFILE
 
     def move(self, state: JobState) -> None:
         """The one place a job changes state (checked against JOB_MOVES)."""
@@ -101,6 +105,8 @@ class ZygoteProc:
     spawns: int = 0
     #: the generation whose worker it was, if it came from a refork
     promoted_from: int | None = None
+    #: its lineage (`--profile`)
+    profile: str = DEFAULT_PROFILE
 
     @classmethod
     def start(cls, generation: int, lifeline_fd: int, now: float) -> ZygoteProc:

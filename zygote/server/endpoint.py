@@ -3,14 +3,23 @@ it, and leaving no socket file behind. Part of the supervisor process."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
 
 from ..config import ConfigError, ensure_private_dir, runtime_dir
+
+log = logging.getLogger("zygote.supervisor")
+
+#: Rejected client messages are logged at most once per peer per interval.
+REJECT_LOG_INTERVAL = 10.0
+_REJECT_PEERS_KEPT = 1024
 
 
 def listen(
@@ -67,3 +76,44 @@ def _unix_socket_alive(path: str) -> bool:
     finally:
         probe.close()
     return True
+
+
+class Rejections:
+    """Client messages rejected as malformed: all counted, logged at most
+    once per peer per interval — a client sending garbage in a loop must
+    not flood the log (10,000 bad frames once gave 9,200 lines). The ones
+    not logged are reported as a count when the interval is up."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.count = 0
+        # Per peer: (rejections not yet logged, when it was last logged).
+        self._peers: collections.OrderedDict[bytes, tuple[int, float]] = collections.OrderedDict()
+
+    def add(self, peer: bytes, what: str) -> None:
+        self.count += 1
+        now = self.clock()
+        unlogged, logged = self._peers.pop(peer, (0, -REJECT_LOG_INTERVAL))
+        if now - logged >= REJECT_LOG_INTERVAL:
+            log.warning("rejected a message from client %s: %s", peer.hex()[:16], what)
+            unlogged, logged = 0, now
+        else:
+            unlogged += 1
+        self._peers[peer] = (unlogged, logged)
+        while len(self._peers) > _REJECT_PEERS_KEPT:
+            self._peers.popitem(last=False)
+
+    def report(self) -> None:
+        """Log the counts of those not logged, once their interval is up."""
+        now = self.clock()
+        for peer, (unlogged, logged) in list(self._peers.items()):
+            if now - logged < REJECT_LOG_INTERVAL:
+                continue
+            if unlogged:
+                log.warning(
+                    "rejected %d more messages from client %s in the last %.0f s",
+                    unlogged,
+                    peer.hex()[:16],
+                    now - logged,
+                )
+            del self._peers[peer]

@@ -20,8 +20,9 @@ from ..codec import (
     encode,
 )
 from ..config import ServerConfig
-from ..linux import describe_wait_status, native_threads
+from ..linux import describe_wait_status, helper_threads
 from ..protocol import (
+    DEFAULT_PROFILE,
     Boot,
     Booted,
     BootFailed,
@@ -49,7 +50,7 @@ class ZygoteEvents(Protocol):
 
     def forked(self, zygote: ZygoteProc, msg: Forked, fds: list[int]) -> None: ...
     def fork_failed(self, zygote: ZygoteProc, msg: ForkFailed) -> None: ...
-    def zygote_ready(self) -> None: ...
+    def zygote_ready(self, zygote: ZygoteProc) -> None: ...
     def zygote_gone(self, zygote: ZygoteProc) -> None: ...
     def probe(self, zygote: ZygoteProc) -> None: ...
 
@@ -72,6 +73,9 @@ class Fleet:
         lifeline_fd: int,
         exits: ExitStatuses,
         give_up: Callable[[str, int], None],
+        *,
+        profile: str = DEFAULT_PROFILE,
+        preload: list[str] | None = None,
         launch: Launcher = ZygoteProc.start,
         announce: Callable[[int | None, str | None], None] = lambda generation, error: None,
     ) -> None:
@@ -81,6 +85,10 @@ class Fleet:
         self.exits = exits
         self.give_up = give_up
         self.launch = launch
+        self.profile = profile
+        self.preload = list(config.preload if preload is None else preload)
+        # Other lineages than the default one say which they are, each line.
+        self.log = log if profile == DEFAULT_PROFILE else _Tagged(log, {"tag": f"[{profile}]"})
         #: (the generation that took over, None) or (None, why it did not)
         self.announce = announce
         self.events: ZygoteEvents  # the spawner, which listens once it is built
@@ -112,7 +120,7 @@ class Fleet:
         try:
             self.current = self._launch()
         except OSError as exc:
-            log.error("cannot start a zygote: %s", exc)
+            self.log.error("cannot start a zygote: %s", exc)
             self.failed_in_a_row += 1
             if self.failed_in_a_row >= self.config.zygote_failure_limit:
                 self.give_up(f"cannot start a zygote: {exc}", EXIT_UNHEALTHY)
@@ -138,7 +146,7 @@ class Fleet:
         self.policy.request(timeout)
         self.loop.later(timeout, self._refork_overdue)
         current = self.current.generation if self.current else "-"
-        log.info(
+        self.log.info(
             "refork requested: the next worker of generation %s to finish its task "
             "becomes the next generation (waiting up to %gs)",
             current,
@@ -151,7 +159,7 @@ class Fleet:
                 f"no worker finished a task within {self.config.refork_timeout:g}s: "
                 "there was no warm worker to promote"
             )
-            log.warning("refork: %s", why)
+            self.log.warning("refork: %s", why)
             self.announce(None, why)
 
     def wants_refork(self, zygote: ZygoteProc) -> bool:
@@ -169,10 +177,10 @@ class Fleet:
         once it has booted and a probe child of it passed the validators."""
         self.generation += 1
         zygote = ZygoteProc(self.generation, pid, pidfd, control, self.loop.now())
-        zygote.promoted_from = parent.generation
+        zygote.promoted_from, zygote.profile = parent.generation, self.profile
         self.zygotes[pid] = zygote
         self.incoming = zygote
-        log.info(
+        self.log.info(
             "refork: worker %d of generation %d becomes generation %d",
             pid,
             parent.generation,
@@ -184,13 +192,14 @@ class Fleet:
     def _launch(self) -> ZygoteProc:
         self.generation += 1
         zygote = self.launch(self.generation, self.lifeline_fd, self.loop.now())
+        zygote.profile = self.profile
         self.zygotes[zygote.pid] = zygote
         self._boot(zygote, self.config.boot_timeout)
-        log.info(
+        self.log.info(
             "zygote generation %d starting (pid %d, preload: %s)",
             zygote.generation,
             zygote.pid,
-            ", ".join(self.config.preload) or "nothing",
+            ", ".join(self.preload) or "nothing",
         )
         return zygote
 
@@ -198,7 +207,7 @@ class Fleet:
         config = self.config
         boot = Boot(
             zygote.generation,
-            list(config.preload),
+            list(self.preload),
             os.getcwd(),
             config.max_message_bytes,
             config.log_level,
@@ -293,7 +302,7 @@ class Fleet:
                     self.reaped(msg.pid, msg.status)
                 elif not self.exits.exit_status(msg.pid, msg.status, rusage):
                     words = describe_wait_status(msg.status)
-                    log.debug("zygote %d reaped process %d (%s)", zygote.pid, msg.pid, words)
+                    self.log.debug("zygote %d reaped process %d (%s)", zygote.pid, msg.pid, words)
             elif isinstance(msg, ForkFailed):
                 self.events.fork_failed(zygote, msg)
             elif isinstance(msg, Threads):
@@ -307,7 +316,7 @@ class Fleet:
             elif isinstance(msg, BootFailed) and zygote.promoted_from is not None:
                 self._candidate_refused(zygote, msg.error.strip())
             elif isinstance(msg, BootFailed):
-                log.error(
+                self.log.error(
                     "zygote generation %d failed to preload:\n%s",
                     zygote.generation,
                     msg.error.rstrip(),
@@ -321,7 +330,7 @@ class Fleet:
             zygote.boot_timer.cancel()
         zygote.state = ZygoteState.READY
         self.booted_once = True
-        log.info(
+        self.log.info(
             "zygote generation %d ready (pid %d) after %.0f ms",
             zygote.generation,
             zygote.pid,
@@ -331,7 +340,7 @@ class Fleet:
             # It serves once a child of it has passed the validators.
             self.events.probe(zygote)
             return
-        self.events.zygote_ready()
+        self.events.zygote_ready(zygote)
 
     def probe_passed(self, zygote: ZygoteProc) -> None:
         """The incoming generation gave a healthy child: it takes over new
@@ -342,9 +351,9 @@ class Fleet:
         if zygote.promoted_from is not None:
             self.policy.succeeded()
         if old is not None:
-            log.info("generation %d takes over from %d", zygote.generation, old.generation)
+            self.log.info("generation %d takes over from %d", zygote.generation, old.generation)
             self.retire(old)
-        self.events.zygote_ready()
+        self.events.zygote_ready(zygote)
         self.announce(zygote.generation, None)
 
     def _candidate_refused(self, zygote: ZygoteProc, why: str) -> None:
@@ -352,7 +361,7 @@ class Fleet:
         reason (a policy would hit the same reason again), counted."""
         first = why not in self.refused
         self.refused[why] = self.refused.get(why, 0) + 1
-        log.log(
+        self.log.log(
             logging.WARNING if first else logging.DEBUG,
             "refork: worker %d cannot become generation %d: %s",
             zygote.pid,
@@ -372,7 +381,7 @@ class Fleet:
         """Kill a zygote that cannot be trusted any more; a new one replaces it."""
         if zygote.state is ZygoteState.DEAD:
             return
-        log.error(
+        self.log.error(
             "zygote generation %d (pid %d) %s; killing it", zygote.generation, zygote.pid, why
         )
         zygote.kill()
@@ -399,14 +408,16 @@ class Fleet:
             what = "refork" if zygote.promoted_from is not None else "reload"
             current = self.current.generation if self.current else "-"
             text = f"{what} to generation {zygote.generation} failed ({why})"
-            log.error("%s; generation %s keeps serving", text, current)
+            self.log.error("%s; generation %s keeps serving", text, current)
             if zygote.promoted_from is not None:
                 self.policy.failed()
             self.announce(None, text)
             return
         if retiring:
             return
-        log.warning("zygote generation %d (pid %d) lost: %s", zygote.generation, zygote.pid, why)
+        self.log.warning(
+            "zygote generation %d (pid %d) lost: %s", zygote.generation, zygote.pid, why
+        )
         if zygote is self.current:
             self.current = None
             self._failed(zygote, why)
@@ -446,7 +457,7 @@ class Fleet:
         already_lost = zygote.state is ZygoteState.DEAD
         self._gone(zygote, words)  # if not already gone, this settles its children too
         os.close(zygote.pidfd)
-        log.info("zygote generation %d (pid %d) %s", zygote.generation, pid, words)
+        self.log.info("zygote generation %d (pid %d) %s", zygote.generation, pid, words)
         if already_lost:
             # Lost before it was reaped: its children are ours only now (we
             # are the subreaper), so settle them now.
@@ -484,13 +495,6 @@ class Fleet:
         }
 
 
-def helper_threads(pid: int | None) -> list[str]:
-    """The names of a helper's threads but its main one (the receiver)."""
-    if pid is None:
-        return []
-    try:
-        threads = native_threads(pid)
-    except OSError:  # gone since
-        return []
-    # A thread a background function starts inherits its name: one each.
-    return sorted({name for tid, name in threads.items() if tid != pid})
+class _Tagged(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.extra['tag']} {msg}", kwargs  # type: ignore[index]

@@ -7,13 +7,13 @@ fleet; the spawner hears from both. Part of the supervisor process.
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
-from typing import Any, Protocol
+from typing import Any
 
 from ..codec import GO_FRAME
 from ..config import ServerConfig
@@ -30,7 +30,9 @@ from . import outcomes
 from .children import Child, Job, ZygoteProc
 from .fleet import Fleet
 from .lifecycle import ChildState, JobState, Slots
+from .lineage import Lineage
 from .loop import EventLoop
+from .outcomes import Clients
 from .pool import ReadyPool
 from .tracker import Tracker
 
@@ -42,52 +44,50 @@ CARRY_LIMIT = 64 * 1024
 _GONE = (ChildState.ENDED, ChildState.PROMOTED)
 
 
-class Clients(Protocol):
-    """What the spawner tells the clients' side (the supervisor, which alone
-    writes the records clients read)."""
-
-    def job_started(self, handle: str, pid: int, generation: int, warnings: list[str]) -> None: ...
-    def job_result(self, handle: str, data: bytes) -> None: ...
-    def job_ended(self, handle: str, result: bytes | None, exited: bytes) -> None: ...
-    def job_failed(self, handle: str, code: ErrorCode, text: str, reasons: list[str]) -> None: ...
-
-
 class Spawner:
     def __init__(
         self,
         config: ServerConfig,
         loop: EventLoop,
-        fleet: Fleet,
+        fleets: dict[str, Fleet],
         tracker: Tracker,
         clients: Clients,
     ) -> None:
         self.config = config
         self.loop = loop
-        self.fleet = fleet
         self.tracker = tracker
         self.clients = clients
-        self.queue: collections.deque[Job] = collections.deque()
         self.jobs: dict[str, Job] = {}
         self.slots = Slots(config.max_workers)  # counted by the children's moves
         self.stopping: str | None = None
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.failures_by_step: collections.Counter[str] = collections.Counter()
-        self.guard_wait_seconds = 0.0
+        self.counts = outcomes.Counts()
         self._pool_error = ""  # the ready pool's last fork error, logged once
         self.candidate: Child | None = None  # the refork candidate, while it lives
-        self.pool = ReadyPool(config.prefork, loop, self._fork_for_pool, tracker.retire)
-        fleet.listen(self)
+        self.lineages: dict[str, Lineage] = {}
+        for name, fleet in fleets.items():
+            fork = functools.partial(self._fork_for_pool, fleet)
+            pool = ReadyPool(config.prefork, loop, fork, tracker.retire)
+            self.lineages[name] = Lineage(name, fleet, pool)
+            fleet.listen(self)
         tracker.listen(self)
+
+    def _of(self, zygote: ZygoteProc) -> Lineage:
+        return self.lineages[zygote.profile]
+
+    @property
+    def queued(self) -> int:
+        return sum(len(lineage.queue) for lineage in self.lineages.values())
 
     # -- requests -----------------------------------------------------------
 
     def full(self) -> bool:
         """No room in the queue. (It only fills when every slot is taken.)"""
-        return len(self.queue) >= self.config.queue_size
+        return self.queued >= self.config.queue_size
 
     def submit(self, job: Job) -> None:
+        """Queue an accepted job (its profile checked by the caller)."""
         self.jobs[job.handle] = job
-        self.queue.append(job)
+        self.lineages[job.profile].queue.append(job)
         self.counts["accepted"] += 1
         self.dispatch()
 
@@ -101,17 +101,27 @@ class Spawner:
         return child.pid
 
     def dispatch(self) -> None:
-        """Start queued jobs while there are free slots: on a child from the
-        ready pool if there is one, else on a new fork."""
-        while self.queue and self.slots.free:
-            child = self.pool.take(self.fleet.current)
-            if child is not None:
-                self._assign(child, self.queue.popleft())
-                continue
-            zygote = self.fleet.ready
-            if zygote is None or not self._fork_for_job(zygote, self.queue[0]):
-                return
-            self.queue.popleft()
+        """Start queued jobs while there are free slots, one lineage's after
+        another's: on a child from its ready pool if there is one, else on a
+        new fork."""
+        started = True
+        while started and self.slots.free:
+            started = False
+            for lineage in self.lineages.values():
+                if lineage.queue and self.slots.free and self._start_next(lineage):
+                    started = True
+
+    def _start_next(self, lineage: Lineage) -> bool:
+        """Start the first job in `lineage`'s queue; False if it cannot now."""
+        child = lineage.pool.take(lineage.fleet.current)
+        if child is not None:
+            self._assign(child, lineage.queue.popleft())
+            return True
+        zygote = lineage.fleet.ready
+        if zygote is None or not self._fork_for_job(zygote, lineage.queue[0]):
+            return False
+        lineage.queue.popleft()
+        return True
 
     def _fork_for_job(self, zygote: ZygoteProc, job: Job) -> bool:
         spawn = job.spawn
@@ -138,16 +148,16 @@ class Spawner:
         at a time: a candidate waits after its task to hear whether it is
         promoted, so there is no point in more."""
         busy = self.candidate is not None and self.candidate.state not in _GONE
-        return not busy and self.fleet.wants_refork(zygote)
+        return not busy and self._of(zygote).fleet.wants_refork(zygote)
 
-    def _fork_for_pool(self, name: str) -> Child | None:
-        zygote = self.fleet.ready
+    def _fork_for_pool(self, fleet: Fleet, name: str) -> Child | None:
+        zygote = fleet.ready
         if zygote is None or self.stopping:
             return None
         return self._fork(zygote, Fork(name), None)
 
     def _fork(self, zygote: ZygoteProc, request: Fork, job: Job | None) -> Child | None:
-        if not self.fleet.send_fork(zygote, request):
+        if not self._of(zygote).fleet.send_fork(zygote, request):
             return None
         child = Child(request.handle, zygote, self.slots, job, requested=self.loop.now())
         zygote.pending[child.name] = child
@@ -182,17 +192,20 @@ class Spawner:
 
     # -- what zygotes report (fleet.ZygoteEvents) -----------------------------
 
-    def zygote_ready(self) -> None:
-        self.pool.retire_stale(self.fleet.current)
+    def zygote_ready(self, zygote: ZygoteProc) -> None:
+        lineage = self._of(zygote)
+        lineage.pool.retire_stale(lineage.fleet.current)
         self.dispatch()
-        self.pool.refill()
+        lineage.pool.refill()
 
     def probe(self, zygote: ZygoteProc) -> None:
         """Fork a child of a booted next generation: it takes over once this
         child has passed the validators (then joins the pool, or leaves)."""
         child = self._fork(zygote, Fork(f"probe:{zygote.generation}"), None)
         if child is None:
-            self.fleet.kill_zygote(zygote, "it did not take the fork request for its probe")
+            self._of(zygote).fleet.kill_zygote(
+                zygote, "it did not take the fork request for its probe"
+            )
         else:
             child.probe = True
 
@@ -201,7 +214,7 @@ class Spawner:
         if len(fds) != 2:
             for fd in fds:
                 os.close(fd)
-            self.fleet.condemn(zygote, f"sent {len(fds)} descriptors with a fork reply")
+            self._of(zygote).fleet.condemn(zygote, f"sent {len(fds)} descriptors with a fork reply")
             if child is not None and child.job is not None and child.carried:
                 self._lost_carried(zygote, child, child.job, msg.pid)
             # Otherwise the child stays pending and its job is queued again
@@ -216,11 +229,7 @@ class Spawner:
             os.close(pidfd)
             os.close(channel_fd)
             return
-        if msg.guard_wait:
-            self.counts["fork_guard_waits"] += 1
-            self.guard_wait_seconds += msg.guard_wait
-        if msg.guards_missed:
-            self.counts["fork_guard_timeouts"] += 1
+        self.counts.guards(msg.guard_wait, bool(msg.guards_missed))
         channel = socket.socket(fileno=channel_fd)
         channel.setblocking(False)
         child.timers[0].cancel()  # the fork deadline; the ready one stays
@@ -259,18 +268,19 @@ class Spawner:
         child.cancel_timers()
         child.move(ChildState.ENDED)
         job = child.job
+        lineage = self._of(zygote)
         if child.probe:
-            self.fleet.kill_zygote(zygote, f"it could not fork its probe child: {msg.error}")
+            lineage.fleet.kill_zygote(zygote, f"it could not fork its probe child: {msg.error}")
         elif job is None:  # a pool fork
             if msg.error != self._pool_error:  # once per change, not per retry
                 log.warning("ready pool: %s", msg.error)
                 self._pool_error = msg.error
             if msg.refused:
                 self.counts["refused_forks"] += 1
-                self.pool.back_off(child)
+                lineage.pool.back_off(child)
             else:
                 self.counts["failed_starts"] += 1
-                self.pool.replace(child)
+                lineage.pool.replace(child)
         elif msg.refused:  # the thread policy: retrying cannot help
             self.counts["refused_forks"] += 1
             log.error("spawn %s: %s", job.handle, msg.error)
@@ -280,11 +290,12 @@ class Spawner:
             self._start_failed(job, msg.error, zygote)
 
     def zygote_gone(self, zygote: ZygoteProc) -> None:
+        pool = self._of(zygote).pool
         for child in reversed(list(zygote.pending.values())):
             child.cancel_timers()
             child.move(ChildState.ENDED)
             if child.job is None:
-                self.pool.replace(child)
+                pool.replace(child)
                 continue
             # Never forked, or forked into a child that will see its channel
             # close and exit without running anything: safe to run again. It
@@ -298,19 +309,20 @@ class Spawner:
             if child.zygote is not zygote:
                 continue
             if child.state is ChildState.IDLE:  # the old generation's code: let it go
-                self.pool.retire(child)
+                pool.retire(child)
             elif child.carried and child.state is ChildState.STARTING:
                 # It may have died between handing us the channel and
                 # telling the child to go; one more Go is harmless.
                 self.tracker.send(child, GO_FRAME)
-        self.tracker.zygote_gone(zygote, set(self.fleet.zygotes))
+        zygotes = {pid for lineage in self.lineages.values() for pid in lineage.fleet.zygotes}
+        self.tracker.zygote_gone(zygote, zygotes)
 
     # -- deadlines ------------------------------------------------------------
 
     def _fork_overdue(self, child: Child) -> None:
         if child.state is ChildState.FORKING:
             why = f"did not answer a fork request within {self.config.fork_timeout:g}s"
-            self.fleet.kill_zygote(child.zygote, why)
+            self._of(child.zygote).fleet.kill_zygote(child.zygote, why)
 
     def _ready_overdue(self, child: Child) -> None:
         if child.state is ChildState.FORKING:
@@ -327,9 +339,10 @@ class Spawner:
         A failure reported after its zygote was replaced does not count
         against the request: the zygote, not the request, was the problem."""
         self.counts["failed_starts"] += 1
-        if zygote is self.fleet.current:
+        fleet = self._of(zygote).fleet
+        if zygote is fleet.current:
             job.attempts += 1
-            self.fleet.child_corrupt(zygote)
+            fleet.child_corrupt(zygote)
         self._retry(job, reason)
         self.dispatch()
 
@@ -349,7 +362,7 @@ class Spawner:
                 self.config.spawn_retries + 1,
             )
             job.move(JobState.QUEUED)
-            self.queue.appendleft(job)
+            self.lineages[job.profile].queue.appendleft(job)
         else:
             text = f"no healthy worker after {len(job.reasons)} attempts: {reason}"
             log.error("spawn %s (%s): %s", job.handle, job.spawn.task, text)
@@ -365,19 +378,20 @@ class Spawner:
     def child_ready(self, child: Child) -> None:
         child.ready_at = self.loop.now()
         child.cancel_timers()
-        self.fleet.child_healthy(child.zygote)
+        fleet, pool = self._of(child.zygote).fleet, self._of(child.zygote).pool
+        fleet.child_healthy(child.zygote)
         job = child.job
         if child.probe:  # its generation is sound: it takes over, and the
-            self.pool.add(child)  # probe joins the new pool (if it has room)
-            self.fleet.probe_passed(child.zygote)
-            self.pool.trim(self.fleet.current)
+            pool.add(child)  # probe joins the new pool (if it has room)
+            fleet.probe_passed(child.zygote)
+            pool.trim(fleet.current)
             return
         if job is None:
             self._pool_error = ""
-            self.pool.add(child)
+            pool.add(child)
             if self.stopping:  # forked before the stop, ready after it
-                self.pool.retire(child)
-            self.pool.retire_stale(self.fleet.current)
+                pool.retire(child)
+            pool.retire_stale(fleet.current)
             self.dispatch()
             return
         child.move(ChildState.RUNNING)
@@ -392,7 +406,8 @@ class Spawner:
         self.clients.job_result(job.handle, data)
         # A candidate whose task succeeded, while a refork is still wanted:
         # instead of exiting, it becomes the next generation.
-        if child.candidate and self.fleet.wants_refork(child.zygote) and outcomes.succeeded(data):
+        fleet = self._of(child.zygote).fleet
+        if child.candidate and fleet.wants_refork(child.zygote) and outcomes.succeeded(data):
             self._promote(child, job)
 
     def _promote(self, child: Child, job: Job) -> None:
@@ -400,13 +415,13 @@ class Spawner:
         if handover is None:
             return
         control, pidfd = handover
-        zygote = self.fleet.adopt(child.pid, pidfd, control, child.zygote)
+        zygote = self._of(child.zygote).fleet.adopt(child.pid, pidfd, control, child.zygote)
         # Its job is over; its process goes on as a zygote.
         self._job_over(job, child, 0, None, f"became zygote generation {zygote.generation}")
 
     def child_exited(self, child: Child) -> None:
         if child.exited_from is ChildState.IDLE:
-            self.pool.replace(child)
+            self._of(child.zygote).pool.replace(child)
         elif child.job is not None:  # its slot is free (its move said so)
             self.dispatch()
 
@@ -450,7 +465,7 @@ class Spawner:
         """A child that ended before ready: count it against its step and its
         zygote, and try the job again (or fork another pool child)."""
         step = child.failed_step or child.phase or "start-up"
-        self.failures_by_step[step] += 1
+        self.counts.by_step[step] += 1
         reason = child.failure or f"worker {child.pid} {words} before it was ready"
         if child.phase and not child.failure:
             reason += f" (in {child.phase})"
@@ -459,34 +474,28 @@ class Spawner:
             self._start_failed(child.job, reason, child.zygote)
             return
         self.counts["failed_starts"] += 1
+        lineage = self._of(child.zygote)
         if child.probe:  # the generation it was to check does not serve
-            self.fleet.kill_zygote(child.zygote, f"its probe child failed: {reason}")
+            lineage.fleet.kill_zygote(child.zygote, f"its probe child failed: {reason}")
             return
-        if child.zygote is self.fleet.current:
-            self.fleet.child_corrupt(child.zygote)
-        self.pool.replace(child)
+        if child.zygote is lineage.fleet.current:
+            lineage.fleet.child_corrupt(child.zygote)
+        lineage.pool.replace(child)
 
     # -- stopping -------------------------------------------------------------
 
     def stop(self, reason: str) -> None:
         """Refuse what waits in the queue; running and starting workers go on."""
         self.stopping = reason
-        self.pool.retire_all()
-        while self.queue:
-            self._fail(self.queue.popleft(), ErrorCode.SHUTTING_DOWN, shutting_down(reason))
+        for lineage in self.lineages.values():
+            lineage.pool.retire_all()
+            while lineage.queue:
+                job = lineage.queue.popleft()
+                self._fail(job, ErrorCode.SHUTTING_DOWN, shutting_down(reason))
 
     def stats(self) -> dict[str, Any]:
-        counted = ("accepted", "completed", "failed_starts", "refused_forks")
-        guards = ("fork_guard_waits", "fork_guard_timeouts")
         return {
             "workers": sum(child.job is not None for child in self.tracker.children.values()),
-            "pool_ready": len(self.pool.ready),
-            "pool_starting": len(self.pool.starting),
-            "pool_size": self.pool.size,
-            "pool_taken": self.pool.taken,
-            "queued": len(self.queue),
-            **{name: self.counts[name] for name in counted},
-            "validator_failures": dict(self.failures_by_step),
-            **{name: self.counts[name] for name in guards},
-            "fork_guard_wait_seconds": round(self.guard_wait_seconds, 3),
+            "queued": self.queued,
+            **self.counts.stats(),
         }

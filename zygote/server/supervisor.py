@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -33,6 +34,7 @@ from ..codec import (
 from ..config import ServerConfig
 from ..linux import describe_wait_status, set_child_subreaper, signal_name
 from ..protocol import (
+    DEFAULT_PROFILE,
     Attach,
     Collected,
     Error,
@@ -66,9 +68,6 @@ __all__ = ["EXIT_BOOT", "EXIT_CONFIG", "EXIT_OK", "EXIT_UNHEALTHY", "Supervisor"
 _HOUSEKEEPING = 1.0
 #: Results at least this big are handed to ZeroMQ without a copy.
 _ZERO_COPY_MIN = 64 * 1024
-#: Rejected client messages are logged at most once per peer per interval.
-REJECT_LOG_INTERVAL = 10.0
-_REJECT_PEERS_KEPT = 1024
 
 
 class Supervisor:
@@ -82,26 +81,29 @@ class Supervisor:
         # Workers hold the read end of this pipe; its write end, only we.
         self.lifeline_r, self.lifeline_w = os.pipe()
         self.tracker = Tracker(config, self.loop)
-        self.fleet = Fleet(
-            config,
-            self.loop,
-            self.lifeline_r,
-            self.tracker,
-            self.give_up,
-            announce=self._generation_switched,
-        )
-        # Clients waiting for an on-demand refork's outcome.
-        self._refork_waiters: list[tuple[Envelope, int]] = []
-        self.spawner = Spawner(config, self.loop, self.fleet, self.tracker, self)
+        # One lineage of zygotes per profile, the default one (--preload) first.
+        self.fleets = {
+            name: Fleet(
+                config,
+                self.loop,
+                self.lifeline_r,
+                self.tracker,
+                self.give_up,
+                profile=name,
+                preload=preload,
+                announce=functools.partial(self._generation_switched, name),
+            )
+            for name, preload in config.lineages().items()
+        }
+        self.fleet = self.fleets[DEFAULT_PROFILE]
+        # Clients waiting for an on-demand refork's outcome, by profile.
+        self._refork_waiters: dict[str, list[tuple[Envelope, int]]] = collections.defaultdict(list)
+        self.spawner = Spawner(config, self.loop, self.fleets, self.tracker, self)
         self.signals: collections.deque[int] = collections.deque()
         self.stopping: str | None = None
         self.exit_code = EXIT_OK
         self.busy_rejections = 0
-        self.rejected = 0
-        # Per peer: (rejections not yet logged, when it was last logged).
-        self._rejections: collections.OrderedDict[bytes, tuple[int, float]] = (
-            collections.OrderedDict()
-        )
+        self.rejections = endpoint.Rejections(self.loop.now)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -139,16 +141,20 @@ class Supervisor:
         self.loop.watch(self.router, self._on_client_messages)
         self.loop.watch(self._wake_r.fileno(), self._on_signals)
         log.info("zygote %s listening on %s (pid %d)", __version__, self.endpoint, os.getpid())
-        self.fleet.start()
+        for fleet in self.fleets.values():
+            fleet.start()
 
     def _teardown(self) -> None:
-        for zygote in list(self.fleet.zygotes.values()):
-            self.fleet.retire(zygote)
+        fleets = self.fleets.values()
+        for fleet in fleets:
+            for zygote in list(fleet.zygotes.values()):
+                fleet.retire(zygote)
         deadline = time.monotonic() + 5.0
-        while self.fleet.zygotes and time.monotonic() < deadline:
+        while any(fleet.zygotes for fleet in fleets) and time.monotonic() < deadline:
             self.loop.run_once(0.05)
-        self.fleet.kill_all()
-        self.fleet.close()
+        for fleet in fleets:
+            fleet.kill_all()
+            fleet.close()
         self.router.close()
         self.context.term()
         endpoint.remove(self.endpoint)
@@ -158,8 +164,10 @@ class Supervisor:
 
     def _housekeeping(self) -> None:
         self.loop.later(_HOUSEKEEPING, self._housekeeping)
-        self._report_rejections()
-        self.fleet.drops.forget({child.zygote.pid for child in self.tracker.children.values()})
+        self.rejections.report()
+        working = {child.zygote.pid for child in self.tracker.children.values()}
+        for fleet in self.fleets.values():
+            fleet.drops.forget(working)
         for record in self.store.expire():
             log.warning(
                 "result of %s (%s) expired: no client collected it", record.handle, record.task
@@ -175,11 +183,14 @@ class Supervisor:
                 self._reap()
             elif signum == signal.SIGHUP:
                 if not self.stopping:
-                    log.info("SIGHUP: reload to generation %d", self.fleet.reload())
+                    log.info("SIGHUP: reload")
+                    for fleet in self.fleets.values():
+                        fleet.reload()
             elif signum == signal.SIGUSR2:
                 if not self.stopping:
                     log.info("SIGUSR2: refork")
-                    self.fleet.refork()
+                    for fleet in self.fleets.values():
+                        fleet.refork()
             elif signum == signal.SIGQUIT or (signum == signal.SIGINT and self.stopping):
                 self.stop(f"{signal_name(signum)}: fast stop", EXIT_OK, grace=0.0)
             else:
@@ -194,7 +205,7 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            if self.fleet.reaped(pid, status) is None:
+            if not any(fleet.reaped(pid, status) for fleet in self.fleets.values()):
                 rusage = (usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
                 if not self.tracker.exit_status(pid, status, rusage):
                     log.debug("reaped process %d (%s)", pid, describe_wait_status(status))
@@ -210,12 +221,12 @@ class Supervisor:
             # DEALER clients send [id, body]; REQ clients [id, b"", body].
             envelope, data = tuple(frames[:-1]), frames[-1]
             if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1]):
-                self._rejected(frames[0], f"a {len(frames)}-frame message: one frame expected")
+                self.rejections.add(frames[0], f"a {len(frames)}-frame message: one expected")
                 continue
             try:
                 msg = decode_request(data, self.config.max_message_bytes)
             except ProtocolError as exc:
-                self._rejected(frames[0], str(exc))
+                self.rejections.add(frames[0], str(exc))
                 self._send(envelope, Error(request_id(data), exc.code, str(exc)))
                 continue
             try:
@@ -225,37 +236,6 @@ class Supervisor:
                 log.exception("internal error handling a %s request", msg.KIND)
                 error = Error(request_id(data), ErrorCode.INTERNAL, f"server error: {exc}")
                 self._send(envelope, error)
-
-    def _rejected(self, peer: bytes, what: str) -> None:
-        """Log a rejected message — at most once per peer per interval: a
-        client sending garbage in a loop must not flood the log. The ones
-        not logged are counted, and the count is logged when the interval
-        is up (`_report_rejections`)."""
-        self.rejected += 1
-        now = self.loop.now()
-        count, logged = self._rejections.pop(peer, (0, -REJECT_LOG_INTERVAL))
-        if now - logged >= REJECT_LOG_INTERVAL:
-            log.warning("rejected a message from client %s: %s", peer.hex()[:16], what)
-            count, logged = 0, now
-        else:
-            count += 1
-        self._rejections[peer] = (count, logged)
-        while len(self._rejections) > _REJECT_PEERS_KEPT:
-            self._rejections.popitem(last=False)
-
-    def _report_rejections(self) -> None:
-        now = self.loop.now()
-        for peer, (count, logged) in list(self._rejections.items()):
-            if now - logged < REJECT_LOG_INTERVAL:
-                continue
-            if count:
-                log.warning(
-                    "rejected %d more messages from client %s in the last %.0f s",
-                    count,
-                    peer.hex()[:16],
-                    now - logged,
-                )
-            del self._rejections[peer]
 
     def _on_request(self, envelope: Envelope, msg: Message) -> None:
         if isinstance(msg, Spawn):
@@ -282,16 +262,30 @@ class Supervisor:
             self._send(envelope, Ok(msg.req, self._identity()))
         elif isinstance(msg, Stats):
             self._send(envelope, Ok(msg.req, self.stats()))
-        elif isinstance(msg, Refork | Reload) and self.stopping:
-            self._send(envelope, Error(msg.req, ErrorCode.SHUTTING_DOWN, self._stop_message()))
-        elif isinstance(msg, Reload):
-            self._send(envelope, Ok(msg.req, {"generation": self.fleet.reload()}))
-        elif isinstance(msg, Refork):
-            self._refork_waiters.append((envelope, msg.req))  # answered on the outcome
-            self.fleet.refork()
+        elif isinstance(msg, Refork | Reload):
+            self._on_generation_request(envelope, msg)
         elif isinstance(msg, Stop):
             self._send(envelope, Ok(msg.req, {"stopping": True}))
             self.stop("stop requested by a client", EXIT_OK)
+
+    def _on_generation_request(self, envelope: Envelope, msg: Refork | Reload) -> None:
+        unknown = self._unknown_profile(msg.profile)
+        if self.stopping or unknown:
+            code = ErrorCode.SHUTTING_DOWN if self.stopping else ErrorCode.BAD_REQUEST
+            self._send(envelope, Error(msg.req, code, unknown or self._stop_message()))
+        elif isinstance(msg, Reload):
+            chosen = [self.fleets[msg.profile]] if msg.profile else self.fleets.values()
+            generations = [fleet.reload() for fleet in chosen]
+            self._send(envelope, Ok(msg.req, {"generation": generations[0]}))
+        else:
+            profile = msg.profile or DEFAULT_PROFILE
+            self._refork_waiters[profile].append((envelope, msg.req))  # answered on the outcome
+            self.fleets[profile].refork()
+
+    def _unknown_profile(self, profile: str | None) -> str:
+        if profile is None or profile in self.fleets:
+            return ""
+        return f"unknown profile {profile!r}: this server has {', '.join(self.fleets)}"
 
     def _on_spawn(self, envelope: Envelope, msg: Spawn) -> None:
         if msg.handle is not None and self.store.get(msg.handle) is not None:
@@ -305,11 +299,14 @@ class Supervisor:
         if self.stopping:
             self._send(envelope, Error(msg.req, ErrorCode.SHUTTING_DOWN, self._stop_message()))
             return
+        if unknown := self._unknown_profile(msg.profile):
+            self._send(envelope, Error(msg.req, ErrorCode.SPAWN_FAILED, unknown))
+            return
         if self.spawner.full():
             self.busy_rejections += 1
             text = (
                 f"server busy: {self.spawner.slots.taken} workers running and "
-                f"{len(self.spawner.queue)} requests queued (max-workers "
+                f"{self.spawner.queued} requests queued (max-workers "
                 f"{self.config.max_workers}, queue-size {self.config.queue_size})"
             )
             self._send(envelope, Error(msg.req, ErrorCode.BUSY, text))
@@ -369,7 +366,7 @@ class Supervisor:
                 self.store.max_bytes,
             )
 
-    # -- what the spawner reports (spawner.Clients); records change only here --
+    # -- what the spawner reports (outcomes.Clients); records change only here --
 
     def job_started(self, handle: str, pid: int, generation: int, warnings: list[str]) -> None:
         record = self.store.get(handle)
@@ -403,9 +400,9 @@ class Supervisor:
                 self._send(envelope, Error(req, code, text, reasons))
         self.store.discard(handle, f"it failed: {text}")
 
-    def _generation_switched(self, generation: int | None, error: str | None) -> None:
+    def _generation_switched(self, profile: str, generation: int | None, error: str | None) -> None:
         """A new generation took over, or did not: tell whoever asked for a refork."""
-        waiters, self._refork_waiters = self._refork_waiters, []
+        waiters = self._refork_waiters.pop(profile, [])
         for envelope, req in waiters:
             if generation is not None:
                 self._send(envelope, Ok(req, {"generation": generation}))
@@ -433,11 +430,12 @@ class Supervisor:
             "stopping (%s): %d running, %d queued; grace %gs",
             reason,
             self.spawner.stats()["workers"],
-            len(self.spawner.queue),
+            self.spawner.queued,
             grace,
         )
         self.spawner.stop(reason)
-        self.fleet.stop()
+        for fleet in self.fleets.values():
+            fleet.stop()
         self.loop.later(grace, self._terminate, signal.SIGTERM)
 
     def _terminate(self, sig: int) -> None:
@@ -466,12 +464,15 @@ class Supervisor:
             "endpoint": self.endpoint,
             "uptime": time.monotonic() - self.started,
             "state": "stopping" if self.stopping else "running",
-            **self.fleet.stats(),
+            **self.fleet.stats(),  # the default profile's, as before profiles
             **self.spawner.stats(),
+            **self.spawner.lineages[DEFAULT_PROFILE].stats(),
+            "queued": self.spawner.queued,
+            "profiles": {name: lin.stats() for name, lin in self.spawner.lineages.items()},
             "queue_size": self.config.queue_size,
             "results_kept": self.store.uncollected,
             "results_kept_bytes": self.store.uncollected_bytes,
             "busy_rejections": self.busy_rejections,
-            "rejected_messages": self.rejected,
+            "rejected_messages": self.rejections.count,
             "internal_errors": self.loop.internal_errors,
         }
