@@ -385,3 +385,25 @@ def test_a_stop_fails_the_queue_and_lets_running_jobs_finish(harness: Harness) -
     assert h.clients.events[-1][:3] == ("failed", "j3", "shutting_down")
     finish(h, zygote, first, "j1")
     assert h.clients.kinds("j1") == ["started", "result", "ended"]
+
+
+def test_a_reload_during_a_refork_follows_it(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    h.fleet.refork()
+    h.submit("j1")
+    candidate = zygote.fork()
+    h.run()
+    candidate.send(Ready())
+    h.run()
+    candidate.send(Result("j1", "ok", value=msgpack.packb(3)))
+    h.run()
+    promoted = h.promoted(candidate)
+    assert h.fleet.reload() == 3  # after the refork, not instead of it
+    assert len(h.zygotes) == 2  # nothing launched yet
+    promoted.boot()
+    h.run()
+    start(h, promoted)
+    assert h.fleet.current is promoted.proc
+    fresh = h.zygote
+    assert len(h.zygotes) == 3 and fresh.proc.generation == 3 and fresh.proc.promoted_from is None

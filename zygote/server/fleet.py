@@ -20,7 +20,7 @@ from ..codec import (
     encode,
 )
 from ..config import ServerConfig
-from ..linux import describe_wait_status, helper_threads
+from ..linux import describe_wait_status
 from ..protocol import (
     DEFAULT_PROFILE,
     Boot,
@@ -94,6 +94,7 @@ class Fleet:
         self.events: ZygoteEvents  # the spawner, which listens once it is built
         self.policy = ReforkPolicy(config.refork_after, loop.now)
         self.refused: dict[str, int] = {}  # why refork candidates were refused, how often
+        self._reload_next = False  # a reload asked for during a refork
         self.current: ZygoteProc | None = None  # the one that takes fork requests
         self.incoming: ZygoteProc | None = None  # the next generation, until it serves
         self.zygotes: dict[int, ZygoteProc] = {}  # by pid: current and retiring
@@ -134,10 +135,19 @@ class Fleet:
     def reload(self) -> int:
         """Start the next generation from a fresh interpreter (the preload
         imported again: new code) while the current one keeps serving.
-        Returns its number."""
+        Returns its number. During a refork, it follows the refork: a warm
+        worker of the old code is not what a reload asks for."""
         if self.incoming is None:
             self.incoming = self._launch()
+        elif self.incoming.promoted_from is not None:
+            self._reload_next = True
+            return self.generation + 1
         return self.incoming.generation
+
+    def _next_reload(self) -> None:
+        if self._reload_next and self.accepting:
+            self._reload_next = False
+            self.incoming = self._launch()
 
     def refork(self) -> None:
         """Promote the next worker of the current generation that finishes
@@ -355,6 +365,7 @@ class Fleet:
             self.retire(old)
         self.events.zygote_ready(zygote)
         self.announce(zygote.generation, None)
+        self._next_reload()
 
     def _candidate_refused(self, zygote: ZygoteProc, why: str) -> None:
         """A worker chosen for a refork said it cannot be one: said once per
@@ -412,6 +423,7 @@ class Fleet:
             if zygote.promoted_from is not None:
                 self.policy.failed()
             self.announce(None, text)
+            self._next_reload()
             return
         if retiring:
             return
@@ -471,28 +483,6 @@ class Fleet:
     def kill_all(self) -> None:
         for zygote in self.zygotes.values():
             zygote.kill()
-
-    def stats(self) -> dict[str, Any]:
-        zygote = self.current
-        return {
-            "generation": zygote.generation if zygote else None,
-            "zygote_pid": zygote.pid if zygote else None,
-            "zygote_state": zygote.state.value if zygote else None,
-            "incoming_generation": self.incoming.generation if self.incoming else None,
-            "threads": zygote.threads if zygote else [],
-            "zygote_restarts": self.restarts,
-            "zygotes_retired_corrupt": self.retired_corrupt,
-            "helper_pid": zygote.helper_pid if zygote else None,
-            "helper_threads": helper_threads(zygote.helper_pid) if zygote else [],
-            "helper_restarts": zygote.helper_restarts if zygote else 0,
-            "background_dropped": self.drops.total,
-            "promoted_from": zygote.promoted_from if zygote else None,
-            "generation_spawns": zygote.spawns if zygote else 0,
-            "reforks": self.policy.reforks,
-            "refork_failures": self.policy.failures,
-            "refork_refused": dict(self.refused),
-            "refork_requested": self.policy.requested,
-        }
 
 
 class _Tagged(logging.LoggerAdapter):  # type: ignore[type-arg]

@@ -95,7 +95,6 @@ class Supervisor:
             )
             for name, preload in config.lineages().items()
         }
-        self.fleet = self.fleets[DEFAULT_PROFILE]
         # Clients waiting for an on-demand refork's outcome, by profile.
         self._refork_waiters: dict[str, list[tuple[Envelope, int]]] = collections.defaultdict(list)
         self.spawner = Spawner(config, self.loop, self.fleets, self.tracker, self)
@@ -464,10 +463,8 @@ class Supervisor:
             "endpoint": self.endpoint,
             "uptime": time.monotonic() - self.started,
             "state": "stopping" if self.stopping else "running",
-            **self.fleet.stats(),  # the default profile's, as before profiles
+            **self.spawner.lineages[DEFAULT_PROFILE].stats(),  # as before profiles
             **self.spawner.stats(),
-            **self.spawner.lineages[DEFAULT_PROFILE].stats(),
-            "queued": self.spawner.queued,
             "profiles": {name: lin.stats() for name, lin in self.spawner.lineages.items()},
             "queue_size": self.config.queue_size,
             "results_kept": self.store.uncollected,
