@@ -14,7 +14,7 @@ import msgpack
 import pytest
 
 from zygote.codec import decode_reply
-from zygote.protocol import Boot, BootFailed, Exited, Ready, Result, Task, ValidatorFailed
+from zygote.protocol import Boot, BootFailed, Exited, Go, Ready, Result, Task, ValidatorFailed
 from zygote.server.fleet import EXIT_UNHEALTHY
 from zygote.server.lifecycle import ChildState, JobState
 
@@ -407,3 +407,36 @@ def test_a_reload_during_a_refork_follows_it(harness: Harness) -> None:
     assert h.fleet.current is promoted.proc
     fresh = h.zygote
     assert len(h.zygotes) == 3 and fresh.proc.generation == 3 and fresh.proc.promoted_from is None
+
+
+def test_a_failure_read_after_the_exit_status_signals_nobody(harness: Harness) -> None:
+    # The zygote's word of the exit is handled first; the child's last
+    # message (a failed validator) is read while its exit is handled: its
+    # pidfd is closed by then, and its number may be another process's.
+    h = harness
+    zygote = ready_zygote(h)
+    job = h.submit("j1")
+    worker = zygote.fork()
+    h.run()
+    child = job.child
+    assert child is not None
+    pidfd = child.pidfd
+    zygote.reap(worker, 1 << 8)  # exited with code 1
+    worker.send(ValidatorFailed("flaky", "RuntimeError: broken lock"))
+    h.run()
+    assert h.kernel.signals(pidfd) == []
+    assert child.state is ChildState.ENDED and h.spawner.slots.taken == 1  # its retry's
+    assert zygote.fork().request.handle == "j1"
+
+
+def test_a_ready_child_still_gets_its_go_when_its_zygote_dies(harness: Harness) -> None:
+    # The zygote died between handing over the channel and saying go; the
+    # child said ready meanwhile and waits for the order.
+    h = harness
+    zygote = ready_zygote(h)
+    h.submit("j1")
+    worker = start(h, zygote)
+    zygote.sock.close()  # the zygote is gone
+    h.run()
+    messages, _ = worker.received()
+    assert [type(m) for m in messages] == [Go]

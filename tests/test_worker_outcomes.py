@@ -8,6 +8,8 @@ import pytest
 
 from zygote import TaskError, TaskTimeout, WorkerLost, Zygote, ZygoteTimeout
 
+from .conftest import wait_until
+
 
 def test_value_round_trip(client: Zygote) -> None:
     handle = client.spawn("tests.tasks:echo", 1, "two", [3], {"four": 4}, b"\x05", key=None)
@@ -145,3 +147,26 @@ def test_a_worker_holds_no_descriptor_of_the_zygote_or_its_siblings(
     extra = {fd: target for fd, target in fds.items() if fd > 2}
     assert not [t for t in extra.values() if "pidfd" in t], extra
     assert len(extra) <= 2, extra
+
+
+def test_the_exit_report_comes_even_if_the_result_was_dropped_meanwhile(
+    start_server, tmp_path
+) -> None:
+    # One result kept at most: the second job's result drops the first's
+    # while the first worker is still in its exit hooks. Its client still
+    # hears how its process ended.
+    server = start_server(
+        "--max-results",
+        "1",
+        "--exit-timeout",
+        "1",
+        preload=("tests.exit_hooks",),
+        env={"ZYGOTE_TEST_DIR": str(tmp_path), "ZYGOTE_TEST_EXIT_HANG": "sleep"},
+    )
+    client = server.client(timeout=30)
+    first = client.spawn("tests.exit_hooks:work", "a")
+    second = client.spawn("tests.exit_hooks:work", "b")
+    wait_until(lambda: "dropped the uncollected result" in server.log(), what="a drop")
+    exit_info = first.wait()
+    assert exit_info.exit_code == 0 and exit_info.description == "exited normally"
+    assert second.result() == "b"

@@ -255,7 +255,7 @@ class Child:
     def running(self) -> bool:
         """Still running right now? `alive` turns False only once the loop
         has handled the exit; the pidfd knows at once (one poll, no wait)."""
-        if not self.alive:
+        if not self.alive or self.pidfd < 0:
             return False
         poller = select.poll()  # not select(): descriptors past 1023 are common here
         poller.register(self.pidfd, select.POLLIN)
@@ -263,7 +263,7 @@ class Child:
 
     def signal(self, sig: int) -> bool:
         """Signal it if it still runs (through its pidfd: never a recycled pid)."""
-        return self.alive and send_signal(self.pidfd, sig)
+        return self.alive and self.pidfd >= 0 and send_signal(self.pidfd, sig)
 
     def exit_status(self) -> tuple[int | None, int | None, str]:
         """(exit code, signal, in words) once it has ended."""

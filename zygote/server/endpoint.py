@@ -95,7 +95,8 @@ class Rejections:
         now = self.clock()
         unlogged, logged = self._peers.pop(peer, (0, -REJECT_LOG_INTERVAL))
         if now - logged >= REJECT_LOG_INTERVAL:
-            log.warning("rejected a message from client %s: %s", peer.hex()[:16], what)
+            more = f" (and {unlogged} more since the last report)" if unlogged else ""
+            log.warning("rejected a message from client %s: %s%s", peer.hex()[:16], what, more)
             unlogged, logged = 0, now
         else:
             unlogged += 1

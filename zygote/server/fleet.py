@@ -58,7 +58,9 @@ class ZygoteEvents(Protocol):
 class ExitStatuses(Protocol):
     """Who records the exit statuses zygotes report (the tracker)."""
 
-    def exit_status(self, pid: int, status: int, rusage: tuple[float, float, int]) -> bool: ...
+    def exit_status(
+        self, pid: int, status: int, rusage: tuple[float, float, int], zygote: ZygoteProc
+    ) -> bool: ...
 
 
 #: Starts a zygote process: (generation, lifeline fd, now) -> its handle.
@@ -310,7 +312,7 @@ class Fleet:
                 rusage = (msg.utime, msg.stime, msg.maxrss_kb)
                 if msg.pid in self.zygotes:  # a worker it forked was promoted
                     self.reaped(msg.pid, msg.status)
-                elif not self.exits.exit_status(msg.pid, msg.status, rusage):
+                elif not self.exits.exit_status(msg.pid, msg.status, rusage, zygote):
                     words = describe_wait_status(msg.status)
                     self.log.debug("zygote %d reaped process %d (%s)", zygote.pid, msg.pid, words)
             elif isinstance(msg, ForkFailed):

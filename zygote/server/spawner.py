@@ -310,9 +310,10 @@ class Spawner:
                 continue
             if child.state is ChildState.IDLE:  # the old generation's code: let it go
                 pool.retire(child)
-            elif child.carried and child.state is ChildState.STARTING:
+            elif child.carried and child.state in (ChildState.STARTING, ChildState.RUNNING):
                 # It may have died between handing us the channel and
-                # telling the child to go; one more Go is harmless.
+                # telling the child to go (which may be ready, and waiting
+                # for it, by now); one more Go is harmless.
                 self.tracker.send(child, GO_FRAME)
         zygotes = {pid for lineage in self.lineages.values() for pid in lineage.fleet.zygotes}
         self.tracker.zygote_gone(zygote, zygotes)

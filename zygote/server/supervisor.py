@@ -103,6 +103,9 @@ class Supervisor:
         self.exit_code = EXIT_OK
         self.busy_rejections = 0
         self.rejections = endpoint.Rejections(self.loop.now)
+        # The records of jobs not yet ended, by handle, whether the store
+        # still keeps them or not: written only by the spawner's reports.
+        self._unfinished: dict[str, Record] = {}
 
     # -- lifecycle --------------------------------------------------------
 
@@ -312,7 +315,7 @@ class Supervisor:
             return
         # Ours have a ":", which the handles clients pick cannot contain.
         handle = msg.handle or f"{self.server_id}:{next(self._handle_numbers)}"
-        self.store.open(handle, msg.task, envelope, msg.req)
+        self._unfinished[handle] = self.store.open(handle, msg.task, envelope, msg.req)
         self.spawner.submit(Job(handle, msg))
 
     def _on_attach(self, envelope: Envelope, msg: Attach) -> None:
@@ -368,8 +371,8 @@ class Supervisor:
     # -- what the spawner reports (outcomes.Clients); records change only here --
 
     def job_started(self, handle: str, pid: int, generation: int, warnings: list[str]) -> None:
-        record = self.store.get(handle)
-        if record is None:  # dropped already (result bound, TTL)
+        record = self._unfinished.get(handle)
+        if record is None:  # not a job of ours: a bug, said by the caller's StateError
             return
         record.pid, record.generation, record.warnings = pid, generation, list(warnings)
         record.ready = True
@@ -378,13 +381,15 @@ class Supervisor:
         record.waiting.clear()
 
     def job_result(self, handle: str, data: bytes) -> None:
-        record = self.store.get(handle)
+        record = self._unfinished.get(handle)
         if record is not None:
             record.result = data
             self._deliver(record)
 
     def job_ended(self, handle: str, result: bytes | None, exited: bytes) -> None:
-        record = self.store.get(handle)
+        # Its record, even if the store dropped it meanwhile (too many kept):
+        # the clients following the job still get how it ended.
+        record = self._unfinished.pop(handle, None)
         if record is None:
             return
         if result is not None:
@@ -393,7 +398,7 @@ class Supervisor:
         self._deliver(record)
 
     def job_failed(self, handle: str, code: ErrorCode, text: str, reasons: list[str]) -> None:
-        record = self.store.get(handle)
+        record = self._unfinished.pop(handle, None)
         if record is not None:
             for envelope, req in record.waiting:
                 self._send(envelope, Error(req, code, text, reasons))

@@ -152,12 +152,19 @@ class Tracker:
 
     # -- exit statuses ----------------------------------------------------------
 
-    def exit_status(self, pid: int, status: int, rusage: Rusage) -> bool:
+    def exit_status(
+        self, pid: int, status: int, rusage: Rusage, zygote: ZygoteProc | None = None
+    ) -> bool:
         """A child's exit status arrived: from its zygote, which reaped it, or
-        from our own wait. False if it is not one of ours."""
+        from our own wait (`zygote` None). False if it is not one of ours."""
         child = self.children.get(pid)
         if child is None:
             return False
+        if zygote is not None and child.zygote is not zygote:
+            # A late word from another zygote about a child of its that had
+            # this pid, already settled (status lost) when the pid came back.
+            log.debug("zygote %d reaped process %d, no longer its child", zygote.pid, pid)
+            return True
         child.status, child.rusage = status, rusage
         if child.alive:
             self._on_exit(child)
@@ -261,10 +268,13 @@ class Tracker:
 
     def _on_exit(self, child: Child) -> None:
         """Its pidfd turned readable (or its status came first): it has exited."""
-        if not child.alive:
+        if not child.alive or child.pidfd < 0:  # handled, or being handled
             return
         self.loop.unwatch(child.pidfd)
         os.close(child.pidfd)
+        # From here on nothing signals it (its pidfd number may be another
+        # process's soon), even what its last messages below may ask for.
+        child.pidfd = -1
         # Whatever it wrote before dying is in the channel now: read it
         # before deciding anything from the exit, or a finished result
         # would be reported as lost.
