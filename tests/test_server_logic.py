@@ -132,9 +132,10 @@ def test_a_corrupt_child_is_replaced_until_the_retries_run_out(harness: Harness)
         h.run()
         child = job.child
         assert child is not None
+        pidfd = child.pidfd  # closed (and forgotten) once its exit is handled
         worker.send(ValidatorFailed("flaky", "RuntimeError: broken lock"))
         h.run()
-        assert h.kernel.signals(child.pidfd) == [signal.SIGKILL]
+        assert h.kernel.signals(pidfd) == [signal.SIGKILL]
         assert child.state is ChildState.EXITED  # its status is still to come
         zygote.reap(worker, signal.SIGKILL)  # killed: a wait status of 9
         h.run()
@@ -174,10 +175,11 @@ def test_a_child_never_ready_is_killed_at_its_deadline(harness: Harness) -> None
     h.run()
     child = job.child
     assert child is not None
+    pidfd = child.pidfd
     h.run(advance=2.9)
-    assert child.alive and not h.kernel.signals(child.pidfd)
+    assert child.alive and not h.kernel.signals(pidfd)
     h.run(advance=0.2)
-    assert h.kernel.signals(child.pidfd) == [signal.SIGKILL]
+    assert h.kernel.signals(pidfd) == [signal.SIGKILL]
     zygote.reap(worker, signal.SIGKILL)
     h.run()
     kind, _, code, text, _ = h.clients.events[-1]

@@ -29,7 +29,7 @@ from ..protocol import (
 from . import outcomes
 from .children import Child, Job, ZygoteProc
 from .fleet import Fleet
-from .lifecycle import ChildState, JobState, Slots
+from .lifecycle import FINAL, ChildState, JobState, Slots
 from .lineage import Lineage
 from .loop import EventLoop
 from .outcomes import Clients
@@ -41,7 +41,6 @@ log = logging.getLogger("zygote.supervisor")
 #: Tasks whose arguments fit in this travel with the fork request, so the
 #: child finds them decoded in memory; bigger ones go down the channel.
 CARRY_LIMIT = 64 * 1024
-_GONE = (ChildState.ENDED, ChildState.PROMOTED)
 
 
 class Spawner:
@@ -95,10 +94,7 @@ class Spawner:
         """Signal the worker running `handle`; its pid, or None if none runs."""
         job = self.jobs.get(handle)
         child = job.child if job else None
-        if child is None or not child.alive:
-            return None
-        child.signal(sig)
-        return child.pid
+        return child.pid if child is not None and child.signal(sig) else None
 
     def dispatch(self) -> None:
         """Start queued jobs while there are free slots, one lineage's after
@@ -147,7 +143,7 @@ class Spawner:
         """Is the next job started on `zygote` to be a refork candidate? One
         at a time: a candidate waits after its task to hear whether it is
         promoted, so there is no point in more."""
-        busy = self.candidate is not None and self.candidate.state not in _GONE
+        busy = self.candidate is not None and self.candidate.state not in FINAL
         return not busy and self._of(zygote).fleet.wants_refork(zygote)
 
     def _fork_for_pool(self, fleet: Fleet, name: str) -> Child | None:
