@@ -9,6 +9,7 @@ import signal
 import threading
 from collections.abc import Callable
 
+import psutil
 import pytest
 
 from zygote import Zygote, ZygoteError
@@ -182,3 +183,43 @@ def test_reload_under_load_serves_the_new_code_and_fails_no_spawn(
             thread.join(30)
     errors = [item for item in seen if isinstance(item, Exception)]
     assert not errors and set(seen) == {1, 2}
+
+
+def test_reforks_do_not_pile_up_the_old_helpers_descriptors(
+    start_server: Callable[..., Server], tmp_path
+) -> None:
+    # A promoted worker inherited the old generation's background outbox;
+    # attaching its own helper's must close the old one, every refork.
+    server = start_server(
+        "--prefork",
+        "0",
+        preload=("tests.tasks", "tests.background_app"),
+        env={"ZYGOTE_TEST_DIR": str(tmp_path)},
+    )
+    client = server.client(timeout=30)
+    counts = []
+    for generation in (2, 3, 4):
+        thread, outcome = refork_in_background(server)
+        client.spawn("tests.tasks:add", 1, 1).result()
+        thread.join(30)
+        assert outcome == [generation]
+        # At rest: its helper up, its other children (the probe) gone: it
+        # holds a pidfd per child until it has reaped it.
+        stats = wait_until(lambda: (s := server.stats())["helper_pid"] and s, what="its helper")
+        zygote = psutil.Process(stats["zygote_pid"])
+        wait_until(
+            lambda z=zygote, helper=stats["helper_pid"]: [c.pid for c in z.children()] == [helper],
+            what="only the helper left",
+        )
+        counts.append(len(os.listdir(f"/proc/{zygote.pid}/fd")))
+    assert counts[0] == counts[1] == counts[2], counts
+
+
+def test_a_pending_refork_is_answered_when_the_server_stops(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server("--prefork", "0", preload=APP)
+    thread, outcome = refork_in_background(server)
+    server.client(timeout=30).stop()
+    thread.join(10)
+    assert len(outcome) == 1 and "shutting down" in str(outcome[0])

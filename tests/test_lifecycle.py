@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from zygote.protocol import Spawn
 from zygote.server.children import Child, Job
+from zygote.server.generations import ReforkPolicy
 from zygote.server.lifecycle import (
     CHILD_MOVES,
     JOB_MOVES,
@@ -108,3 +109,18 @@ def test_slots_follow_the_moves_and_cannot_leak(data: st.DataObject) -> None:
             moves = CHILD_MOVES[child.state]
             child.move(ChildState.ENDED if ChildState.ENDED in moves else ChildState.EXITED)
     assert slots.taken == 0
+
+
+def test_a_refork_request_does_not_wait_for_the_policy_back_off() -> None:
+    now = [0.0]
+    policy = ReforkPolicy([5], lambda: now[0])
+    assert not policy.due(4) and policy.due(5)
+    policy.failed()
+    assert not policy.due(5)  # backing off...
+    policy.request(60.0)
+    assert policy.due(0)  # ...but not from a request
+    policy.failed()  # the second in a row: 2 s
+    now[0] += 1.5
+    assert not policy.due(5) and not policy.requested
+    now[0] += 1.0
+    assert policy.due(5)

@@ -14,7 +14,18 @@ import msgpack
 import pytest
 
 from zygote.codec import decode_reply
-from zygote.protocol import Boot, BootFailed, Exited, Go, Ready, Result, Task, ValidatorFailed
+from zygote.protocol import (
+    Boot,
+    BootFailed,
+    Exited,
+    Go,
+    Ready,
+    Result,
+    Spawn,
+    Task,
+    ValidatorFailed,
+)
+from zygote.server.children import Job
 from zygote.server.fleet import EXIT_UNHEALTHY
 from zygote.server.lifecycle import ChildState, JobState
 
@@ -442,3 +453,58 @@ def test_a_ready_child_still_gets_its_go_when_its_zygote_dies(harness: Harness) 
     h.run()
     messages, _ = worker.received()
     assert [type(m) for m in messages] == [Go]
+
+
+def _candidate_done(h: Harness, zygote: FakeZygote, handle: str) -> FakeWorker:
+    """Fork the next requested child (a refork candidate), run it to its result."""
+    candidate = zygote.fork()
+    assert candidate.request.candidate
+    h.run()
+    candidate.send(Ready())
+    h.run()
+    candidate.send(Result(handle, "ok", value=msgpack.packb(3)))
+    h.run()
+    return candidate
+
+
+@pytest.mark.settings(max_workers=1)
+def test_a_promotion_frees_its_slot_for_the_queue_at_once(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    h.fleet.refork()
+    h.submit("j1")
+    h.submit("j2")  # queued: one slot
+    candidate = _candidate_done(h, zygote, "j1")
+    h.promoted(candidate)
+    # Until the switch the old generation serves: j2 does not wait for it.
+    assert zygote.fork().request.handle == "j2"
+
+
+def test_every_job_started_while_a_refork_is_wanted_is_a_candidate_but_not_with_env(
+    harness: Harness,
+) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    h.fleet.refork()
+    h.submit("j1")
+    payload = msgpack.packb([[], {}])
+    h.spawner.submit(Job("j2", Spawn(1, "tests.tasks:env", payload, env={"A": "1"}, handle="j2")))
+    h.run()
+    first, second = zygote.fork(), zygote.fork()
+    assert first.request.candidate  # a long task does not hold the refork up...
+    assert not second.request.candidate  # ...and one with its own env is never one
+
+
+def test_a_reload_does_not_answer_a_refork_request(harness: Harness) -> None:
+    h = harness
+    ready_zygote(h)
+    answers: list[tuple[int | None, str | None]] = []
+    h.fleet.announce = lambda generation, error: answers.append((generation, error))
+    h.fleet.refork()
+    h.fleet.reload()
+    new = h.zygote
+    new.boot()
+    h.run()
+    start(h, new)
+    assert h.fleet.current is new.proc
+    assert answers == [] and h.fleet.policy.requested  # still waiting for a warm worker

@@ -333,33 +333,50 @@ def refork(timeout: float, profile: str | None, endpoint: str | None) -> None:
     show_default=True,
     help="Seconds to wait for the new generation.",
 )
+@click.option("--profile", help="The lineage to reload [default: every one].")
 @_endpoint_option
-def reload(wait: bool, timeout: float, endpoint: str | None) -> None:
+def reload(wait: bool, timeout: float, profile: str | None, endpoint: str | None) -> None:
     """Start the next zygote generation from a fresh interpreter (your code
     imported again); it takes over once a child of it passed the validators,
-    and the old one and its ready pool are retired."""
+    and the old one and its ready pool are retired. Every profile's, or one's."""
     from .client import Zygote
 
     try:
         with Zygote(endpoint, timeout=10.0) as client:
-            generation = client.reload()
-            click.echo(f"generation {generation} starting")
+            client.reload(profile)
+            profiles = client.stats()["profiles"]
+            # The generation each reload will have (after a refork in flight, if any).
+            expected = {
+                name: (p["incoming_generation"] or 0) + bool(p["reload_pending"])
+                for name, p in profiles.items()
+                if profile in (None, name)
+            }
+            for name, generation in expected.items():
+                if not generation:  # the system refused to start it (see the server's log)
+                    raise click.ClickException(f"{_lineage(name)}the reload could not start")
+                click.echo(f"{_lineage(name)}generation {generation} starting")
             deadline = time.monotonic() + timeout
-            while wait:
-                stats = client.stats()
-                if stats["generation"] == generation and stats["zygote_state"] == "ready":
-                    click.echo(f"generation {generation} serving")
-                    return
-                if stats["incoming_generation"] != generation:
-                    raise click.ClickException(
-                        f"generation {generation} failed to start; generation "
-                        f"{stats['generation']} keeps serving (see the server's log)"
-                    )
-                if time.monotonic() > deadline:
-                    raise click.ClickException(f"generation {generation} not ready in {timeout:g}s")
+            while wait and expected:
+                profiles = client.stats()["profiles"]
+                for name, generation in list(expected.items()):
+                    p = profiles[name]
+                    if p["generation"] >= generation and p["zygote_state"] == "ready":
+                        click.echo(f"{_lineage(name)}generation {generation} serving")
+                        del expected[name]
+                    elif p["incoming_generation"] is None and not p["reload_pending"]:
+                        raise click.ClickException(
+                            f"{_lineage(name)}generation {generation} failed to start; generation "
+                            f"{p['generation']} keeps serving (see the server's log)"
+                        )
+                if expected and time.monotonic() > deadline:
+                    raise click.ClickException(f"not serving after {timeout:g}s: {expected}")
                 time.sleep(0.1)
     except ZygoteError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _lineage(profile: str) -> str:
+    return "" if profile == "default" else f"[{profile}] "
 
 
 @main.command()

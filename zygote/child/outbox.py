@@ -118,6 +118,13 @@ class Outbox:
         os.register_at_fork(after_in_child=self._lock._at_fork_reinit)  # type: ignore[attr-defined]
 
     def attach(self, fd: int, drops_fd: int, max_message: int) -> None:
+        # A worker promoted to zygote (a refork) attaches its own helper's:
+        # the old generation's, which it inherited, are closed first.
+        if self._sock is not None:
+            self._sock.close()
+        for old in {self.fd, self.drops_fd} - {None, fd, drops_fd}:
+            assert old is not None
+            os.close(old)
         self.fd, self.drops_fd, self.max_message = fd, drops_fd, max_message
         self._sock = socket.socket(fileno=os.dup(fd))  # closing it keeps `fd`
         self._pending.clear()

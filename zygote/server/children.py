@@ -94,6 +94,7 @@ class ZygoteProc:
     healthy_children: int = 0
     corrupt_in_a_row: int = 0
     condemned: str | None = None  # why it is to be killed, once the current batch is done
+    repeated: bool = False  # condemned for a reason already reported (a refork refusal)
     #: its latest thread report (one dict per kind of thread)
     threads: list[dict[str, Any]] = field(default_factory=list)
     #: its helper process (background functions), while it runs

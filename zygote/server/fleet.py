@@ -96,7 +96,7 @@ class Fleet:
         self.events: ZygoteEvents  # the spawner, which listens once it is built
         self.policy = ReforkPolicy(config.refork_after, loop.now)
         self.refused: dict[str, int] = {}  # why refork candidates were refused, how often
-        self._reload_next = False  # a reload asked for during a refork
+        self.reload_pending = False  # a reload asked for during a refork
         self.current: ZygoteProc | None = None  # the one that takes fork requests
         self.incoming: ZygoteProc | None = None  # the next generation, until it serves
         self.zygotes: dict[int, ZygoteProc] = {}  # by pid: current and retiring
@@ -142,13 +142,13 @@ class Fleet:
         if self.incoming is None:
             self.incoming = self._launch()
         elif self.incoming.promoted_from is not None:
-            self._reload_next = True
+            self.reload_pending = True
             return self.generation + 1
         return self.incoming.generation
 
     def _next_reload(self) -> None:
-        if self._reload_next and self.accepting:
-            self._reload_next = False
+        if self.reload_pending and self.accepting:
+            self.reload_pending = False
             self.incoming = self._launch()
 
     def refork(self) -> None:
@@ -366,7 +366,8 @@ class Fleet:
             self.log.info("generation %d takes over from %d", zygote.generation, old.generation)
             self.retire(old)
         self.events.zygote_ready(zygote)
-        self.announce(zygote.generation, None)
+        if zygote.promoted_from is not None:  # to whoever asked for the refork
+            self.announce(zygote.generation, None)
         self._next_reload()
 
     def _candidate_refused(self, zygote: ZygoteProc, why: str) -> None:
@@ -381,8 +382,9 @@ class Fleet:
             zygote.generation,
             why,
         )
+        zygote.condemned, zygote.repeated = f"the candidate was refused: {why}", not first
         zygote.kill()
-        self._gone(zygote, f"the candidate was refused: {why}")
+        self._gone(zygote, zygote.condemned)
 
     def _boot_overdue(self, zygote: ZygoteProc, timeout: float) -> None:
         if zygote.state is ZygoteState.BOOTING:
@@ -406,11 +408,14 @@ class Fleet:
         if zygote.state is ZygoteState.DEAD:
             return
         retiring = zygote.state is ZygoteState.RETIRING
+        # Dead from here on: what the messages below lead to must not come
+        # back here (a candidate's refusal, drained after its Reaped).
+        zygote.state = ZygoteState.DEAD
         # Messages still queued (forks done, children reaped) count first.
         if self.loop.watching(zygote.control.fileno()):
             self.loop.unwatch(zygote.control.fileno())
             self._handle(zygote, zygote.receive()[0])
-        zygote.state = ZygoteState.DEAD
+        why = zygote.condemned or why  # the first word of what went wrong stands
         zygote.control.close()
         self.drops.zygote_gone(zygote)
         if zygote.boot_timer is not None:
@@ -418,13 +423,16 @@ class Fleet:
         self.events.zygote_gone(zygote)
         if zygote is self.incoming:  # it never served: the old one stays
             self.incoming = None
-            what = "refork" if zygote.promoted_from is not None else "reload"
+            promoted = zygote.promoted_from is not None
             current = self.current.generation if self.current else "-"
+            what = "refork" if promoted else "reload"
             text = f"{what} to generation {zygote.generation} failed ({why})"
-            self.log.error("%s; generation %s keeps serving", text, current)
-            if zygote.promoted_from is not None:
+            # A refusal for a reason already reported is not news.
+            level = logging.DEBUG if zygote.repeated else logging.ERROR
+            self.log.log(level, "%s; generation %s keeps serving", text, current)
+            if promoted:
                 self.policy.failed()
-            self.announce(None, text)
+                self.announce(None, text)  # to whoever asked for the refork
             self._next_reload()
             return
         if retiring:

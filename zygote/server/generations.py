@@ -6,9 +6,10 @@ the current generation to finish its task successfully is the candidate;
 the request holds for `--refork-timeout` seconds. By policy
 (`--refork-after N[,N...]`): once the current generation has served N
 spawns — the first number for the first refork, the next for the next, the
-last one repeating. One promotion at a time; a failed one backs off
-(doubling, up to a minute) so that a candidate refused for a reason that
-persists (a thread every task leaves behind) is not retried on every job.
+last one repeating. One promotion at a time; after a failed one the
+policy backs off (doubling, up to a minute) so that a candidate refused for
+a reason that persists (a thread every task leaves behind) is not retried on
+every job. A request does not wait for the back-off.
 """
 
 from __future__ import annotations
@@ -43,13 +44,12 @@ class ReforkPolicy:
         return self.after[min(self.reforks, len(self.after) - 1)]
 
     def due(self, spawns: int) -> bool:
-        """Is a candidate wanted from a generation that has served `spawns`?"""
-        if self.clock() < self._not_before:
-            return False
+        """Is a candidate wanted from a generation that has served `spawns`?
+        A request is always served; the policy waits out its back-off."""
         if self.requested:
             return True
         threshold = self.threshold()
-        return threshold is not None and spawns >= threshold
+        return threshold is not None and spawns >= threshold and self.clock() >= self._not_before
 
     def expired(self) -> bool:
         """True once (and then forgotten) if an on-demand request ran out."""

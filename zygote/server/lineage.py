@@ -30,6 +30,7 @@ class Lineage:
             "zygote_pid": zygote.pid if zygote else None,
             "zygote_state": zygote.state.value if zygote else None,
             "incoming_generation": fleet.incoming.generation if fleet.incoming else None,
+            "reload_pending": fleet.reload_pending,  # asked for during a refork
             "threads": zygote.threads if zygote else [],
             "zygote_restarts": fleet.restarts,
             "zygotes_retired_corrupt": fleet.retired_corrupt,

@@ -29,7 +29,7 @@ from ..protocol import (
 from . import outcomes
 from .children import Child, Job, ZygoteProc
 from .fleet import Fleet
-from .lifecycle import FINAL, ChildState, JobState, Slots
+from .lifecycle import ChildState, JobState, Slots
 from .lineage import Lineage
 from .loop import EventLoop
 from .outcomes import Clients
@@ -61,7 +61,6 @@ class Spawner:
         self.stopping: str | None = None
         self.counts = outcomes.Counts()
         self._pool_error = ""  # the ready pool's last fork error, logged once
-        self.candidate: Child | None = None  # the refork candidate, while it lives
         self.lineages: dict[str, Lineage] = {}
         for name, fleet in fleets.items():
             fork = functools.partial(self._fork_for_pool, fleet)
@@ -125,7 +124,7 @@ class Spawner:
         # a task too big to travel with it, env and cwd included, goes down
         # the worker's channel.
         carried = spawn_size(spawn.task, spawn.payload, spawn.env, spawn.cwd) <= CARRY_LIMIT
-        candidate = self._candidate_wanted(zygote)
+        candidate = self._candidate_wanted(zygote, job)
         request = Fork(job.handle, candidate=candidate)
         if carried:
             request = Fork(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd, candidate)
@@ -133,18 +132,17 @@ class Spawner:
         if child is None:
             return False
         child.carried, child.candidate = carried, candidate
-        if candidate:
-            self.candidate = child
         job.child = child
         job.move(JobState.STARTING)
         return True
 
-    def _candidate_wanted(self, zygote: ZygoteProc) -> bool:
-        """Is the next job started on `zygote` to be a refork candidate? One
-        at a time: a candidate waits after its task to hear whether it is
-        promoted, so there is no point in more."""
-        busy = self.candidate is not None and self.candidate.state not in FINAL
-        return not busy and self._of(zygote).fleet.wants_refork(zygote)
+    def _candidate_wanted(self, zygote: ZygoteProc, job: Job) -> bool:
+        """Is `job`, started on `zygote`, to be a refork candidate? Every job
+        started while a refork is wanted is one — the first to finish well
+        is promoted, the others just end — but not one with its own `_env`
+        or `_cwd`: a zygote made from it would hand them to every worker."""
+        spawn = job.spawn
+        return not spawn.env and not spawn.cwd and self._of(zygote).fleet.wants_refork(zygote)
 
     def _fork_for_pool(self, fleet: Fleet, name: str) -> Child | None:
         zygote = fleet.ready
@@ -167,8 +165,7 @@ class Spawner:
 
     def _assign(self, child: Child, job: Job) -> None:
         """Hand a ready pool child its task: it runs the moment it reads it."""
-        if self._candidate_wanted(child.zygote):
-            child.candidate, self.candidate = True, child
+        child.candidate = self._candidate_wanted(child.zygote, job)
         task = outcomes.task_frame(job, child.candidate)
         child.take(job)
         child.requested = self.loop.now()
@@ -313,6 +310,7 @@ class Spawner:
                 self.tracker.send(child, GO_FRAME)
         zygotes = {pid for lineage in self.lineages.values() for pid in lineage.fleet.zygotes}
         self.tracker.zygote_gone(zygote, zygotes)
+        self.dispatch()  # what it held may have freed slots
 
     # -- deadlines ------------------------------------------------------------
 
@@ -413,8 +411,10 @@ class Spawner:
             return
         control, pidfd = handover
         zygote = self._of(child.zygote).fleet.adopt(child.pid, pidfd, control, child.zygote)
-        # Its job is over; its process goes on as a zygote.
+        # Its job is over; its process goes on as a zygote. Its slot is free
+        # for the next job, which the old generation serves until the switch.
         self._job_over(job, child, 0, None, f"became zygote generation {zygote.generation}")
+        self.dispatch()
 
     def child_exited(self, child: Child) -> None:
         if child.exited_from is ChildState.IDLE:

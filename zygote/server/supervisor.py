@@ -276,9 +276,10 @@ class Supervisor:
             code = ErrorCode.SHUTTING_DOWN if self.stopping else ErrorCode.BAD_REQUEST
             self._send(envelope, Error(msg.req, code, unknown or self._stop_message()))
         elif isinstance(msg, Reload):
-            chosen = [self.fleets[msg.profile]] if msg.profile else self.fleets.values()
-            generations = [fleet.reload() for fleet in chosen]
-            self._send(envelope, Ok(msg.req, {"generation": generations[0]}))
+            names = [msg.profile] if msg.profile else list(self.fleets)
+            generations = {name: self.fleets[name].reload() for name in names}
+            info = {"generation": generations[names[0]], "generations": generations}
+            self._send(envelope, Ok(msg.req, info))
         else:
             profile = msg.profile or DEFAULT_PROFILE
             self._refork_waiters[profile].append((envelope, msg.req))  # answered on the outcome
@@ -430,6 +431,10 @@ class Supervisor:
             return
         self.stopping = reason
         self.exit_code = code
+        for waiters in self._refork_waiters.values():
+            for envelope, req in waiters:
+                self._send(envelope, Error(req, ErrorCode.SHUTTING_DOWN, self._stop_message()))
+        self._refork_waiters.clear()
         log.info(
             "stopping (%s): %d running, %d queued; grace %gs",
             reason,
