@@ -1,0 +1,435 @@
+"""The asyncio client: `zygote.aio.Zygote`, the twin of `zygote.Zygote`, on
+`zmq.asyncio`. Same server, same messages (docs/protocol.md), same errors.
+
+One DEALER socket per client and one reader task: it files each reply under
+its request id and each pushed `Result`/`Exited` under its job, so any number
+of coroutines can wait on one client at once (unlike the sync client, which
+is one per thread). While something waits, a server silent for a second is
+probed (`Ping`, and `Attach` for the job waited on); one that stays silent
+for four more, or that restarted, raises `ServerUnavailable`.
+
+Not (yet) like the sync client: a spawn whose request was lost on the way
+(a broken tcp connection) is not sent again under its name; it raises.
+
+    async with zygote.aio.Zygote() as z:
+        handle = await z.spawn("mymod:work", 1, 2)
+        print(await handle.result())
+        async for value in z.map("mymod:square", range(100)):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import os
+import secrets
+import signal as _signal
+import weakref
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from .client import PROBE_EVERY, PROBE_TIMEOUT
+from .codec import decode_reply, encode
+from .config import default_endpoint
+from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout, error_for
+from .handle import ExitInfo, _outcome
+from .protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    LOST,
+    Attach,
+    Collected,
+    Error,
+    ErrorCode,
+    Exited,
+    Kill,
+    Message,
+    Ok,
+    Ping,
+    ProtocolError,
+    Refork,
+    Reload,
+    Result,
+    Spawn,
+    Spawned,
+    Stats,
+    Stop,
+    check_profile_name,
+    check_task_name,
+    spawn_size,
+)
+
+__all__ = ["Handle", "Zygote"]
+
+
+@dataclass(eq=False)
+class _Job:
+    """What the server pushed for one job, and who waits for it."""
+
+    pid: int
+    result: Result | None = None
+    exited: Exited | None = None
+    collected: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def take(self, msg: Result | Exited) -> None:
+        if isinstance(msg, Result):
+            self.result = self.result or msg
+        else:
+            self.exited = msg
+        self.changed.set()
+
+    async def until(self, done: Any) -> None:
+        while not done():
+            self.changed.clear()
+            await self.changed.wait()
+
+
+class Handle:
+    """One spawned job (from `await Zygote.spawn()` or `attach()`)."""
+
+    def __init__(self, client: Zygote, id: str, pid: int, generation: int, warnings: list[str]):
+        self.id, self.pid, self.generation, self.warnings = id, pid, generation, warnings
+        self._client = client
+        self._job = client._job(id, pid)
+
+    def __repr__(self) -> str:
+        state = "done" if self._job.result is not None else "running"
+        return f"<aio.Handle {self.id} pid={self.pid} generation={self.generation} {state}>"
+
+    def done(self) -> bool:
+        """True once the result is known (never waits)."""
+        return self._job.result is not None
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """The task's return value; raises TaskError, WorkerLost, TaskTimeout,
+        or ZygoteTimeout if `timeout` seconds pass first."""
+        job = self._job
+        await self._client._wait(job.until(lambda: job.result is not None), timeout, self.id)
+        assert job.result is not None
+        await self._client._confirm(self.id, job)
+        return _outcome(job.result)
+
+    async def wait(self, timeout: float | None = None) -> ExitInfo:
+        """Wait for the worker process to end; its exit status and usage."""
+        job = self._job
+        await self._client._wait(job.until(lambda: job.exited is not None), timeout, self.id)
+        e = job.exited
+        assert e is not None
+        if job.result is not None:
+            await self._client._confirm(self.id, job)
+        return ExitInfo(
+            e.pid, e.exit_code, e.signal, e.description, e.duration, e.utime, e.stime, e.maxrss_kb
+        )
+
+    async def kill(self, signal: int = _signal.SIGTERM) -> bool:
+        """Send `signal` to the worker; False if it is no longer running."""
+        try:
+            await self._client._call(lambda req: Kill(req, self.id, int(signal)))
+        except (ZygoteTimeout, ServerUnavailable):
+            raise
+        except ZygoteError:  # the server's answer: no running worker
+            return False
+        return True
+
+
+class Zygote:
+    """An asyncio connection to a zygote server: `async with Zygote() as z`."""
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = timeout
+        if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
+            raise ServerUnavailable(
+                f"no zygote server at {self.endpoint} (is `zygote start` running?)"
+            )
+        self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)  # take in everything asked for
+        self._socket.setsockopt(zmq.ROUTING_ID, b"a" + secrets.token_bytes(15))
+        self._socket.connect(self.endpoint)
+        self._requests = itertools.count(1)
+        self._prefix = secrets.token_hex(6)
+        self._replies: dict[int, asyncio.Future[Message]] = {}
+        self._jobs: weakref.WeakValueDictionary[str, _Job] = weakref.WeakValueDictionary()
+        self._unwanted: set[str] = set()  # jobs whose results nobody will read
+        self._reader: asyncio.Task[None] | None = None
+        self._heard = 0.0  # when the server last said anything
+        self._server: str | None = None
+        self._max_message = DEFAULT_MAX_MESSAGE_BYTES
+        self._max_workers = 0
+        self._broken: ZygoteError | None = None
+        self._background: set[asyncio.Future[None]] = set()
+
+    async def __aenter__(self) -> Zygote:
+        await self.ping()  # learns the server's identity and limits
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection; jobs keep running (see `attach()`)."""
+        if self._socket.closed:
+            return
+        if self._reader is not None:
+            self._reader.cancel()
+        self._socket.close()
+
+    # -- the API ----------------------------------------------------------
+
+    async def spawn(
+        self,
+        task: str,
+        *args: Any,
+        _timeout: float | None = None,
+        _env: dict[str, str] | None = None,
+        _cwd: str | None = None,
+        _profile: str | None = None,
+        **kwargs: Any,
+    ) -> Handle:
+        """Run `task` in a new worker; returns once it runs (see `zygote.Zygote.spawn`)."""
+        try:
+            check_task_name(task)
+            check_profile_name(_profile)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        if _timeout is not None and not _timeout > 0:
+            raise ValueError("_timeout must be a positive number of seconds")
+        payload = msgpack.packb([list(args), kwargs], use_bin_type=True)
+        env = {str(k): str(v) for k, v in _env.items()} if _env is not None else None
+        cwd = os.fspath(_cwd) if _cwd is not None else None
+        if self._server is None:
+            await self.ping()
+        size = spawn_size(task, payload, env, cwd)
+        if size > self._max_message:
+            raise ValueError(
+                f"a request of {size} bytes exceeds the server's limit of {self._max_message}"
+            )
+        reply = await self._call(
+            lambda req: Spawn(req, task, payload, _timeout, env, cwd, self._name(req), _profile)
+        )
+        assert isinstance(reply, Spawned)
+        return Handle(self, reply.handle, reply.pid, reply.generation, reply.warnings)
+
+    async def map(
+        self,
+        task: str,
+        iterable: Iterable[Any],
+        *,
+        max_in_flight: int | None = None,
+        profile: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """`task(item)` for every item, results in order, at most
+        `max_in_flight` (default: the server's max-workers) running ahead."""
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        if self._server is None:
+            await self.ping()
+        window = max_in_flight or self._max_workers or 1
+        items = iter(iterable)
+        pending: list[asyncio.Task[Handle]] = []
+
+        def fill() -> None:
+            for item in itertools.islice(items, window - len(pending)):
+                pending.append(asyncio.ensure_future(self.spawn(task, item, _profile=profile)))
+
+        fill()
+        try:
+            while pending:
+                handle = await pending.pop(0)
+                fill()
+                yield await handle.result()
+        finally:
+            for spawning in pending:  # left early: nobody reads these results
+                spawning.add_done_callback(self._unwanted_result)
+
+    async def attach(self, handle_id: str) -> Handle:
+        """A handle for a job spawned elsewhere (by another client)."""
+        reply = await self._call(lambda req: Attach(req, handle_id))
+        assert isinstance(reply, Spawned)
+        return Handle(self, reply.handle, reply.pid, reply.generation, reply.warnings)
+
+    async def stats(self) -> dict[str, Any]:
+        reply = await self._call(lambda req: Stats(req))
+        assert isinstance(reply, Ok)
+        return reply.info
+
+    async def ping(self) -> float:
+        """Round-trip time to the server in seconds."""
+        start = asyncio.get_running_loop().time()
+        await self._call(lambda req: Ping(req), self.timeout or 10.0)
+        return asyncio.get_running_loop().time() - start
+
+    async def refork(self, profile: str | None = None) -> int:
+        """See `zygote.Zygote.refork`."""
+        reply = await self._call(lambda req: Refork(req, profile))
+        assert isinstance(reply, Ok)
+        return int(reply.info["generation"])
+
+    async def reload(self, profile: str | None = None) -> int:
+        """See `zygote.Zygote.reload`."""
+        reply = await self._call(lambda req: Reload(req, profile))
+        assert isinstance(reply, Ok)
+        return int(reply.info["generation"])
+
+    async def stop(self) -> None:
+        """Ask the server to stop gracefully."""
+        await self._call(lambda req: Stop(req), self.timeout or 10.0)
+
+    # -- the machinery ------------------------------------------------------
+
+    def _name(self, req: int) -> str:
+        return f"{self._prefix}-{req}"
+
+    def _job(self, handle_id: str, pid: int) -> _Job:
+        job = self._jobs.get(handle_id)
+        if job is None:
+            job = self._jobs[handle_id] = _Job(pid)
+        return job
+
+    async def _call(self, make: Any, timeout: float | None = None) -> Message:
+        """Send a request and wait for its reply; raise it if it is an error."""
+        if self._socket.closed:
+            raise ZygoteError("this client is closed")
+        loop = asyncio.get_running_loop()
+        if self._reader is None:
+            self._heard = loop.time()
+            self._reader = loop.create_task(self._read())
+        req = next(self._requests)
+        future: asyncio.Future[Message] = loop.create_future()
+        self._replies[req] = future
+        try:
+            await self._socket.send(encode(make(req)))
+            timeout = self.timeout if timeout is None else timeout
+            reply: Message = await self._wait(asyncio.shield(future), timeout)
+        finally:
+            self._replies.pop(req, None)
+        if isinstance(reply, Error):
+            raise error_for(reply.code, reply.message, reply.reasons)
+        return reply
+
+    async def _wait(self, awaitable: Any, timeout: float | None, follow: str | None = None) -> Any:
+        """Await `awaitable` within `timeout` (ZygoteTimeout), probing the
+        server whenever it has been silent for PROBE_EVERY."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        task = asyncio.ensure_future(awaitable)
+        try:
+            while True:
+                if self._broken is not None:
+                    raise self._broken
+                wait = PROBE_EVERY
+                if deadline is not None:
+                    wait = min(wait, deadline - loop.time())
+                    if wait <= 0:
+                        raise ZygoteTimeout(f"no answer from the server within {timeout:g}s")
+                done, _ = await asyncio.wait({task}, timeout=wait)
+                if done:
+                    return task.result()
+                if loop.time() - self._heard >= PROBE_EVERY:
+                    await self._probe(follow)
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _probe(self, follow: str | None) -> None:
+        """Ask a silent server whether it is there (and, for `follow`, to push
+        that job's messages again); raise ServerUnavailable if it says nothing."""
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        await self._socket.send(encode(Ping(next(self._requests))))
+        if follow is not None:
+            req = next(self._requests)
+            self._replies[req] = reply = loop.create_future()
+            reply.add_done_callback(functools.partial(self._followed, follow))
+            await self._socket.send(encode(Attach(req, follow)))
+        while self._heard < asked:
+            if self._broken is not None:
+                raise self._broken
+            if loop.time() - asked >= PROBE_TIMEOUT:
+                raise ServerUnavailable(
+                    f"the server at {self.endpoint} stopped answering "
+                    f"(no reply for {loop.time() - asked:.1f}s)"
+                )
+            await asyncio.sleep(0.05)
+
+    def _followed(self, handle_id: str, reply: asyncio.Future[Message]) -> None:
+        msg = reply.result() if not reply.cancelled() else None
+        job = self._jobs.get(handle_id)
+        if isinstance(msg, Error) and msg.code == ErrorCode.UNKNOWN_HANDLE and job is not None:
+            job.take(Result(handle_id, LOST, message=f"the server lost track of this job: {msg}"))
+            if job.exited is None:
+                job.take(Exited(handle_id, job.pid, None, None, f"unknown: {msg.message}", 0.0))
+
+    async def _confirm(self, handle_id: str, job: _Job) -> None:
+        if not job.collected and not self._socket.closed:
+            job.collected = True
+            await self._socket.send(encode(Collected([handle_id])))
+
+    def _unwanted_result(self, spawning: asyncio.Task[Handle]) -> None:
+        if spawning.cancelled() or spawning.exception() is not None:
+            return
+        handle = spawning.result()
+        if handle.done():
+            confirming = asyncio.ensure_future(self._confirm(handle.id, handle._job))
+            self._background.add(confirming)  # held until done: tasks are weakly kept
+            confirming.add_done_callback(self._background.discard)
+        else:
+            self._unwanted.add(handle.id)
+
+    async def _read(self) -> None:
+        """The reader task: file every message that arrives."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data = await self._socket.recv()
+                msg = decode_reply(data)
+            except asyncio.CancelledError:
+                raise
+            except ProtocolError as exc:
+                self._fail(ZygoteError(f"the server at {self.endpoint} sent garbage: {exc}"))
+                return
+            except zmq.ZMQError:
+                return  # closed
+            self._heard = loop.time()
+            if isinstance(msg, Result | Exited):
+                job = self._jobs.get(msg.handle)
+                if job is not None:
+                    job.take(msg)
+                elif isinstance(msg, Result) and msg.handle in self._unwanted:
+                    self._unwanted.discard(msg.handle)
+                    await self._socket.send(encode(Collected([msg.handle])))
+                continue
+            if isinstance(msg, Ok) and "server" in msg.info:
+                self._learn(msg.info)
+            future = self._replies.pop(msg.req, None)
+            if future is not None and not future.done():
+                future.set_result(msg)
+
+    def _learn(self, info: dict[str, Any]) -> None:
+        server = info["server"]
+        if self._server is not None and server != self._server:
+            self._fail(
+                ServerUnavailable(
+                    f"the server at {self.endpoint} restarted: requests in flight were lost"
+                )
+            )
+        self._server = server
+        self._max_message = info.get("max_message_bytes", self._max_message)
+        self._max_workers = info.get("max_workers", self._max_workers)
+
+    def _fail(self, error: ZygoteError) -> None:
+        """Everything waiting now fails with `error` (it is not retried)."""
+        self._broken = error
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(error)
+        self._replies.clear()
+        self._broken = None if isinstance(error, ServerUnavailable) else error
