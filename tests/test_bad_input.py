@@ -52,6 +52,8 @@ def _spawn_body(**override) -> dict:
         (msgpack.packb([1, 2, 3]), "bad_request", "must be a msgpack map"),
         (msgpack.packb({"kind": "spawn"}), "unsupported_version", "version"),
         (msgpack.packb({"v": 99, "kind": "ping", "req": 1}), "unsupported_version", "99"),
+        (msgpack.packb({"v": True, "kind": "ping", "req": 1}), "unsupported_version", "True"),
+        (msgpack.packb({"v": 1.0, "kind": "ping", "req": 1}), "unsupported_version", "1.0"),
         (msgpack.packb({"v": 1, "kind": "launch_missiles", "req": 1}), "unknown_kind", "launch"),
         (msgpack.packb(_spawn_body(task=5)), "bad_request", "'task'"),
         (msgpack.packb(_spawn_body(payload="not bytes")), "bad_request", "'payload'"),

@@ -159,7 +159,8 @@ def _decode(data: bytes, registry: dict[str, _Spec], max_bytes: int) -> Message:
     if not isinstance(body, dict):
         raise MalformedMessage(f"a message must be a msgpack map, not {type(body).__name__}")
     version = body.get("v")
-    if version != PROTOCOL_VERSION:
+    # An int, not just equal to one: True and 1.0 compare equal to 1.
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise UnsupportedVersion(
             f"protocol version {version!r} is not supported (this server speaks {PROTOCOL_VERSION})"
         )

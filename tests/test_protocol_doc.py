@@ -1,0 +1,345 @@
+"""docs/protocol.md is enough to write a client: these tests drive a real
+server with a bare ZeroMQ DEALER and msgpack, from that document only (no
+import from `zygote`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from .conftest import REPO, Server
+
+Sock = zmq.Socket[bytes]
+
+#: Every wait for the server is bounded by this (seconds).
+DEADLINE = 10.0
+
+
+def _connect(endpoint: str) -> Sock:
+    sock: Sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)  # §1: take in everything the server sends
+    sock.setsockopt(zmq.ROUTING_ID, b"z" + os.urandom(15))  # §1: our own, stable name
+    sock.connect(endpoint)
+    return sock
+
+
+@pytest.fixture
+def sock(server: Server) -> Iterator[Sock]:
+    s = _connect(server.endpoint)
+    yield s
+    s.close()
+
+
+def send(sock: Sock, kind: str, **fields: Any) -> None:
+    sock.send(msgpack.packb({"v": 1, "kind": kind, **fields}, use_bin_type=True))
+
+
+def receive(sock: Sock, timeout: float = DEADLINE) -> dict[str, Any]:
+    """The next message: one frame, one msgpack map, version 1."""
+    if not sock.poll(int(timeout * 1000)):
+        raise AssertionError(f"no message from the server within {timeout}s")
+    frames = sock.recv_multipart()
+    assert len(frames) == 1, frames
+    msg = msgpack.unpackb(frames[0], raw=False)
+    assert isinstance(msg, dict) and msg["v"] == 1, msg
+    return msg
+
+
+def receive_until(sock: Sock, done: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    while not done(messages):
+        messages.append(receive(sock))
+    return messages
+
+
+def payload(*args: Any, **kwargs: Any) -> bytes:
+    """§3 spawn: msgpack([args, kwargs])."""
+    data: bytes = msgpack.packb([list(args), kwargs], use_bin_type=True)
+    return data
+
+
+def spawn(sock: Sock, req: int, task: str, *args: Any, **fields: Any) -> None:
+    send(sock, "spawn", req=req, task=task, payload=payload(*args), **fields)
+
+
+def value_of(result: dict[str, Any]) -> Any:
+    """§4: an ok result's value is a bin holding the msgpack of the return value."""
+    assert result["kind"] == "result" and result["outcome"] == "ok", result
+    value = result.get("value")
+    if value is None:
+        return None
+    assert isinstance(value, bytes)
+    return msgpack.unpackb(value, raw=False)
+
+
+def call(sock: Sock, kind: str, req: int, **fields: Any) -> dict[str, Any]:
+    """A request answered by one message (nothing else is in flight)."""
+    send(sock, kind, req=req, **fields)
+    reply = receive(sock)
+    assert reply["req"] == req, reply
+    return reply
+
+
+def expect_error(reply: dict[str, Any], req: int, code: str, words: str = "") -> None:
+    assert reply["kind"] == "error", reply
+    assert (reply["req"], reply["code"]) == (req, code), reply
+    assert words in reply["message"], reply
+    assert reply.get("reasons", []) == [] or code == "spawn_failed"
+
+
+# -- ping, stats ---------------------------------------------------------------
+
+
+def test_ping_answers_with_the_servers_identity(server: Server, sock: Sock) -> None:
+    reply = call(sock, "ping", 1)
+    assert reply["kind"] == "ok"
+    info = reply["info"]
+    assert re.fullmatch(r"[0-9a-f]{8}", info["server"])
+    assert info["pid"] == server.pid
+    assert isinstance(info["version"], str)
+    assert info["max_workers"] == 4  # the fixture's --max-workers
+    assert info["max_message_bytes"] == 16 * 1024 * 1024
+
+
+def test_stats_is_the_identity_and_the_figures(server: Server, sock: Sock) -> None:
+    identity = call(sock, "ping", 1)["info"]
+    reply = call(sock, "stats", 2)
+    assert reply["kind"] == "ok"
+    info = reply["info"]
+    assert {key: info[key] for key in identity} == identity
+    assert info["state"] == "running"
+    assert info["endpoint"] == server.endpoint
+    for key in ("workers", "queued", "accepted", "completed", "results_kept", "queue_size"):
+        assert isinstance(info[key], int), key
+    assert isinstance(info["profiles"], dict) and "default" in info["profiles"]
+
+
+def test_the_req_style_empty_delimiter_is_accepted_and_echoed(sock: Sock) -> None:
+    body = msgpack.packb({"v": 1, "kind": "ping", "req": 3})
+    sock.send_multipart([b"", body])
+    assert sock.poll(int(DEADLINE * 1000))
+    delimiter, data = sock.recv_multipart()
+    assert delimiter == b""
+    assert msgpack.unpackb(data)["req"] == 3
+
+
+# -- a job's messages --------------------------------------------------------------
+
+
+def test_a_named_spawn_is_answered_then_its_result_and_exit_are_pushed(sock: Sock) -> None:
+    handle = "doc-add-1"
+    spawn(sock, 1, "tests.tasks:add", 2, 3, handle=handle)
+    spawned, result, exited = (receive(sock) for _ in range(3))
+    assert spawned["kind"] == "spawned"
+    assert (spawned["req"], spawned["handle"]) == (1, handle)
+    assert isinstance(spawned["pid"], int) and isinstance(spawned["generation"], int)
+    assert spawned["warnings"] == []
+    assert result["handle"] == handle
+    assert value_of(result) == 5
+    assert exited["kind"] == "exited"
+    assert (exited["handle"], exited["pid"]) == (handle, spawned["pid"])
+    assert (exited["exit_code"], exited["signal"]) == (0, None)
+    assert exited["description"] == "exited normally"
+    assert exited["duration"] >= 0
+
+    # §7: confirmed, with its exit known: the server forgets the job.
+    send(sock, "collected", handles=[handle])  # never answered
+    expect_error(call(sock, "attach", 2, handle=handle), 2, "unknown_handle", "collected")
+    assert call(sock, "stats", 3)["info"]["results_kept"] == 0
+    # §6: a name is never run twice.
+    spawn(sock, 4, "tests.tasks:add", 2, 3, handle=handle)
+    expect_error(receive(sock), 4, "spawn_failed", "already ended")
+
+
+def test_keyword_arguments_env_and_cwd_reach_the_task(sock: Sock, tmp_path: Path) -> None:
+    send(
+        sock,
+        "spawn",
+        req=1,
+        task="tests.tasks:echo",
+        payload=payload(1, "two", b"\x03", three=[4]),
+        handle="doc-echo-1",
+    )
+    _, result, _ = (receive(sock) for _ in range(3))
+    assert value_of(result) == {"args": [1, "two", b"\x03"], "kwargs": {"three": [4]}}
+    spawn(sock, 2, "tests.tasks:env", "DOC_VAR", env={"DOC_VAR": "set"}, handle="doc-env-1")
+    _, result, _ = (receive(sock) for _ in range(3))
+    assert value_of(result) == "set"
+    spawn(sock, 3, "tests.tasks:cwd", cwd=str(tmp_path), handle="doc-cwd-1")
+    _, result, _ = (receive(sock) for _ in range(3))
+    assert value_of(result) == str(tmp_path)
+    send(sock, "collected", handles=["doc-echo-1", "doc-env-1", "doc-cwd-1"])
+
+
+def test_a_spawn_without_a_handle_gets_a_server_made_one(sock: Sock) -> None:
+    server_id = call(sock, "ping", 1)["info"]["server"]
+    spawn(sock, 2, "tests.tasks:sleep", 0, None)
+    spawned, result, _ = (receive(sock) for _ in range(3))
+    assert re.fullmatch(rf"{server_id}:\d+", spawned["handle"])  # §6: it has a ":"
+    assert result["handle"] == spawned["handle"]
+    assert value_of(result) is None
+
+
+def test_the_same_spawn_sent_again_is_answered_like_attach(server: Server, sock: Sock) -> None:
+    handle = "doc-again-1"
+    spawn(sock, 1, "tests.tasks:sleep", 0.5, "slept", handle=handle)
+    spawn(sock, 2, "tests.tasks:sleep", 0.5, "slept", handle=handle)  # a reply was lost
+    messages = receive_until(sock, lambda got: any(m["kind"] == "exited" for m in got))
+    kinds = [m["kind"] for m in messages]
+    assert kinds == ["spawned", "spawned", "result", "exited"], messages
+    assert sorted(m["req"] for m in messages[:2]) == [1, 2]
+    assert messages[0]["pid"] == messages[1]["pid"]
+    assert value_of(messages[2]) == "slept"
+
+    # Once more, after the job ended: the result and exit are pushed again,
+    # and the task (here even a different one) is not run.
+    spawn(sock, 3, "tests.tasks:add", 1, 1, handle=handle)
+    spawned, result, exited = (receive(sock) for _ in range(3))
+    assert (spawned["kind"], spawned["req"], spawned["pid"]) == ("spawned", 3, messages[0]["pid"])
+    assert value_of(result) == "slept"
+    assert exited == messages[3]
+
+    # An attach from another connection gets the same.
+    other = _connect(server.endpoint)
+    try:
+        send(other, "attach", req=1, handle=handle)
+        spawned, result, exited = (receive(other) for _ in range(3))
+        assert (spawned["kind"], spawned["req"], spawned["handle"]) == ("spawned", 1, handle)
+        assert value_of(result) == "slept"
+        assert exited["kind"] == "exited"
+    finally:
+        other.close()
+    assert call(sock, "stats", 4)["info"]["accepted"] == 1
+    send(sock, "collected", handles=[handle])
+
+
+def test_attach_of_an_unknown_handle(sock: Sock) -> None:
+    reply = call(sock, "attach", 9, handle="doc-never-spawned")
+    expect_error(reply, 9, "unknown_handle", "no such job")
+
+
+def test_a_task_that_raises(sock: Sock) -> None:
+    spawn(sock, 1, "tests.tasks:raise_value_error", "boom", handle="doc-raise-1")
+    spawned, result, exited = (receive(sock) for _ in range(3))
+    assert spawned["kind"] == "spawned"
+    assert (result["kind"], result["outcome"]) == ("result", "raised")
+    assert (result["exc_type"], result["message"]) == ("ValueError", "boom")
+    assert "ValueError: boom" in result["traceback"]
+    assert result.get("value") is None
+    assert (exited["kind"], exited["exit_code"]) == ("exited", 0)  # the process ended well
+
+
+def test_a_task_that_cannot_be_found_raises_too(sock: Sock) -> None:
+    spawn(sock, 1, "no_such_module:f", handle="doc-missing-1")
+    spawned, result, _ = (receive(sock) for _ in range(3))
+    assert spawned["kind"] == "spawned"  # not resolved before the worker runs it
+    assert (result["outcome"], result["exc_type"]) == ("raised", "ModuleNotFoundError")
+
+
+def test_kill_of_a_running_job(sock: Sock) -> None:
+    handle = "doc-kill-1"
+    spawn(sock, 1, "tests.tasks:sleep", 60, handle=handle)
+    spawned = receive(sock)
+    assert spawned["kind"] == "spawned"
+    reply = call(sock, "kill", 2, handle=handle, signal=signal.SIGTERM)
+    assert (reply["kind"], reply["info"]) == ("ok", {"pid": spawned["pid"]})
+    result, exited = receive(sock), receive(sock)
+    assert (result["handle"], result["outcome"]) == (handle, "lost")
+    assert (result["signal"], result["exit_code"]) == (signal.SIGTERM, None)
+    assert "killed by SIGTERM" in result["message"]
+    assert (exited["signal"], exited["exit_code"]) == (signal.SIGTERM, None)
+    assert exited["description"] == "killed by SIGTERM"
+    # Gone: nothing left to kill.
+    expect_error(call(sock, "kill", 3, handle=handle, signal=9), 3, "unknown_handle")
+
+
+def test_a_task_past_its_timeout_is_killed(sock: Sock) -> None:
+    spawn(sock, 1, "tests.tasks:sleep", 60, handle="doc-timeout-1", timeout=0.3)
+    _, result, exited = (receive(sock) for _ in range(3))
+    assert (result["outcome"], result["signal"]) == ("timeout", signal.SIGTERM)
+    assert "timeout" in result["message"]
+    assert exited["signal"] == signal.SIGTERM
+
+
+def test_busy_when_the_slots_and_the_queue_are_full(start_server: Callable[..., Server]) -> None:
+    server = start_server("--max-workers", "1", "--queue-size", "1")
+    sock = _connect(server.endpoint)
+    try:
+        spawn(sock, 1, "tests.tasks:sleep", 60, handle="doc-busy-1")
+        assert receive(sock)["kind"] == "spawned"
+        spawn(sock, 2, "tests.tasks:sleep", 60, handle="doc-busy-2")  # queued: no reply yet
+        spawn(sock, 3, "tests.tasks:sleep", 60, handle="doc-busy-3")
+        expect_error(receive(sock), 3, "busy", "server busy")
+        # A queued job has no worker to signal.
+        reply = call(sock, "kill", 4, handle="doc-busy-2", signal=9)
+        expect_error(reply, 4, "unknown_handle", "no running worker")
+    finally:
+        sock.close()
+
+
+# -- bad input ---------------------------------------------------------------------
+
+
+def test_a_malformed_message_gets_an_error_with_its_request_id(sock: Sock) -> None:
+    spawn(sock, 42, "not a task")
+    expect_error(receive(sock), 42, "bad_request", "package.module:function")
+    send(sock, "spawn", req=43, task="tests.tasks:add", payload="a str, not a bin")
+    expect_error(receive(sock), 43, "bad_request", "'payload'")
+    spawn(sock, 44, "tests.tasks:add", 1, 2, handle="has:colon")  # §6: ours only
+    expect_error(receive(sock), 44, "bad_request", "handle")
+    send(sock, "spawn", req=45)
+    expect_error(receive(sock), 45, "bad_request", "missing field")
+    send(sock, "kill", req=46, handle="x", signal=0)
+    expect_error(receive(sock), 46, "bad_request", "signal")
+    send(sock, "launch", req=47)
+    expect_error(receive(sock), 47, "unknown_kind", "launch")
+    send(sock, "result", req=48, handle="x", outcome="ok")  # a reply kind
+    expect_error(receive(sock), 48, "unknown_kind")
+    # Unreadable: no request id to give back.
+    sock.send(b"\xc1")
+    expect_error(receive(sock), 0, "bad_request", "msgpack")
+    sock.send(msgpack.packb([1, 2]))
+    expect_error(receive(sock), 0, "bad_request", "map")
+    # Unknown fields are ignored.
+    assert call(sock, "ping", 49, future_field="x")["kind"] == "ok"
+
+
+def test_a_version_mismatch_is_unsupported_version(sock: Sock) -> None:
+    sock.send(msgpack.packb({"v": 2, "kind": "ping", "req": 7}))
+    expect_error(receive(sock), 7, "unsupported_version", "this server speaks 1")
+    sock.send(msgpack.packb({"kind": "ping", "req": 8}))
+    expect_error(receive(sock), 8, "unsupported_version")
+    assert call(sock, "ping", 9)["kind"] == "ok"  # the connection goes on
+
+
+# -- the document itself -----------------------------------------------------------
+
+
+def test_the_document_names_every_kind_outcome_and_error_code() -> None:
+    """Read (not imported) from zygote/protocol.py, so that a new message
+    kind, outcome or error code cannot be added without documenting it."""
+    source = (REPO / "zygote" / "protocol.py").read_text()
+    doc = (REPO / "docs" / "protocol.md").read_text()
+    kinds = dict(re.findall(r'^class (\w+)\(Message\):.*?KIND = "(\w+)"', source, re.M | re.S))
+    names = []
+    for union in ("Request", "Reply"):
+        line = re.search(rf"^{union} = (.+)$", source, re.M)
+        assert line is not None, union
+        names += [name.strip() for name in line.group(1).split("|")]
+    body = source.split("class ErrorCode")[1].split("\n\n\n")[0]
+    codes = re.findall(r'^    [A-Z_]+ = "(\w+)"', body, re.M)
+    outcomes = re.findall(r'^(?:OK|RAISED|EXITED|LOST|TIMEOUT) = "(\w+)"', source, re.M)
+    version = re.search(r"^PROTOCOL_VERSION = (\d+)$", source, re.M)
+    assert len(names) == 14 and len(codes) >= 10 and len(outcomes) == 5 and version
+    for word in [kinds[name] for name in names] + codes + outcomes:
+        assert f"`{word}`" in doc, word
+    assert f'"v": {version.group(1)}' in doc
