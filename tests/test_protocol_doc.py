@@ -279,9 +279,16 @@ def test_busy_when_the_slots_and_the_queue_are_full(start_server: Callable[..., 
         spawn(sock, 2, "tests.tasks:sleep", 60, handle="doc-busy-2")  # queued: no reply yet
         spawn(sock, 3, "tests.tasks:sleep", 60, handle="doc-busy-3")
         expect_error(receive(sock), 3, "busy", "server busy")
-        # A queued job has no worker to signal.
-        reply = call(sock, "kill", 4, handle="doc-busy-2", signal=9)
-        expect_error(reply, 4, "unknown_handle", "no running worker")
+        # §4 kill: a queued job is cancelled; its spawn is answered so.
+        send(sock, "kill", req=4, handle="doc-busy-2", signal=9)
+        replies = receive_until(sock, lambda got: len(got) == 2)
+        by_req = {reply["req"]: reply for reply in replies}
+        assert by_req[4]["kind"] == "ok" and by_req[4]["info"] == {"pid": 0}
+        expect_error(
+            by_req[2], 2, "spawn_failed", "killed by a client (SIGKILL) before it was ready"
+        )
+        reply = call(sock, "kill", 5, handle="doc-busy-2", signal=9)  # ended: unknown now
+        expect_error(reply, 5, "unknown_handle", "no running worker")
     finally:
         sock.close()
 

@@ -508,3 +508,35 @@ def test_a_reload_does_not_answer_a_refork_request(harness: Harness) -> None:
     start(h, new)
     assert h.fleet.current is new.proc
     assert answers == [] and h.fleet.policy.requested  # still waiting for a warm worker
+
+
+@pytest.mark.settings(max_workers=1)
+def test_killing_a_queued_job_cancels_it(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    h.submit("j1")
+    h.submit("j2")  # queued behind j1
+    assert h.spawner.kill("j2", signal.SIGTERM) == 0
+    kind, handle, code, text, _ = h.clients.events[-1]
+    assert (kind, handle, code) == ("failed", "j2", "spawn_failed")
+    assert "killed by a client (SIGTERM) before it was ready" in text
+    assert h.spawner.queued == 0 and zygote.fork().request.handle == "j1"
+    assert zygote.recv() is None  # j2 is never forked
+
+
+def test_killing_a_starting_job_does_not_start_it_again(harness: Harness) -> None:
+    h = harness
+    zygote = ready_zygote(h)
+    job = h.submit("j1")
+    worker = zygote.fork()
+    h.run()
+    assert job.child is not None
+    pidfd = job.child.pidfd
+    assert h.spawner.kill("j1", signal.SIGTERM) == worker.pid
+    assert h.kernel.signals(pidfd) == [signal.SIGTERM]
+    zygote.reap(worker, signal.SIGTERM)
+    h.run()
+    assert h.clients.events[-1][:3] == ("failed", "j1", "spawn_failed")
+    assert zygote.recv() is None  # not forked again
+    assert not h.spawner.counts.by_step and h.fleet.current is zygote.proc
+    assert zygote.proc.corrupt_in_a_row == 0  # not the zygote's fault

@@ -59,6 +59,8 @@ class Job:
     reasons: list[str] = field(default_factory=list)
     #: the child forked for it (or taken from the pool), while it has one
     child: Child | None = None
+    #: the signal a client killed it with before it ran: not retried
+    killed: int | None = None
 
     @property
     def profile(self) -> str:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 from collections.abc import Callable
 
 from .children import Child, ZygoteProc
 from .lifecycle import ChildState
 from .loop import EventLoop
 from .timers import Timer
+
+log = logging.getLogger("zygote.supervisor")
 
 #: Refilling right after a take forks while the taken child runs its task;
 #: on a small machine the two compete for the same cores. Waiting a little
@@ -42,6 +45,7 @@ class ReadyPool:
         self._numbers = itertools.count(1)
         self._timer: Timer | None = None
         self._refused_delay = 0.0
+        self._error = ""  # the last fork error, logged once
 
     def take(self, current: ZygoteProc | None) -> Child | None:
         """A validated child of the current zygote, or None. Children of an
@@ -72,6 +76,16 @@ class ReadyPool:
                 return
             self.starting.add(child)
 
+    def fork_failed(self, child: Child, error: str, refused: bool) -> None:
+        """A pool fork failed (or was refused by the thread policy: back off)."""
+        if error != self._error:  # once per change, not per retry
+            log.warning("ready pool: %s", error)
+            self._error = error
+        if refused:
+            self.back_off(child)
+        else:
+            self.replace(child)
+
     def back_off(self, child: Child) -> None:
         """The zygote refused a pool fork (thread policy): back off."""
         self.starting.discard(child)
@@ -81,6 +95,7 @@ class ReadyPool:
     def add(self, child: Child) -> None:
         """A pool child reported ready: it waits, idle, for a task."""
         self._refused_delay = 0.0
+        self._error = ""
         self.starting.discard(child)
         child.move(ChildState.IDLE)
         self.ready.append(child)

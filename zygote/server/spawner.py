@@ -17,7 +17,7 @@ from typing import Any
 
 from ..codec import GO_FRAME
 from ..config import ServerConfig
-from ..linux import send_signal
+from ..linux import send_signal, signal_name
 from ..protocol import (
     ErrorCode,
     Fork,
@@ -60,7 +60,6 @@ class Spawner:
         self.slots = Slots(config.max_workers)  # counted by the children's moves
         self.stopping: str | None = None
         self.counts = outcomes.Counts()
-        self._pool_error = ""  # the ready pool's last fork error, logged once
         self.lineages: dict[str, Lineage] = {}
         for name, fleet in fleets.items():
             fork = functools.partial(self._fork_for_pool, fleet)
@@ -90,10 +89,21 @@ class Spawner:
         self.dispatch()
 
     def kill(self, handle: str, sig: int) -> int | None:
-        """Signal the worker running `handle`; its pid, or None if none runs."""
+        """Signal the worker running `handle`: its pid; 0 if it had none yet
+        (then it never starts); None if there is no such job."""
         job = self.jobs.get(handle)
-        child = job.child if job else None
-        return child.pid if child is not None and child.signal(sig) else None
+        if job is None:
+            return None
+        if job.state is not JobState.RUNNING:
+            job.killed = sig  # whatever becomes of its start, it is not retried
+        if job.state is JobState.QUEUED:
+            self.lineages[job.profile].queue.remove(job)
+            self._retry(job, "")
+            return 0
+        child = job.child
+        if child is not None and child.signal(sig):
+            return child.pid
+        return 0 if job.killed else None
 
     def dispatch(self) -> None:
         """Start queued jobs while there are free slots, one lineage's after
@@ -196,9 +206,8 @@ class Spawner:
         child has passed the validators (then joins the pool, or leaves)."""
         child = self._fork(zygote, Fork(f"probe:{zygote.generation}"), None)
         if child is None:
-            self._of(zygote).fleet.kill_zygote(
-                zygote, "it did not take the fork request for its probe"
-            )
+            why = "it did not take the fork request for its probe"
+            self._of(zygote).fleet.kill_zygote(zygote, why)
         else:
             child.probe = True
 
@@ -232,6 +241,9 @@ class Spawner:
         job = child.job
         if job is None:
             return
+        if job.killed is not None:  # killed while it was being forked
+            child.signal(job.killed)
+            return
         if not child.carried:
             self.tracker.send(child, outcomes.task_frame(job, child.candidate))
         log.debug("spawn %s: worker %d of generation %d", job.handle, child.pid, zygote.generation)
@@ -246,11 +258,8 @@ class Spawner:
         del zygote.pending[child.name]
         child.cancel_timers()
         child.move(ChildState.ENDED)
-        text = (
-            f"worker {pid} was forked, but the supervisor lost its descriptors "
-            "(out of file descriptors?); it was killed, and as the task may have "
-            "started it is not run again"
-        )
+        text = f"worker {pid} was forked, but the supervisor lost its descriptors (out of "
+        text += "file descriptors?); killed, and as its task may have started, not run again"
         log.error("spawn %s %s: %s", job.handle, job.spawn.task, text)
         self._fail(job, ErrorCode.SPAWN_FAILED, text)
 
@@ -265,15 +274,8 @@ class Spawner:
         if child.probe:
             lineage.fleet.kill_zygote(zygote, f"it could not fork its probe child: {msg.error}")
         elif job is None:  # a pool fork
-            if msg.error != self._pool_error:  # once per change, not per retry
-                log.warning("ready pool: %s", msg.error)
-                self._pool_error = msg.error
-            if msg.refused:
-                self.counts["refused_forks"] += 1
-                lineage.pool.back_off(child)
-            else:
-                self.counts["failed_starts"] += 1
-                lineage.pool.replace(child)
+            self.counts["refused_forks" if msg.refused else "failed_starts"] += 1
+            lineage.pool.fork_failed(child, msg.error, msg.refused)
         elif msg.refused:  # the thread policy: retrying cannot help
             self.counts["refused_forks"] += 1
             log.error("spawn %s: %s", job.handle, msg.error)
@@ -312,8 +314,6 @@ class Spawner:
         self.tracker.zygote_gone(zygote, zygotes)
         self.dispatch()  # what it held may have freed slots
 
-    # -- deadlines ------------------------------------------------------------
-
     def _fork_overdue(self, child: Child) -> None:
         if child.state is ChildState.FORKING:
             why = f"did not answer a fork request within {self.config.fork_timeout:g}s"
@@ -335,7 +335,7 @@ class Spawner:
         against the request: the zygote, not the request, was the problem."""
         self.counts["failed_starts"] += 1
         fleet = self._of(zygote).fleet
-        if zygote is fleet.current:
+        if zygote is fleet.current and job.killed is None:
             job.attempts += 1
             fleet.child_corrupt(zygote)
         self._retry(job, reason)
@@ -345,8 +345,12 @@ class Spawner:
         """Queue a job whose start failed again, first in line, unless it is
         out of attempts or the server is stopping."""
         job.child = None
-        job.reasons.append(reason)
-        if self.stopping:
+        if reason:
+            job.reasons.append(reason)
+        if job.killed is not None:
+            why = f"killed by a client ({signal_name(job.killed)}) before it was ready"
+            self._fail(job, ErrorCode.SPAWN_FAILED, why)
+        elif self.stopping:
             self._fail(job, ErrorCode.SHUTTING_DOWN, shutting_down(self.stopping))
         elif job.attempts <= self.config.spawn_retries:
             log.warning(
@@ -382,7 +386,6 @@ class Spawner:
             pool.trim(fleet.current)
             return
         if job is None:
-            self._pool_error = ""
             pool.add(child)
             if self.stopping:  # forked before the stop, ready after it
                 pool.retire(child)
@@ -462,7 +465,8 @@ class Spawner:
         """A child that ended before ready: count it against its step and its
         zygote, and try the job again (or fork another pool child)."""
         step = child.failed_step or child.phase or "start-up"
-        self.counts.by_step[step] += 1
+        if child.job is None or child.job.killed is None:  # not the child's fault
+            self.counts.by_step[step] += 1
         reason = child.failure or f"worker {child.pid} {words} before it was ready"
         if child.phase and not child.failure:
             reason += f" (in {child.phase})"
@@ -479,16 +483,13 @@ class Spawner:
             lineage.fleet.child_corrupt(child.zygote)
         lineage.pool.replace(child)
 
-    # -- stopping -------------------------------------------------------------
-
     def stop(self, reason: str) -> None:
         """Refuse what waits in the queue; running and starting workers go on."""
         self.stopping = reason
         for lineage in self.lineages.values():
             lineage.pool.retire_all()
             while lineage.queue:
-                job = lineage.queue.popleft()
-                self._fail(job, ErrorCode.SHUTTING_DOWN, shutting_down(reason))
+                self._fail(lineage.queue.popleft(), ErrorCode.SHUTTING_DOWN, shutting_down(reason))
 
     def stats(self) -> dict[str, Any]:
         return {

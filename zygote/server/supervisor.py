@@ -256,8 +256,9 @@ class Supervisor:
                 text = f"handle {msg.handle!r} has no running worker"
                 self._send(envelope, Error(msg.req, ErrorCode.UNKNOWN_HANDLE, text))
             else:
+                what = f"worker {pid}" if pid else "job, not started yet,"
                 log.info(
-                    "worker %d [%s] sent %s by a client", pid, msg.handle, signal_name(msg.signal)
+                    "%s [%s] killed by a client (%s)", what, msg.handle, signal_name(msg.signal)
                 )
                 self._send(envelope, Ok(msg.req, {"pid": pid}))
         elif isinstance(msg, Ping):
