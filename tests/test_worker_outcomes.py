@@ -153,13 +153,14 @@ def test_the_exit_report_comes_even_if_the_result_was_dropped_meanwhile(
     start_server, tmp_path
 ) -> None:
     # One result kept at most: the second job's result drops the first's
-    # while the first worker is still in its exit hooks. Its client still
-    # hears how its process ended.
+    # while the first worker is still in its exit hooks (2 s: the client
+    # probes the silence after 1 s, and its attach must still find the job).
+    # Its client still hears how its process ended.
     server = start_server(
         "--max-results",
         "1",
         "--exit-timeout",
-        "1",
+        "2",
         preload=("tests.exit_hooks",),
         env={"ZYGOTE_TEST_DIR": str(tmp_path), "ZYGOTE_TEST_EXIT_HANG": "sleep"},
     )

@@ -291,8 +291,13 @@ class Supervisor:
             return ""
         return f"unknown profile {profile!r}: this server has {', '.join(self.fleets)}"
 
+    def _record(self, handle: str) -> Record | None:
+        """A job's record: kept by the store, or (dropped from it while the
+        job still runs) by us until the job ends."""
+        return self.store.get(handle) or self._unfinished.get(handle)
+
     def _on_spawn(self, envelope: Envelope, msg: Spawn) -> None:
-        if msg.handle is not None and self.store.get(msg.handle) is not None:
+        if msg.handle is not None and self._record(msg.handle) is not None:
             self._on_attach(envelope, Attach(msg.req, msg.handle))  # the same, sent again
             return
         ended = None if msg.handle is None else self.store.ended(msg.handle)
@@ -321,7 +326,7 @@ class Supervisor:
         self.spawner.submit(Job(handle, msg))
 
     def _on_attach(self, envelope: Envelope, msg: Attach) -> None:
-        record = self.store.get(msg.handle)
+        record = self._record(msg.handle)
         if record is None:
             ended = self.store.ended(msg.handle)
             text = f"unknown handle {msg.handle!r}: " + (
