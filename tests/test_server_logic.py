@@ -69,6 +69,18 @@ def finish(h: Harness, zygote: FakeZygote, worker: FakeWorker, handle: str) -> N
     h.run()
 
 
+def candidate_done(h: Harness, zygote: FakeZygote, handle: str) -> FakeWorker:
+    """Fork the next requested child (a refork candidate), run it to its result."""
+    candidate = zygote.fork()
+    assert candidate.request.candidate
+    h.run()
+    candidate.send(Ready())
+    h.run()
+    candidate.send(Result(handle, "ok", value=msgpack.packb(3)))
+    h.run()
+    return candidate
+
+
 def test_a_job_from_fork_request_to_exit(harness: Harness) -> None:
     h = harness
     zygote = ready_zygote(h)
@@ -290,13 +302,7 @@ def test_a_refork_promotes_the_next_worker_to_finish(harness: Harness) -> None:
         assert not worker.request.candidate
         finish(h, zygote, worker, handle)
     h.submit("j3")
-    candidate = zygote.fork()
-    assert candidate.request.candidate  # told to wait after its task
-    h.run()
-    candidate.send(Ready())
-    h.run()
-    candidate.send(Result("j3", "ok", value=msgpack.packb(3)))
-    h.run()
+    candidate = candidate_done(h, zygote, "j3")  # told to wait after its task
     promoted = h.promoted(candidate)
     assert h.spawner.slots.taken == 0 and not h.tracker.children  # no longer a worker
     ended = decode_reply(h.clients.events[-1][3])
@@ -320,13 +326,7 @@ def test_a_refused_candidate_leaves_the_old_generation_serving(harness: Harness)
     h.fleet.announce = lambda generation, error: answers.append((generation, error))
     h.fleet.refork()
     h.submit("j1")
-    candidate = zygote.fork()
-    assert candidate.request.candidate
-    h.run()
-    candidate.send(Ready())
-    h.run()
-    candidate.send(Result("j1", "ok", value=msgpack.packb(3)))
-    h.run()
+    candidate = candidate_done(h, zygote, "j1")  # told to wait after its task
     promoted = h.promoted(candidate)
     assert isinstance(promoted.recv(), Boot)
     promoted.send(BootFailed("a thread was left behind: Python thread 'poller'"))
@@ -405,12 +405,7 @@ def test_a_reload_during_a_refork_follows_it(harness: Harness) -> None:
     zygote = ready_zygote(h)
     h.fleet.refork()
     h.submit("j1")
-    candidate = zygote.fork()
-    h.run()
-    candidate.send(Ready())
-    h.run()
-    candidate.send(Result("j1", "ok", value=msgpack.packb(3)))
-    h.run()
+    candidate = candidate_done(h, zygote, "j1")  # told to wait after its task
     promoted = h.promoted(candidate)
     assert h.fleet.reload() == 3  # after the refork, not instead of it
     assert len(h.zygotes) == 2  # nothing launched yet
@@ -455,18 +450,6 @@ def test_a_ready_child_still_gets_its_go_when_its_zygote_dies(harness: Harness) 
     assert [type(m) for m in messages] == [Go]
 
 
-def _candidate_done(h: Harness, zygote: FakeZygote, handle: str) -> FakeWorker:
-    """Fork the next requested child (a refork candidate), run it to its result."""
-    candidate = zygote.fork()
-    assert candidate.request.candidate
-    h.run()
-    candidate.send(Ready())
-    h.run()
-    candidate.send(Result(handle, "ok", value=msgpack.packb(3)))
-    h.run()
-    return candidate
-
-
 @pytest.mark.settings(max_workers=1)
 def test_a_promotion_frees_its_slot_for_the_queue_at_once(harness: Harness) -> None:
     h = harness
@@ -474,7 +457,7 @@ def test_a_promotion_frees_its_slot_for_the_queue_at_once(harness: Harness) -> N
     h.fleet.refork()
     h.submit("j1")
     h.submit("j2")  # queued: one slot
-    candidate = _candidate_done(h, zygote, "j1")
+    candidate = candidate_done(h, zygote, "j1")
     h.promoted(candidate)
     # Until the switch the old generation serves: j2 does not wait for it.
     assert zygote.fork().request.handle == "j2"

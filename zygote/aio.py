@@ -31,18 +31,16 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import zmq
 import zmq.asyncio
 
 from .client import PROBE_EVERY, PROBE_TIMEOUT
-from .codec import decode_reply, encode
+from .codec import check_spawn_size, decode_reply, encode, prepare_spawn
 from .config import default_endpoint
 from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout, error_for
-from .handle import ExitInfo, _outcome
+from .handle import Delivery, ExitInfo, _outcome
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    LOST,
     Attach,
     Collected,
     Error,
@@ -60,29 +58,19 @@ from .protocol import (
     Spawned,
     Stats,
     Stop,
-    check_profile_name,
-    check_task_name,
-    spawn_size,
 )
 
 __all__ = ["Handle", "Zygote"]
 
 
 @dataclass(eq=False)
-class _Job:
+class _Job(Delivery):
     """What the server pushed for one job, and who waits for it."""
 
-    pid: int
-    result: Result | None = None
-    exited: Exited | None = None
-    collected: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def take(self, msg: Result | Exited) -> None:
-        if isinstance(msg, Result):
-            self.result = self.result or msg
-        else:
-            self.exited = msg
+        super().take(msg)
         self.changed.set()
 
     async def until(self, done: Any) -> None:
@@ -195,23 +183,11 @@ class Zygote:
         **kwargs: Any,
     ) -> Handle:
         """Run `task` in a new worker; returns once it runs (see `zygote.Zygote.spawn`)."""
-        try:
-            check_task_name(task)
-            check_profile_name(_profile)
-        except ProtocolError as exc:
-            raise ValueError(str(exc)) from None
-        if _timeout is not None and not _timeout > 0:
-            raise ValueError("_timeout must be a positive number of seconds")
-        payload = msgpack.packb([list(args), kwargs], use_bin_type=True)
-        env = {str(k): str(v) for k, v in _env.items()} if _env is not None else None
-        cwd = os.fspath(_cwd) if _cwd is not None else None
+        spawn = prepare_spawn(task, args, kwargs, _timeout, _env, _cwd, _profile)
+        payload, env, cwd, size = spawn
         if self._server is None:
             await self.ping()
-        size = spawn_size(task, payload, env, cwd)
-        if size > self._max_message:
-            raise ValueError(
-                f"a request of {size} bytes exceeds the server's limit of {self._max_message}"
-            )
+        check_spawn_size(size, self._max_message)
         reply = await self._call(
             lambda req: Spawn(req, task, payload, _timeout, env, cwd, self._name(req), _profile)
         )
@@ -364,9 +340,7 @@ class Zygote:
         msg = reply.result() if not reply.cancelled() else None
         job = self._jobs.get(handle_id)
         if isinstance(msg, Error) and msg.code == ErrorCode.UNKNOWN_HANDLE and job is not None:
-            job.take(Result(handle_id, LOST, message=f"the server lost track of this job: {msg}"))
-            if job.exited is None:
-                job.take(Exited(handle_id, job.pid, None, None, f"unknown: {msg.message}", 0.0))
+            job.lost(handle_id, msg.message)
 
     async def _confirm(self, handle_id: str, job: _Job) -> None:
         if not job.collected and not self._socket.closed:

@@ -23,12 +23,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import msgpack
 import zmq
 
 from .codec import (
+    check_spawn_size,
     decode_reply,
     encode,
+    prepare_spawn,
 )
 from .config import default_endpoint
 from .errors import (
@@ -40,7 +41,6 @@ from .errors import (
 from .handle import Delivery, ExitInfo, Handle, Link
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    LOST,
     Attach,
     Collected,
     Error,
@@ -58,9 +58,6 @@ from .protocol import (
     Spawned,
     Stats,
     Stop,
-    check_profile_name,
-    check_task_name,
-    spawn_size,
 )
 
 __all__ = ["ExitInfo", "Handle", "Zygote"]
@@ -272,27 +269,12 @@ class Zygote:
         cwd: str | None = None,
         profile: str | None = None,
     ) -> Callable[[int], Message]:
-        try:
-            check_task_name(task)
-            check_profile_name(profile)
-        except ProtocolError as exc:
-            raise ValueError(str(exc)) from None
-        payload = msgpack.packb([list(args), kwargs], use_bin_type=True)
-        if env is not None:
-            env = {str(k): str(v) for k, v in env.items()}
-        cwd = os.fspath(cwd) if cwd is not None else None
-        size = spawn_size(task, payload, env, cwd)
+        payload, env, cwd, size = prepare_spawn(task, args, kwargs, timeout, env, cwd, profile)
         if size > 65536 and self._server is None:
             # Too big to guess: the server drops (and disconnects) anything
             # past its limit without a word, so learn the limit first.
             self._wait(lambda: self._server is not None, self.timeout or 10.0)
-        if size > self._max_message:
-            raise ValueError(
-                f"a request of {size} bytes (arguments and environment) exceeds the "
-                f"server's limit of {self._max_message}: pass a file path instead"
-            )
-        if timeout is not None and not timeout > 0:
-            raise ValueError("_timeout must be a positive number of seconds")
+        check_spawn_size(size, self._max_message)
         return lambda req: Spawn(
             req, task, payload, timeout, env, cwd, self._handle_for(req), profile
         )
@@ -477,11 +459,7 @@ class Zygote:
             return
         delivery = self._deliveries.get(handle_id)
         if delivery is not None:
-            delivery.take(
-                Result(handle_id, LOST, message=f"the server lost track of this job: {why}")
-            )
-            if delivery.exited is None:
-                delivery.take(Exited(handle_id, delivery.pid, None, None, f"unknown: {why}", 0.0))
+            delivery.lost(handle_id, why)
 
     def _server_max_workers(self) -> int:
         if self._max_workers is None:

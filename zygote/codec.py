@@ -9,6 +9,7 @@ the message class's annotations, and anything else raises a `ProtocolError`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 import types
 import typing
@@ -62,6 +63,9 @@ from .protocol import (
     UnknownKind,
     UnsupportedVersion,
     ValidatorFailed,
+    check_profile_name,
+    check_task_name,
+    spawn_size,
 )
 
 _Checker = Callable[[object], bool]
@@ -227,6 +231,42 @@ def ok_result_prefix(handle: str) -> bytes:
     head: bytes = msgpack.packb(fields, use_bin_type=True)
     assert head[0] == 0x80 | len(fields)  # a fixmap; one more entry follows
     return bytes([head[0] + 1]) + head[1:] + b"\xa5value"  # the key, a fixstr
+
+
+# -- spawn requests, as clients make them ------------------------------------
+
+
+def prepare_spawn(
+    task: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout: float | None,
+    env: dict[str, str] | None,
+    cwd: str | os.PathLike[str] | None,
+    profile: str | None,
+) -> tuple[bytes, dict[str, str] | None, str | None, int]:
+    """A spawn's checked parts, as the server would check them (ValueError):
+    the payload, env and cwd as sent, and the request's size (for the server's
+    limit). Shared by the sync and asyncio clients."""
+    try:
+        check_task_name(task)
+        check_profile_name(profile)
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from None
+    if timeout is not None and not timeout > 0:
+        raise ValueError("_timeout must be a positive number of seconds")
+    payload = msgpack.packb([list(args), kwargs], use_bin_type=True)
+    sent_env = {str(k): str(v) for k, v in env.items()} if env is not None else None
+    sent_cwd = os.fspath(cwd) if cwd is not None else None
+    return payload, sent_env, sent_cwd, spawn_size(task, payload, sent_env, sent_cwd)
+
+
+def check_spawn_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise ValueError(
+            f"a request of {size} bytes (arguments and environment) exceeds the "
+            f"server's limit of {limit}: pass a file path instead"
+        )
 
 
 # -- stream framing (worker channels) -----------------------------------------

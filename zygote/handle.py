@@ -53,6 +53,12 @@ class Delivery:
         else:
             self.exited = msg
 
+    def lost(self, handle_id: str, why: str) -> None:
+        """The server no longer knows the job: end every wait on it with that."""
+        self.take(Result(handle_id, LOST, message=f"the server lost track of this job: {why}"))
+        if self.exited is None:
+            self.take(Exited(handle_id, self.pid, None, None, f"unknown: {why}", 0.0))
+
 
 @dataclass(frozen=True)
 class Link:

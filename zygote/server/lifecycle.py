@@ -81,9 +81,6 @@ CHILD_MOVES: Mapping[ChildState, frozenset[ChildState]] = {
     ChildState.PROMOTED: frozenset(),
 }
 
-#: The states a child's life ends in.
-FINAL = frozenset({ChildState.ENDED, ChildState.PROMOTED})
-
 #: A child with a job holds a worker slot in these states: from its fork
 #: request until its process is gone.
 SLOT_STATES = frozenset(

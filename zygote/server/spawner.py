@@ -176,14 +176,13 @@ class Spawner:
     def _assign(self, child: Child, job: Job) -> None:
         """Hand a ready pool child its task: it runs the moment it reads it."""
         child.candidate = self._candidate_wanted(child.zygote, job)
-        task = outcomes.task_frame(job, child.candidate)
         child.take(job)
         child.requested = self.loop.now()
-        job.move(JobState.RUNNING)
         # Answer the client first: measured, writing the task first made the
         # child's wake-up compete with the reply, slowing both.
         self._running(child, job)
-        self.tracker.send(child, task)
+        self.tracker.send(child, outcomes.task_frame(job, child.candidate))
+        job.move(JobState.RUNNING)  # drops its arguments: after the reply, not before
         log.debug("spawn %s %s: pool worker %d", job.handle, job.spawn.task, child.pid)
 
     def _running(self, child: Child, job: Job) -> None:
@@ -393,8 +392,8 @@ class Spawner:
             self.dispatch()
             return
         child.move(ChildState.RUNNING)
-        job.move(JobState.RUNNING)
         self._running(child, job)
+        job.move(JobState.RUNNING)  # drops its arguments: after the reply, not before
         ready_ms = (child.ready_at - child.requested) * 1000
         log.debug("worker %d [%s] ready in %.1f ms", child.pid, job.handle, ready_ms)
 
