@@ -4,6 +4,7 @@ candidates that must be refused; the old generation serving on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -197,7 +198,16 @@ def test_reforks_do_not_pile_up_the_old_helpers_descriptors(
         env={"ZYGOTE_TEST_DIR": str(tmp_path)},
     )
     client = server.client(timeout=30)
-    counts = []
+
+    def descriptors(pid: int) -> list[str]:
+        listing = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                listing.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        return sorted(listing)
+
+    first: list[str] = []
+    most = 0
     for generation in (2, 3, 4):
         thread, outcome = refork_in_background(server)
         client.spawn("tests.tasks:add", 1, 1).result()
@@ -211,8 +221,18 @@ def test_reforks_do_not_pile_up_the_old_helpers_descriptors(
             lambda z=zygote, helper=stats["helper_pid"]: [c.pid for c in z.children()] == [helper],
             what="only the helper left",
         )
-        counts.append(len(os.listdir(f"/proc/{zygote.pid}/fd")))
-    assert counts[0] == counts[1] == counts[2], counts
+        if not first:
+            first = descriptors(zygote.pid)
+            most = len(first)
+            continue
+        # No more than generation 2 had, once at rest. A leak of one per
+        # refork leaves generation 4 two above it, so it fails even if
+        # generation 2 was counted during a transient one (CI saw one once,
+        # [14, 13, 13]: generation 2 one above the later ones).
+        wait_until(
+            lambda pid=zygote.pid, most=most: len(descriptors(pid)) <= most,
+            what=f"generation {generation} holding no more descriptors than generation 2 ({first})",
+        )
 
 
 def test_a_pending_refork_is_answered_when_the_server_stops(
