@@ -108,3 +108,48 @@ def test_a_server_gone_is_server_unavailable(start_server: Callable[..., Server]
                 await handle.result()
 
     run(main())
+
+
+def test_a_result_right_behind_its_spawned_reply_is_not_dropped(tmp_path) -> None:
+    # A scripted server (a raw ROUTER) answers a spawn with its reply and the
+    # result in one burst, then goes silent. The client's reader files both
+    # before the spawning coroutine runs again: the result must find the
+    # job's record (made before the request left), not be dropped to be
+    # fetched again by a probe after a second of silence (a 0.5 s wait
+    # would then time out). Every fast task hit this; a map of 10 took 6 s.
+    import msgpack
+    import zmq
+
+    from zygote.codec import decode_request, encode
+    from zygote.protocol import OK, Ok, Ping, Result, Spawn, Spawned
+
+    endpoint = f"ipc://{tmp_path}/scripted.sock"
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+
+    def serve() -> None:
+        while True:
+            peer, data = router.recv_multipart()
+            msg = decode_request(data)
+            if isinstance(msg, Ping):
+                info = {"server": "scripted", "max_workers": 2, "max_message_bytes": 1 << 20}
+                router.send_multipart([peer, encode(Ok(msg.req, info))])
+            elif isinstance(msg, Spawn):
+                assert msg.handle is not None
+                value = msgpack.packb(42)
+                router.send_multipart([peer, encode(Spawned(msg.req, msg.handle, 4242, 1))])
+                router.send_multipart([peer, encode(Result(msg.handle, OK, value=value))])
+                return
+
+    async def main() -> Any:
+        serving = asyncio.get_running_loop().run_in_executor(None, serve)
+        async with Zygote(endpoint, timeout=5) as z:
+            handle = await z.spawn("tests.tasks:add", 40, 2)
+            await serving
+            return await handle.result(timeout=0.5)
+
+    try:
+        assert run(main()) == 42
+    finally:
+        router.close()

@@ -188,9 +188,17 @@ class Zygote:
         if self._server is None:
             await self.ping()
         check_spawn_size(size, self._max_message)
-        reply = await self._call(
-            lambda req: Spawn(req, task, payload, _timeout, env, cwd, self._name(req), _profile)
-        )
+        # The job's record exists before the request leaves: its result may
+        # arrive right behind the reply, before this coroutine runs again,
+        # and the reader files it only where a record waits for it.
+        expected: list[_Job] = []  # held here: the records are weakly kept
+
+        def make(req: int) -> Spawn:
+            name = self._name(req)
+            expected.append(self._job(name, 0))
+            return Spawn(req, task, payload, _timeout, env, cwd, name, _profile)
+
+        reply = await self._call(make)
         assert isinstance(reply, Spawned)
         return Handle(self, reply.handle, reply.pid, reply.generation, reply.warnings)
 
@@ -268,6 +276,7 @@ class Zygote:
         job = self._jobs.get(handle_id)
         if job is None:
             job = self._jobs[handle_id] = _Job(pid)
+        job.pid = job.pid or pid  # made before the spawn's reply: pid 0 until then
         return job
 
     async def _call(self, make: Any, timeout: float | None = None) -> Message:

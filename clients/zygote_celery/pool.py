@@ -1,0 +1,431 @@
+"""`ZygotePool`: a Celery worker pool that runs each task in a fresh,
+validated fork of a preloaded zygote.
+
+    CELERY_CUSTOM_WORKER_POOL=zygote_celery:ZygotePool celery -A proj worker -P custom -c 4
+
+The pool talks to its zygote server from one thread of its own, on the
+asyncio client. Celery's callbacks (accepted, succeeded, failed, timed out)
+must run where prefork runs them, in the worker's event loop: the pool
+queues them and asks the loop (kombu's hub, whose `call_soon` is
+thread-safe) to run them; with no event loop they run on the pool's thread,
+as in Celery's thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import Terminated, WorkerLostError
+from celery import Celery
+from celery.concurrency.base import BasePool
+from kombu.utils.json import dumps as json_dumps
+
+from zygote import aio
+from zygote.embedded import EmbeddedServer, preload_from_env
+from zygote.errors import TaskError, WorkerLost, ZygoteError
+
+__all__ = ["ZygotePool"]
+
+log = logging.getLogger("zygote.celery")
+
+#: the zygote task that runs one Celery task message (child.py)
+RUN = "zygote_celery.child:run"
+
+
+@dataclass(eq=False)
+class _Job:
+    """One task given to the pool: Celery's arguments and callbacks, and
+    what became of it."""
+
+    args: tuple[Any, ...]
+    callback: Callable[..., Any] | None
+    error_callback: Callable[..., Any] | None
+    accept_callback: Callable[..., Any] | None
+    timeout_callback: Callable[..., Any] | None
+    soft_timeout: float | None
+    timeout: float | None
+    handle: aio.Handle | None = None
+    #: the signal a revoke(terminate=True) sent; set before it started, the
+    #: job is not started at all
+    terminated: int | None = None
+    timed_out: bool = False  # its hard time limit killed it
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return self.handle.pid if self.handle is not None else None
+
+
+class ApplyResult:
+    """What `apply_async` returns; Celery calls `terminate()` on revoke."""
+
+    def __init__(self, pool: ZygotePool, job: _Job) -> None:
+        self._pool, self._job = pool, job
+
+    def terminate(self, signum: int | None = None) -> None:
+        self._pool._terminate(self._job, signum or signal.SIGTERM)
+
+
+class ZygotePool(BasePool):
+    """A Celery pool whose processes are zygote workers (see the module)."""
+
+    signal_safe = False
+    body_can_be_buffer = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _, hostname = self.options.get("initargs") or (self.app, "")
+        self.hostname: str = hostname
+        self.app_path = ""
+        self.default_soft_timeout: float | None = self.options.get("soft_timeout")
+        self.default_timeout: float | None = self.options.get("timeout")
+        self.server: EmbeddedServer | None = None
+        self.endpoint = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._client: aio.Zygote | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._jobs: set[_Job] = set()
+        self._done = threading.Condition()
+        self._callbacks: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]]
+        self._callbacks = queue.SimpleQueue()
+        self._hub: Any = None
+        self._signalling: set[asyncio.Task[None]] = set()
+        self._terminating = False  # a cold shutdown began
+
+    # -- Celery's pool interface -------------------------------------------
+
+    def on_start(self) -> None:
+        self.app_path = app_import_path(self.app)
+        self.endpoint = os.environ.get("ZYGOTE_ENDPOINT", "")
+        if not self.endpoint:
+            self.server = EmbeddedServer(
+                # $ZYGOTE_PRELOAD first: a thread that, say, numpy starts is
+                # then named after numpy (--allow-thread numpy), not the app.
+                [*preload_from_env(), self.app_path.partition(":")[0], "zygote_celery.child"],
+                max_workers=None if "ZYGOTE_MAX_WORKERS" in os.environ else self.limit,
+                env={
+                    "ZYGOTE_CELERY_APP": self.app_path,
+                    "ZYGOTE_CELERY_HOSTNAME": self.hostname,
+                },
+            )
+            self.endpoint = self.server.start()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="zygote-pool")
+        self._thread.start()
+        self._client = self._call(self._connect()).result()
+        log.info(
+            "zygote pool: %s, concurrency %d, %s server at %s",
+            self.app_path,
+            self.limit,
+            "embedded" if self.server else "external",
+            self.endpoint,
+        )
+
+    def register_with_event_loop(self, loop: Any) -> None:
+        self._hub = loop
+
+    def on_apply(
+        self,
+        target: Callable[..., Any],
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        callback: Callable[..., Any] | None = None,
+        accept_callback: Callable[..., Any] | None = None,
+        timeout_callback: Callable[..., Any] | None = None,
+        error_callback: Callable[..., Any] | None = None,
+        soft_timeout: float | None = None,
+        timeout: float | None = None,
+        **_: Any,
+    ) -> ApplyResult:
+        # args: (task name, id, request dict, body, content type, encoding),
+        # what prefork hands its children; the request goes as kombu's JSON
+        # (it keeps datetimes and UUIDs), never pickled.
+        name, task_id, request, body, content_type, content_encoding = args or ()
+        job = _Job(
+            (
+                self.app_path,
+                self.hostname,
+                name,
+                task_id,
+                json_dumps(request),
+                bytes(body) if isinstance(body, memoryview) else body,
+                content_type,
+                content_encoding,
+            ),
+            callback,
+            error_callback,
+            accept_callback,
+            timeout_callback,
+            soft_timeout or self.default_soft_timeout,
+            timeout or self.default_timeout,
+        )
+        with self._done:
+            self._jobs.add(job)
+        self._call(self._run(job))
+        return ApplyResult(self, job)
+
+    def terminate_job(self, pid: int, signal: int | None = None) -> None:
+        for job in self._running():
+            if job.pid == pid:
+                self._terminate(job, signal or 15)
+
+    def on_stop(self) -> None:
+        """Warm shutdown: every task given to the pool finishes first."""
+        with self._done:
+            self._done.wait_for(lambda: not self._jobs)
+        self._close(grace=10.0)
+
+    def on_terminate(self) -> None:
+        """Cold shutdown: kill what runs; unacknowledged messages go back."""
+        # Nothing more reaches Celery: a task killed here was not revoked,
+        # and its unacknowledged message goes back to the broker.
+        self._terminating = True
+        if self._thread is not None:
+            with contextlib.suppress(Exception):  # the server may be gone already
+                self._call(self._kill(self._running(), signal.SIGKILL)).result(10)
+        self._close(grace=0.0)
+
+    def on_close(self) -> None:
+        pass
+
+    def _get_info(self) -> dict[str, Any]:
+        info = super()._get_info()
+        info.update(
+            {
+                "processes": sorted(job.pid for job in self._running() if job.pid),
+                "timeouts": (self.default_soft_timeout or 0, self.default_timeout or 0),
+                "zygote": {"endpoint": self.endpoint, "embedded": self.server is not None},
+            }
+        )
+        return info
+
+    @property
+    def num_processes(self) -> int:
+        return int(self.limit)
+
+    def _running(self) -> list[_Job]:
+        """The jobs given to the pool and not finished (any thread)."""
+        with self._done:
+            return list(self._jobs)
+
+    # -- the pool's thread ---------------------------------------------------
+
+    async def _connect(self) -> aio.Zygote:
+        self._slots = asyncio.Semaphore(self.limit)
+        client = aio.Zygote(self.endpoint)
+        await client.ping()
+        return client
+
+    async def _kill(self, jobs: list[_Job], signum: int) -> None:
+        handles = [job.handle for job in jobs if job.handle is not None]
+        await asyncio.gather(*(h.kill(signum) for h in handles), return_exceptions=True)
+
+    async def _run(self, job: _Job) -> None:
+        try:
+            await self._execute(job)
+        except Exception as exc:  # a bug here must not leave Celery waiting forever
+            log.exception("zygote pool: task %s failed in the pool", job.args[3])
+            self._deliver(job.error_callback, _einfo(WorkerLostError(f"zygote pool: {exc!r}")))
+        finally:
+            for timer in job.timers:
+                timer.cancel()
+            with self._done:
+                self._jobs.discard(job)
+                self._done.notify_all()
+
+    async def _execute(self, job: _Job) -> None:
+        assert self._client is not None and self._slots is not None
+        async with self._slots:
+            if job.terminated is not None:  # revoked while it waited here
+                self._deliver(job.error_callback, _einfo(Terminated(-job.terminated)))
+                return
+            try:
+                job.handle = await self._client.spawn(RUN, *job.args)
+            except ZygoteError as exc:
+                lost = WorkerLostError(f"zygote could not start the task: {exc}")
+                self._deliver(job.error_callback, _einfo(lost))
+                return
+            self._started(job, job.handle)
+            self._finished(job, await self._outcome(job.handle))
+
+    async def _outcome(self, handle: aio.Handle) -> tuple[Any, BaseException | None, str]:
+        """(value, None, "") or (None, error, remote traceback)."""
+        try:
+            return await handle.result(), None, ""
+        except TaskError as exc:  # raised outside Celery's tracer, or sys.exit()
+            return None, exc, exc.remote_traceback
+        except (WorkerLost, ZygoteError) as exc:
+            return None, exc, ""
+
+    def _finished(self, job: _Job, outcome: tuple[Any, BaseException | None, str]) -> None:
+        value, error, remote_traceback = outcome
+        if job.timed_out:  # Celery recorded TimeLimitExceeded already
+            return
+        if job.terminated is not None:
+            self._deliver(job.error_callback, _einfo(Terminated(-job.terminated)))
+        elif error is not None:
+            lost = WorkerLostError(f"Worker exited prematurely: {error}.")
+            self._deliver(job.error_callback, _einfo(lost, remote_traceback))
+        else:
+            failed, result, runtime = value
+            if failed:
+                result = pickle.loads(result)  # an ExceptionInfo, from our own child
+            self._deliver(job.callback, (failed, result, runtime))
+
+    def _started(self, job: _Job, handle: aio.Handle) -> None:
+        self._deliver(job.accept_callback, handle.pid, time.monotonic())
+        self._arm_time_limits(job)
+        if job.terminated is not None:  # revoked while it was being forked
+            self._signal(handle, job.terminated)
+
+    def _arm_time_limits(self, job: _Job) -> None:
+        if job.soft_timeout:
+            job.timers.append(self._loop.call_later(job.soft_timeout, self._soft_limit, job))
+        if job.timeout:
+            job.timers.append(self._loop.call_later(job.timeout, self._hard_limit, job))
+
+    def _soft_limit(self, job: _Job) -> None:
+        # SIGUSR1 raises SoftTimeLimitExceeded in the task (child.py).
+        self._deliver(job.timeout_callback, True, job.soft_timeout)
+        assert job.handle is not None
+        self._signal(job.handle, signal.SIGUSR1)
+
+    def _hard_limit(self, job: _Job) -> None:
+        job.timed_out = True
+        self._deliver(job.timeout_callback, False, job.timeout)
+        assert job.handle is not None
+        self._signal(job.handle, signal.SIGKILL)
+
+    def _signal(self, handle: aio.Handle, signum: int) -> None:
+        async def send() -> None:
+            try:
+                await handle.kill(signum)
+            except ZygoteError as exc:  # the server is gone: so is the task
+                log.warning("zygote pool: could not signal %s: %s", handle.id, exc)
+
+        # asyncio keeps only a weak reference to a task: hold it until done.
+        task = self._loop.create_task(send())
+        self._signalling.add(task)
+        task.add_done_callback(self._signalling.discard)
+
+    def _terminate(self, job: _Job, signum: int) -> None:
+        def terminate() -> None:
+            if job.terminated is None:
+                job.terminated = signum
+            if job.handle is not None:
+                self._signal(job.handle, signum)
+
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(terminate)
+
+    # -- callbacks, where Celery runs them -------------------------------------
+
+    def _deliver(self, callback: Callable[..., Any] | None, *args: Any) -> None:
+        if callback is None or self._terminating:
+            return
+        self._callbacks.put((callback, args))
+        if self._hub is not None:
+            self._hub.call_soon(self._run_callbacks)
+        else:
+            self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        while True:
+            try:
+                callback, args = self._callbacks.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("zygote pool: callback %r failed", callback)
+
+    async def _shutdown(self) -> None:
+        """In the loop: end what is left (a cold shutdown's jobs), then the client."""
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def _close(self, grace: float) -> None:
+        """After the last job: what it queued for Celery, then the client,
+        the loop and the embedded server."""
+        self._run_callbacks()
+        if self._thread is not None:
+            with contextlib.suppress(Exception):
+                self._call(self._shutdown()).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+            self._loop.close()
+        if self.server is not None:
+            self.server.stop(grace=grace)
+            self.server = None
+
+
+def _einfo(exc: BaseException, remote_traceback: str = "") -> ExceptionInfo:
+    """An ExceptionInfo as Celery's failure handlers take it."""
+    try:
+        raise exc
+    except BaseException:
+        einfo = ExceptionInfo()
+    if remote_traceback:
+        einfo.traceback = remote_traceback
+    return einfo
+
+
+def app_import_path(app: Celery) -> str:
+    """Where the zygote finds the worker's app: "module:attribute".
+
+    `$ZYGOTE_CELERY_APP` if set; else the module `celery -A` named (or one
+    of its submodules), or any other imported module, that holds this app."""
+    if os.environ.get("ZYGOTE_CELERY_APP"):
+        return os.environ["ZYGOTE_CELERY_APP"]
+    named = _app_option(sys.argv)
+    modules = sorted(
+        (name for name, module in list(sys.modules.items()) if module is not None),
+        # The -A module and its submodules first; never celery's own
+        # (celery._state holds the current app too, but importing it
+        # afresh gives a default app, not this one).
+        key=lambda name: not (named and (name == named or name.startswith(named + "."))),
+    )
+    for name in modules:
+        if name == "__main__" or name.split(".")[0] in ("celery", "kombu", "billiard"):
+            continue
+        for attribute, value in list(vars(sys.modules[name]).items()):
+            if value is app:
+                return f"{name}:{attribute}"
+    raise ZygoteError(
+        "zygote_celery: cannot tell which module holds the Celery app; "
+        "set ZYGOTE_CELERY_APP=module:attribute"
+    )
+
+
+def _app_option(argv: list[str]) -> str:
+    """The module of celery's -A/--app option, if given."""
+    for i, arg in enumerate(argv):
+        if arg in ("-A", "--app") and i + 1 < len(argv):
+            return argv[i + 1].partition(":")[0]
+        if arg.startswith("--app="):
+            return arg[len("--app=") :].partition(":")[0]
+        if arg.startswith("-A") and len(arg) > 2:
+            return arg[2:].partition(":")[0]
+    return ""

@@ -1,0 +1,393 @@
+"""`ZygoteWorker`: an RQ worker whose work horse is a zygote worker.
+
+RQ's `Worker` forks itself for every job. This one asks a zygote server for
+a fresh fork of a process that has already imported the application and
+runs the job there (`zygote_rq.horse`); everything else (heartbeats, the
+monitoring loop, the death penalty, stop-job, callbacks, the registries) is
+RQ's own code.
+
+The horse is not our child, so it is followed through a pidfd: waiting is a
+poll on it, which RQ's monitoring alarm can interrupt at any point; killing
+is pidfd_send_signal, which cannot hit a recycled pid; the exit status comes
+from the server. The zygote client is neither thread-safe nor reentrant:
+only the main thread uses it, and the handlers of the signals that could
+reenter it or raise out of it are held back while it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from redis import Redis, SSLConnection
+from rq.connections import get_connection_kwargs
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
+from rq.logutils import setup_loghandlers
+from rq.utils import import_attribute, now
+from rq.worker import SHUTDOWN_SIGNAL, Worker
+
+from zygote.errors import TaskError, ZygoteError
+
+from .process import Horse, WaitResult, held_signals, wait_result
+
+if TYPE_CHECKING:
+    from rq.executions import Execution
+    from rq.job import Job
+    from rq.queue import Queue
+
+    # Imported where used: the zygote preloads this module through
+    # zygote_rq.horse, and it has no use for the client or ZeroMQ.
+    from zygote.client import Zygote
+    from zygote.embedded import EmbeddedServer
+    from zygote.handle import Handle
+
+__all__ = ["HORSE_MODULE", "HorseSettings", "ZygoteWorker"]
+
+log = logging.getLogger("zygote.rq")
+
+#: The module a zygote server needs for this worker (preloaded, or importable).
+HORSE_MODULE = "zygote_rq.horse"
+HORSE_TASK = f"{HORSE_MODULE}:run_job"
+
+# Connection settings redis-py fills in itself; RQ's SpawnWorker drops them too.
+_REBUILT_BY_REDIS = frozenset({"retry", "driver_info"})
+
+
+class HorseSettings(TypedDict):
+    """What the horse needs to rebuild the worker: names and plain values."""
+
+    worker_class: str
+    queues: list[str]
+    job_class: str
+    queue_class: str
+    serializer: str | None
+    exception_handlers: list[str]
+    default_result_ttl: int
+    worker_ttl: int
+    job_monitoring_interval: int
+    log_job_description: bool
+    disable_default_exception_handler: bool
+    logging: tuple[int | str, str, str]  # level, date format, log format
+
+
+class ZygoteWorker(Worker):
+    """RQ's `Worker`, with each job's work horse a fresh zygote worker.
+
+    Without `$ZYGOTE_ENDPOINT` it runs a private zygote server preloading
+    `zygote_rq.horse` and `$ZYGOTE_PRELOAD` for as long as it works.
+    """
+
+    #: What each horse runs, with the arguments of `zygote_rq.horse.run_job`.
+    horse_task = HORSE_TASK
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._zygote: Zygote | None = None
+        self._server: EmbeddedServer | None = None
+        self._redis_kwargs: dict[str, Any] = {}
+        self._horse_settings: HorseSettings | None = None
+        self._horse: Horse | None = None
+        self._spawn_error: ZygoteError | None = None
+        # Guards _horse and the kill requests: RQ's pubsub thread kills.
+        self._horse_lock = threading.Lock()
+        self._spawning = False
+        self._pending_kill: int | None = None
+
+    # -- the worker's life --------------------------------------------------
+
+    def bootstrap(
+        self,
+        logging_level: str | None = "INFO",
+        date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+        log_format: str = DEFAULT_LOGGING_FORMAT,
+    ) -> None:
+        """Connect to the zygote server (starting ours first), then RQ's bootstrap."""
+        # Ours, and the horses' loggers, at the level RQ's worker logs at.
+        level = logging_level if logging_level is not None else self.log.getEffectiveLevel()
+        setup_loghandlers(level, date_format, log_format, name="zygote.rq")
+        self._redis_kwargs = _redis_kwargs(self.connection)
+        self._horse_settings = self._describe_for_horse(level, date_format, log_format)
+        self._connect()
+        try:
+            super().bootstrap(logging_level, date_format, log_format)
+        except BaseException:
+            self._disconnect()
+            raise
+
+    def teardown(self) -> None:
+        """RQ's teardown, then stop our zygote server."""
+        try:
+            super().teardown()
+        finally:
+            if not self.is_horse:
+                self._disconnect()
+
+    def _connect(self) -> None:
+        from zygote.client import Zygote
+
+        endpoint = os.environ.get("ZYGOTE_ENDPOINT")
+        if not endpoint:
+            from zygote.embedded import EmbeddedServer, preload_from_env
+
+            self._server = EmbeddedServer([HORSE_MODULE, *preload_from_env()])
+            log.info(
+                "Worker %s: starting a zygote server (preload: %s)",
+                self.name,
+                ", ".join(self._server.preload),
+            )
+            endpoint = self._server.start()
+        try:
+            self._zygote = Zygote(endpoint)
+            self._zygote.ping()
+        except BaseException:
+            self._disconnect()
+            raise
+        log.info("Worker %s: work horses come from the zygote server at %s", self.name, endpoint)
+
+    def _disconnect(self) -> None:
+        client, self._zygote = self._zygote, None
+        server, self._server = self._server, None
+        if client is not None:
+            client.close()
+        if server is not None:
+            log.info("Worker %s: stopping the zygote server", self.name)
+            server.stop()
+
+    def _restart_dead_server(self) -> None:
+        """Our zygote server died (killed, or it gave up on a crashing
+        preload): start a new one rather than fail every job from now on.
+        If that fails too, the job fails and the worker stops after it."""
+        server = self._server
+        if server is None or server.process is None or server.process.poll() is None:
+            return
+        log.error(
+            "Worker %s: the zygote server exited with status %s; starting a new one",
+            self.name,
+            server.process.returncode,
+        )
+        self._disconnect()
+        try:
+            self._connect()
+        except ZygoteError:
+            log.error("Worker %s: no zygote server; stopping after this job", self.name)
+            self._stop_requested = True
+            raise
+
+    def _describe_for_horse(
+        self, logging_level: int | str, date_format: str, log_format: str
+    ) -> HorseSettings:
+        # Checked here, once: a worker that cannot describe itself to its
+        # horses should not start at all.
+        return {
+            "worker_class": _import_path(type(self)),
+            "queues": self.queue_names(),
+            "job_class": _import_path(self.job_class),
+            "queue_class": _import_path(self.queue_class),
+            "serializer": self._serializer_arg,
+            "exception_handlers": [_import_path(h) for h in self._exc_handlers],
+            "default_result_ttl": self.default_result_ttl,
+            "worker_ttl": self.worker_ttl,
+            "job_monitoring_interval": self.job_monitoring_interval,
+            "log_job_description": self.log_job_description,
+            "disable_default_exception_handler": self.disable_default_exception_handler,
+            "logging": (logging_level, date_format, log_format),
+        }
+
+    # -- the horse, seen from the worker ------------------------------------
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        """Start the job's work horse: `zygote_rq.horse:run_job` in a fresh
+        zygote worker, where RQ's Worker forks itself. A failed spawn is
+        kept for monitor_work_horse, which fails the job."""
+        self._spawn_error = None
+        with self._horse_lock:
+            self._spawning = True
+        try:
+            # A cold shutdown's handler must find the horse registered, and
+            # kill it, rather than leave it running unseen.
+            with held_signals():
+                horse = self._spawn_horse(job, queue)
+        finally:
+            with self._horse_lock:
+                self._spawning = False
+                pending, self._pending_kill = self._pending_kill, None
+        if horse is not None and pending is not None:
+            self.kill_horse(signal.Signals(pending))
+
+    def _spawn_horse(self, job: Job, queue: Queue) -> Horse | None:
+        execution = self.execution
+        assert execution is not None, "fork_work_horse() without prepare_execution()"
+        env = {"RQ_WORKER_ID": self.name, "RQ_JOB_ID": job.id, "RQ_EXECUTION_ID": execution.id}
+        try:
+            self._restart_dead_server()
+            assert self._zygote is not None, "fork_work_horse() before bootstrap()"
+            handle = self._zygote.spawn(
+                self.horse_task,
+                job.id,
+                execution.id,
+                queue.name,
+                self.name,
+                self._redis_kwargs,
+                self._horse_settings,
+                _env=env,
+            )
+        except ZygoteError as exc:
+            log.error("Worker %s: no work horse for job %s: %s", self.name, job.id, exc)
+            self._spawn_error = exc
+            return None
+        horse = Horse(handle)
+        with self._horse_lock:
+            self._horse = horse
+        self._horse_pid = horse.pid
+        self.procline(f"Spawned {horse.pid} at {time.time()}")
+        return horse
+
+    def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
+        """RQ's monitoring loop; a job whose horse could not be started is failed."""
+        error, self._spawn_error = self._spawn_error, None
+        if error is not None:
+            self._fail_unspawned(job, queue, execution, error)
+            return
+        try:
+            super().monitor_work_horse(job, queue, execution)
+        finally:
+            with self._horse_lock:
+                horse, self._horse = self._horse, None
+            if horse is not None:
+                horse.close()
+            self._horse_pid = 0
+
+    def _fail_unspawned(
+        self, job: Job, queue: Queue, execution: Execution, error: ZygoteError
+    ) -> None:
+        """The job never ran: fail it (RQ's retry rules apply) and go on."""
+        exc_string = f"zygote could not start a work horse: {type(error).__name__}: {error}"
+        exc_string += "".join(f"\n  {reason}" for reason in getattr(error, "reasons", []))
+        if len(self.queues) == 1:
+            # Where the horse would have taken it from; left there, RQ's
+            # maintenance would fail it a second time.
+            queue.intermediate_queue.remove(job.id)
+        job.ended_at = now()
+        self.handle_job_failure(job, queue=queue, exc_string=exc_string, execution=execution)
+
+    def wait_for_horse(self) -> WaitResult:
+        """Wait for the horse to end; its pid, wait status and usage."""
+        horse = self._horse
+        if horse is None:
+            return None, None, None
+        if horse.exit is None:
+            horse.wait_exited()  # where the monitoring alarm may interrupt
+            with held_signals():
+                # Kept: if a signal held back here raises, RQ's loop calls again.
+                horse.exit = self._exit_status(horse)
+        return horse.exit
+
+    def _exit_status(self, horse: Horse) -> WaitResult:
+        try:
+            info = horse.handle.wait()
+        except ZygoteError as exc:
+            log.error("Worker %s: no exit status for horse %d: %s", self.name, horse.pid, exc)
+            return horse.pid, None, None
+        pid, status, usage = wait_result(info)
+        error = _raised(horse.handle) if status == 0 else None
+        if error is not None:
+            log.error(
+                "Worker %s: horse %d raised %s\n%s",
+                self.name,
+                horse.pid,
+                error,
+                error.remote_traceback,
+            )
+            status = 1 << 8  # it never ran the job: RQ is to fail it, as for exit status 1
+        return pid, status, usage
+
+    def kill_horse(self, sig: signal.Signals = SHUTDOWN_SIGNAL) -> None:
+        """Signal the horse, through its pidfd. Called from RQ's pubsub
+        thread too; a horse still being spawned gets the signal once it is."""
+        with self._horse_lock:
+            horse = self._horse
+            if horse is None:
+                if self._spawning:
+                    self._pending_kill = sig
+                return
+        if horse.kill(sig):
+            name = signal.Signals(sig).name
+            log.info("Worker %s: sent %s to horse %d", self.name, name, horse.pid)
+        else:
+            log.debug("Worker %s: horse %d already ended", self.name, horse.pid)
+
+    # -- the horse's side -----------------------------------------------------
+
+    def main_work_horse(self, job: Job, queue: Queue) -> bool:
+        """Perform `job` in this process, a zygote worker; True if it succeeded.
+
+        RQ's own ends in os._exit(), which would cut the zygote worker off
+        before it reports and runs its exit hooks; this returns instead, and
+        exits with status 1 where RQ's does (RQ itself failed around the job).
+        """
+        self.setup_work_horse_signals()
+        self._is_horse = True
+        execution = self.execution
+        assert execution is not None, "main_work_horse() without an execution"
+        try:
+            return self.perform_job(job, queue, execution)
+        except BaseException:
+            log.exception("Worker %s: the work horse failed around job %s", self.name, job.id)
+            raise SystemExit(1) from None
+
+
+def _raised(handle: Handle) -> TaskError | None:
+    """What the horse raised instead of running RQ's code (on a server that
+    cannot import zygote_rq.horse, say); a zygote worker then exits with 0."""
+    if not handle.done():
+        return None
+    try:
+        handle.result()
+    except TaskError as exc:
+        return None if exc.exc_type == "SystemExit" else exc
+    except ZygoteError:
+        pass  # killed, or lost: its exit status says so
+    return None
+
+
+def _import_path(obj: Any) -> str:
+    """The dotted name the horse imports `obj` by; ValueError if that does
+    not lead back to it (defined in __main__, or in a function)."""
+    path = f"{obj.__module__}.{obj.__qualname__}"
+    try:
+        found = import_attribute(path)
+    except (ImportError, AttributeError, ValueError):
+        found = None
+    if found is not obj:
+        raise ValueError(
+            f"{obj!r} cannot be imported as {path}: a zygote work horse finds it by name"
+        )
+    return path
+
+
+def _redis_kwargs(connection: Redis) -> dict[str, Any]:
+    """The connection's settings, as plain values for the horse to connect alike."""
+    kwargs = get_connection_kwargs(connection)
+    if "path" in kwargs:
+        kwargs["unix_socket_path"] = kwargs.pop("path")
+    if issubclass(connection.connection_pool.connection_class, SSLConnection):
+        kwargs["ssl"] = True  # Redis() picks SSLConnection from this flag
+    plain = {key: value for key, value in kwargs.items() if _is_plain(value)}
+    lost = sorted(set(kwargs) - set(plain) - _REBUILT_BY_REDIS)
+    if lost:
+        log.warning("the work horses connect to Redis without these settings: %s", ", ".join(lost))
+    return plain
+
+
+def _is_plain(value: object) -> bool:
+    if value is None or isinstance(value, str | bytes | int | float):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_plain(item) for item in value)
+    if isinstance(value, dict):  # socket_keepalive_options, say
+        return all(_is_plain(key) and _is_plain(item) for key, item in value.items())
+    return False

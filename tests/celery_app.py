@@ -1,0 +1,94 @@
+"""A Celery app for tests/test_celery.py: broker and backend from
+$CELERY_BROKER_URL / $CELERY_RESULT_BACKEND (Redis by default)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.log import get_task_logger
+
+app = Celery(
+    "tests.celery_app",
+    broker=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/6"),
+    backend=os.environ.get("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/6"),
+)
+app.conf.update(
+    task_default_queue=os.environ.get("CELERY_TEST_QUEUE", "celery"),
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+)
+if os.environ.get("CELERY_TEST_POOL"):  # the worker_pool setting, instead of -P
+    app.conf.worker_pool = os.environ["CELERY_TEST_POOL"]
+logger = get_task_logger(__name__)
+IMPORTED_AT = time.time()
+
+
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task
+def whoami() -> dict[str, object]:
+    """Where the task ran: its process, and what was imported before it."""
+    return {"pid": os.getpid(), "ppid": os.getppid(), "preloaded": "numpy" in sys.modules}
+
+
+@app.task
+def boom(message: str) -> None:
+    raise ValueError(message)
+
+
+@app.task
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(bind=True)
+def soft_limited(self, seconds: float) -> str:
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "cleaned up after the soft time limit"
+    return "not interrupted"
+
+
+@app.task
+def crash() -> None:
+    os._exit(3)
+
+
+@app.task(bind=True, max_retries=2, default_retry_delay=0)
+def flaky(self, key: str) -> int:
+    """Fails until it has been retried twice; counts tries in Redis."""
+    import redis
+
+    tries = redis.Redis.from_url(os.environ.get("CELERY_TEST_REDIS", "redis://127.0.0.1:6379/6"))
+    count = int(tries.incr(key))
+    if count < 3:
+        raise self.retry(exc=RuntimeError(f"try {count}"))
+    return count
+
+
+@app.task
+def shout(message: str) -> str:
+    logger.warning("task says: %s", message)
+    logging.getLogger("tests.celery_app.plain").warning("plain logger says: %s", message)
+    return message
+
+
+@app.task(acks_late=True)
+def late(key: str) -> str:
+    """Hangs on its first try; returns on the next (tries counted in Redis)."""
+    import redis
+
+    tries = redis.Redis.from_url(os.environ.get("CELERY_TEST_REDIS", "redis://127.0.0.1:6379/6"))
+    if int(tries.incr(key)) == 1:
+        time.sleep(60)
+    return "second try"
