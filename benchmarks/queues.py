@@ -122,6 +122,20 @@ CONFIGS = (
         fresh=True,
     ),
     Config(
+        "celery-zygote-refork",
+        "Celery ZygotePool, `ZYGOTE_REFORK_AFTER=50,1000`",
+        "celery",
+        ("-P", "custom"),
+        {
+            "CELERY_CUSTOM_WORKER_POOL": "zygote_celery:ZygotePool",
+            # One worker that has run tasks becomes the zygote after 50
+            # spawns (then after 1000): its forks start warm (docs/generations.md).
+            "ZYGOTE_REFORK_AFTER": "50,1000",
+            **ZYGOTE_ENV,
+        },
+        fresh=True,
+    ),
+    Config(
         "celery-prefork-mtpc1",
         "Celery prefork (`-c 2 --max-tasks-per-child 1`)",
         "celery",
@@ -152,6 +166,7 @@ BY_KEY = {c.key: c for c in CONFIGS}
 #: baselines reuse their processes, so they are expected to be faster.
 COMPARISONS = (
     ("celery-zygote", "celery-prefork-mtpc1", TARGET),
+    ("celery-zygote-refork", "celery-prefork-mtpc1", TARGET),
     ("rq-zygote", "rq-worker", TARGET),
     ("celery-zygote", "celery-prefork", None),
     ("rq-zygote", "rq-simple", None),

@@ -337,3 +337,21 @@ def test_a_preload_that_fails_stops_the_worker_with_its_error(
     assert worker.process.wait(60) != 0
     log = worker.log()
     assert "no_such_module_here" in log and "embedded zygote server exited" in log
+
+
+def test_refork_promotes_a_worker_that_ran_a_task(start_worker: Callable[..., Worker]) -> None:
+    # ZYGOTE_REFORK_AFTER reaches the embedded server: a fork that ran a
+    # task becomes the zygote (its before_refork hook closed the task's
+    # Redis connection first), and later tasks are forked from it.
+    worker = start_worker(env={"ZYGOTE_REFORK_AFTER": "2,1000"})
+    ran: set[int] = set()
+
+    def forked_from_a_former_task() -> bool:
+        where = result(worker.call(celery_app.whoami))
+        promoted = where["ppid"] in ran
+        ran.add(where["pid"])
+        return promoted
+
+    wait_until(forked_from_a_former_task, timeout=30, what="a task forked from a promoted worker")
+    assert result(worker.call(celery_app.add, 5, 5)) == 10
+    assert "refused" not in worker.log()
