@@ -355,3 +355,18 @@ def test_refork_promotes_a_worker_that_ran_a_task(start_worker: Callable[..., Wo
     wait_until(forked_from_a_former_task, timeout=30, what="a task forked from a promoted worker")
     assert result(worker.call(celery_app.add, 5, 5)) == 10
     assert "refused" not in worker.log()
+
+
+def test_a_dead_embedded_server_is_replaced(start_worker: Callable[..., Worker]) -> None:
+    worker = start_worker()
+    first = result(worker.call(celery_app.whoami))
+    (server,) = [p for p in worker.descendants() if p.cmdline()[2:4] == ["zygote", "start"]]
+    server.kill()  # its zygote and workers follow it (their lifelines)
+    # A zombie until the pool reaps it (its Popen, on the next spawn).
+    wait_until(lambda: server.status() == psutil.STATUS_ZOMBIE, what="the server to die")
+    # The next task's spawn fails, the pool starts another server and the
+    # task runs there; the worker goes on.
+    again = result(worker.call(celery_app.whoami), timeout=40)
+    assert again["ppid"] != first["ppid"]
+    assert "the embedded zygote server exited" in worker.log()
+    assert result(worker.call(celery_app.add, 1, 2)) == 3

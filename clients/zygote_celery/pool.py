@@ -98,6 +98,7 @@ class ZygotePool(BasePool):
         self._thread: threading.Thread | None = None
         self._client: aio.Zygote | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._reviving: asyncio.Lock | None = None
         self._jobs: set[_Job] = set()
         self._done = threading.Condition()
         self._callbacks: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]]
@@ -225,9 +226,52 @@ class ZygotePool(BasePool):
 
     async def _connect(self) -> aio.Zygote:
         self._slots = asyncio.Semaphore(self.limit)
+        self._reviving = asyncio.Lock()
         client = aio.Zygote(self.endpoint)
         await client.ping()
         return client
+
+    async def _spawn(self, job: _Job) -> aio.Handle:
+        client = self._client
+        assert client is not None
+        process = self.server.process if self.server is not None else None
+        if process is not None and process.poll() is not None:
+            # Dead already: do not wait seconds for it to answer first.
+            await self._revive(client)
+            client = self._client
+            assert client is not None
+        try:
+            return await client.spawn(RUN, *job.args)
+        except ZygoteError:
+            if not await self._revive(client):
+                raise
+        assert self._client is not None
+        return await self._client.spawn(RUN, *job.args)
+
+    async def _revive(self, failed: aio.Zygote) -> bool:
+        """If our embedded server died (killed, or out of memory), start
+        another rather than fail every task from now on; True if there is
+        a new one to try. Its running tasks were lost with it."""
+        assert self._reviving is not None
+        async with self._reviving:
+            if self._client is not failed:  # another task revived it meanwhile
+                return True
+            server = self.server
+            if server is None or server.process is None or server.process.poll() is None:
+                return False  # not ours, or alive: the error stands
+            log.error(
+                "zygote pool: the embedded zygote server exited with status %s; starting another",
+                server.process.returncode,
+            )
+            await failed.close()
+            server.stop()  # its directory
+            # Started from an executor thread: it lives as long as this loop,
+            # and the server's parent-death signal follows the thread.
+            loop = asyncio.get_running_loop()
+            self.endpoint = await loop.run_in_executor(None, server.start)
+            self._client = aio.Zygote(self.endpoint)
+            await self._client.ping()
+            return True
 
     async def _kill(self, jobs: list[_Job], signum: int) -> None:
         handles = [job.handle for job in jobs if job.handle is not None]
@@ -253,7 +297,7 @@ class ZygotePool(BasePool):
                 self._deliver(job.error_callback, _einfo(Terminated(-job.terminated)))
                 return
             try:
-                job.handle = await self._client.spawn(RUN, *job.args)
+                job.handle = await self._spawn(job)
             except ZygoteError as exc:
                 lost = WorkerLostError(f"zygote could not start the task: {exc}")
                 self._deliver(job.error_callback, _einfo(lost))
