@@ -22,6 +22,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get("CELERY_TEST_PICKLE"):  # a worker that accepts pickled messages
+    app.conf.accept_content = ["json", "pickle"]
 if os.environ.get("CELERY_TEST_POOL"):  # the worker_pool setting, instead of -P
     app.conf.worker_pool = os.environ["CELERY_TEST_POOL"]
 logger = get_task_logger(__name__)
@@ -92,3 +94,19 @@ def late(key: str) -> str:
     if int(tries.incr(key)) == 1:
         time.sleep(60)
     return "second try"
+
+
+@app.task
+def kind(value: object) -> str:
+    """The type of what arrived (a pickled message can carry any object)."""
+    return type(value).__name__
+
+
+@app.task
+def mark(key: str) -> str:
+    """Records in Redis that it ran."""
+    import redis
+
+    url = os.environ.get("CELERY_TEST_REDIS", "redis://127.0.0.1:6379/6")
+    redis.Redis.from_url(url).set(key, 1)
+    return key

@@ -4,6 +4,7 @@ machine's Redis (db 6) and RabbitMQ, with tests/celery_app.py."""
 from __future__ import annotations
 
 import contextlib
+import fractions
 import itertools
 import os
 import signal
@@ -25,6 +26,7 @@ from celery.result import AsyncResult
 
 from tests import celery_app
 from tests.celery_app import app
+from zygote import Zygote
 
 from .conftest import REPO, Server, wait_until
 
@@ -370,3 +372,39 @@ def test_a_dead_embedded_server_is_replaced(start_worker: Callable[..., Worker])
     assert again["ppid"] != first["ppid"]
     assert "the embedded zygote server exited" in worker.log()
     assert result(worker.call(celery_app.add, 1, 2)) == 3
+
+
+def test_a_task_that_cannot_be_sent_fails_alone(start_worker: Callable[..., Worker]) -> None:
+    # A pickled message's arguments are not JSON; a spawn over the server's
+    # message limit is refused. Each fails (or runs) on its own: the worker
+    # neither dies nor stalls on an unacknowledged message.
+    env = {"CELERY_TEST_PICKLE": "1", "ZYGOTE_MAX_MESSAGE_BYTES": "100000"}
+    env["C_FORCE_ROOT"] = "1"  # celery refuses pickle as root otherwise (CI runs as root)
+    worker = start_worker(env=env)
+    pickled = worker.call(celery_app.kind, fractions.Fraction(1, 3), serializer="pickle")
+    assert result(pickled) == "Fraction"
+    too_big = worker.call(celery_app.shout, "x" * 200_000)
+    with pytest.raises(WorkerLostError, match="could not start the task"):
+        result(too_big)
+    assert result(worker.call(celery_app.add, 2, 2)) == 4
+    assert worker.process.poll() is None
+
+
+def test_a_task_revoked_while_it_waits_for_a_slot_never_runs(shared: Worker) -> None:
+    key = f"never-{uuid.uuid4().hex}"
+    stats = app.control.inspect([shared.name], timeout=2).stats()[shared.name]
+    with Zygote(stats["pool"]["zygote"]["endpoint"], timeout=10) as server:
+        accepted = server.stats()["accepted"]
+    sleepers = [shared.call(celery_app.sleep, 60) for _ in range(2)]  # -c 2: both slots
+    pids = [running_pid(shared, s.id) for s in sleepers]
+    waiting = shared.call(celery_app.mark, key)
+    app.control.revoke(waiting.id, terminate=True)
+    for sleeper in sleepers:
+        app.control.revoke(sleeper.id, terminate=True, signal="SIGKILL")
+    with pytest.raises(TaskRevokedError):
+        result(waiting)
+    wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), what="the sleepers gone")
+    assert result(shared.call(celery_app.add, 1, 1)) == 2
+    assert redis.Redis.from_url(REDIS).get(key) is None
+    with Zygote(stats["pool"]["zygote"]["endpoint"], timeout=10) as server:
+        assert server.stats()["accepted"] == accepted + 3  # the sleepers, add: never `mark`

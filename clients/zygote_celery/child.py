@@ -107,6 +107,8 @@ def run(
             name, task_id, json_loads(request), body, content_type, content_encoding
         )
     finally:
+        # A soft limit that comes after the task must not cut what follows.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
     if failed:
         return [1, _pickled(value), runtime]

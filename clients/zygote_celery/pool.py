@@ -31,6 +31,7 @@ from billiard.einfo import ExceptionInfo
 from billiard.exceptions import Terminated, WorkerLostError
 from celery import Celery
 from celery.concurrency.base import BasePool
+from celery.worker import state as worker_state
 from kombu.utils.json import dumps as json_dumps
 
 from zygote import aio
@@ -50,14 +51,17 @@ class _Job:
     """One task given to the pool: Celery's arguments and callbacks, and
     what became of it."""
 
-    args: tuple[Any, ...]
+    task_id: str
     callback: Callable[..., Any] | None
     error_callback: Callable[..., Any] | None
     accept_callback: Callable[..., Any] | None
     timeout_callback: Callable[..., Any] | None
     soft_timeout: float | None
     timeout: float | None
+    args: tuple[Any, ...] = ()  # for zygote_celery.child:run
     handle: aio.Handle | None = None
+    apply_result: ApplyResult | None = None
+    dropped: bool = False  # flushed before it started
     #: the signal a revoke(terminate=True) sent; set before it started, the
     #: job is not started at all
     terminated: int | None = None
@@ -152,20 +156,13 @@ class ZygotePool(BasePool):
         **_: Any,
     ) -> ApplyResult:
         # args: (task name, id, request dict, body, content type, encoding),
-        # what prefork hands its children; the request goes as kombu's JSON
-        # (it keeps datetimes and UUIDs), never pickled.
+        # what prefork hands its children. The request goes as kombu's JSON
+        # (it keeps datetimes and UUIDs), never pickled, and without the
+        # decoded arguments: the fork decodes them from the body, which may
+        # hold what JSON cannot (a pickled message's objects).
         name, task_id, request, body, content_type, content_encoding = args or ()
         job = _Job(
-            (
-                self.app_path,
-                self.hostname,
-                name,
-                task_id,
-                json_dumps(request),
-                bytes(body) if isinstance(body, memoryview) else body,
-                content_type,
-                content_encoding,
-            ),
+            task_id,
             callback,
             error_callback,
             accept_callback,
@@ -173,27 +170,66 @@ class ZygotePool(BasePool):
             soft_timeout or self.default_soft_timeout,
             timeout or self.default_timeout,
         )
+        job.apply_result = ApplyResult(self, job)  # Celery keeps only a weak reference
+        try:
+            headers = {k: v for k, v in request.items() if k not in ("args", "kwargs")}
+            job.args = (
+                self.app_path,
+                self.hostname,
+                name,
+                task_id,
+                json_dumps(headers),
+                bytes(body) if isinstance(body, memoryview) else body,
+                content_type,
+                content_encoding,
+            )
+        except Exception as exc:  # this task fails; the worker goes on
+            self._refuse(job, WorkerLostError(f"zygote pool: cannot send the task: {exc!r}"))
+            return job.apply_result
         with self._done:
             self._jobs.add(job)
         self._call(self._run(job))
-        return ApplyResult(self, job)
+        return job.apply_result
 
     def terminate_job(self, pid: int, signal: int | None = None) -> None:
         for job in self._running():
             if job.pid == pid:
                 self._terminate(job, signal or 15)
 
+    def flush(self) -> None:
+        """Drop the tasks that have not started (as prefork does when the
+        broker connection is lost, and at shutdown): their messages were
+        not acknowledged, so the broker delivers them again."""
+        for job in self._running():
+            job.dropped = True
+
     def on_stop(self) -> None:
-        """Warm shutdown: every task given to the pool finishes first."""
-        with self._done:
-            self._done.wait_for(lambda: not self._jobs)
+        """Warm shutdown: the running tasks finish; those that have not
+        started go back to the broker. The worker's event loop stands still
+        meanwhile, so its callbacks and timers (broker heartbeats) run here."""
+        self.flush()
+        if worker_state.should_terminate:  # a cold shutdown stops the pool this way too
+            self.on_terminate()
+            return
+        while True:
+            with self._done:
+                if not self._jobs:
+                    break
+                self._done.wait(timeout=1.0)
+            self._run_callbacks()
+            if self._hub is not None:
+                with contextlib.suppress(Exception):
+                    self._hub.fire_timers(propagate=())
         self._close(grace=10.0)
 
     def on_terminate(self) -> None:
         """Cold shutdown: kill what runs; unacknowledged messages go back."""
-        # Nothing more reaches Celery: a task killed here was not revoked,
-        # and its unacknowledged message goes back to the broker.
+        # What finished already reaches Celery (acknowledged, its result
+        # stands); nothing more does after: a task killed here was not
+        # revoked, and its unacknowledged message goes back to the broker.
+        self._run_callbacks()
         self._terminating = True
+        self.flush()
         if self._thread is not None:
             with contextlib.suppress(Exception):  # the server may be gone already
                 self._call(self._kill(self._running(), signal.SIGKILL)).result(10)
@@ -281,11 +317,12 @@ class ZygotePool(BasePool):
         try:
             await self._execute(job)
         except Exception as exc:  # a bug here must not leave Celery waiting forever
-            log.exception("zygote pool: task %s failed in the pool", job.args[3])
+            log.exception("zygote pool: task %s failed in the pool", job.task_id)
             self._deliver(job.error_callback, _einfo(WorkerLostError(f"zygote pool: {exc!r}")))
         finally:
             for timer in job.timers:
                 timer.cancel()
+            job.apply_result = None
             with self._done:
                 self._jobs.discard(job)
                 self._done.notify_all()
@@ -293,17 +330,29 @@ class ZygotePool(BasePool):
     async def _execute(self, job: _Job) -> None:
         assert self._client is not None and self._slots is not None
         async with self._slots:
-            if job.terminated is not None:  # revoked while it waited here
+            if job.dropped:  # flushed: its message goes back to the broker
+                return
+            if job.terminated is not None:  # revoke(terminate=True) while it waited
                 self._deliver(job.error_callback, _einfo(Terminated(-job.terminated)))
+                return
+            request: Any = getattr(job.callback, "__self__", None)
+            if job.task_id in worker_state.revoked and hasattr(request, "revoked"):
+                self._deliver(request.revoked)  # marks it revoked and acknowledges it
                 return
             try:
                 job.handle = await self._spawn(job)
-            except ZygoteError as exc:
-                lost = WorkerLostError(f"zygote could not start the task: {exc}")
-                self._deliver(job.error_callback, _einfo(lost))
+            except (ZygoteError, ValueError) as exc:  # ValueError: too big to send
+                self._refuse(job, WorkerLostError(f"zygote could not start the task: {exc}"))
                 return
             self._started(job, job.handle)
             self._finished(job, await self._outcome(job.handle))
+
+    def _refuse(self, job: _Job, error: BaseException) -> None:
+        """A task that cannot run: accepted, then failed, so that Celery
+        records the failure and acknowledges the message (or requeues it,
+        by the task's acks_late settings) instead of waiting for it."""
+        self._deliver(job.accept_callback, os.getpid(), time.monotonic())
+        self._deliver(job.error_callback, _einfo(error))
 
     async def _outcome(self, handle: aio.Handle) -> tuple[Any, BaseException | None, str]:
         """(value, None, "") or (None, error, remote traceback)."""
@@ -343,14 +392,18 @@ class ZygotePool(BasePool):
 
     def _soft_limit(self, job: _Job) -> None:
         # SIGUSR1 raises SoftTimeLimitExceeded in the task (child.py).
-        self._deliver(job.timeout_callback, True, job.soft_timeout)
         assert job.handle is not None
+        if job.handle.done():  # its result came first
+            return
+        self._deliver(job.timeout_callback, True, job.soft_timeout)
         self._signal(job.handle, signal.SIGUSR1)
 
     def _hard_limit(self, job: _Job) -> None:
+        assert job.handle is not None
+        if job.handle.done():  # its result came first: it stands
+            return
         job.timed_out = True
         self._deliver(job.timeout_callback, False, job.timeout)
-        assert job.handle is not None
         self._signal(job.handle, signal.SIGKILL)
 
     def _signal(self, handle: aio.Handle, signum: int) -> None:
