@@ -131,7 +131,10 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     """One worker, with events on, for the tests that leave it running."""
     redis.Redis.from_url(REDIS).flushdb()
-    worker = launch(tmp_path_factory.mktemp("celery"), "-E")
+    # Pickled messages accepted (as root, CI's user: C_FORCE_ROOT) and a
+    # small message limit, for test_a_task_that_cannot_be_sent_fails_alone.
+    env = {"CELERY_TEST_PICKLE": "1", "C_FORCE_ROOT": "1", "ZYGOTE_MAX_MESSAGE_BYTES": "100000"}
+    worker = launch(tmp_path_factory.mktemp("celery"), "-E", env=env)
     yield worker
     end(worker)
 
@@ -374,13 +377,11 @@ def test_a_dead_embedded_server_is_replaced(start_worker: Callable[..., Worker])
     assert result(worker.call(celery_app.add, 1, 2)) == 3
 
 
-def test_a_task_that_cannot_be_sent_fails_alone(start_worker: Callable[..., Worker]) -> None:
+def test_a_task_that_cannot_be_sent_fails_alone(shared: Worker) -> None:
     # A pickled message's arguments are not JSON; a spawn over the server's
     # message limit is refused. Each fails (or runs) on its own: the worker
     # neither dies nor stalls on an unacknowledged message.
-    env = {"CELERY_TEST_PICKLE": "1", "ZYGOTE_MAX_MESSAGE_BYTES": "100000"}
-    env["C_FORCE_ROOT"] = "1"  # celery refuses pickle as root otherwise (CI runs as root)
-    worker = start_worker(env=env)
+    worker = shared
     pickled = worker.call(celery_app.kind, fractions.Fraction(1, 3), serializer="pickle")
     assert result(pickled) == "Fraction"
     too_big = worker.call(celery_app.shout, "x" * 200_000)
