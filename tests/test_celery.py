@@ -56,6 +56,16 @@ class Worker:
             return psutil.Process(self.process.pid).children(recursive=True)
         return []
 
+    def servers(self) -> list[psutil.Process]:
+        """Its embedded zygote servers (`python -m zygote start`), alive."""
+        found = []
+        for proc in self.descendants():
+            # A task's fork may end while we look: it is no server anyway.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.cmdline()[2:4] == ["zygote", "start"] and proc.is_running():
+                    found.append(proc)
+        return found
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -168,7 +178,7 @@ def test_tasks_run_in_fresh_forks_of_a_preloaded_zygote(shared: Worker) -> None:
     assert first["preloaded"]  # numpy came with the fork: ZYGOTE_PRELOAD
     # Its parent is the zygote, a child of the embedded server, itself a
     # child of the celery worker.
-    server = [p for p in psutil.Process(worker.process.pid).children() if "zygote" in p.cmdline()]
+    server = worker.servers()
     assert len(server) == 1 and first["ppid"] in [c.pid for c in server[0].children()]
 
 
@@ -268,7 +278,7 @@ def test_warm_shutdown_waits_for_running_tasks(start_worker: Callable[..., Worke
     worker = start_worker()
     running = worker.call(celery_app.sleep, 2)
     pid = running_pid(worker, running.id)
-    server = [p for p in worker.descendants() if "zygote" in p.cmdline()]
+    server = worker.servers()
     assert worker.stop(signal.SIGTERM) == 0
     assert result(running) == 2  # it finished, and its result was stored
     assert not psutil.pid_exists(pid)
@@ -332,7 +342,7 @@ def test_an_existing_server_from_zygote_endpoint(
     assert "external server" in worker.log()
     ran = result(worker.call(celery_app.whoami))
     assert ran["ppid"] == server.stats()["zygote_pid"]
-    assert not any("zygote" in p.cmdline() for p in worker.descendants())
+    assert not worker.servers()
 
 
 def test_a_preload_that_fails_stops_the_worker_with_its_error(
@@ -365,7 +375,7 @@ def test_refork_promotes_a_worker_that_ran_a_task(start_worker: Callable[..., Wo
 def test_a_dead_embedded_server_is_replaced(start_worker: Callable[..., Worker]) -> None:
     worker = start_worker()
     first = result(worker.call(celery_app.whoami))
-    (server,) = [p for p in worker.descendants() if p.cmdline()[2:4] == ["zygote", "start"]]
+    (server,) = worker.servers()
     server.kill()  # its zygote and workers follow it (their lifelines)
     # A zombie until the pool reaps it (its Popen, on the next spawn).
     wait_until(lambda: server.status() == psutil.STATUS_ZOMBIE, what="the server to die")
