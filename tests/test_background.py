@@ -245,10 +245,15 @@ def test_sends_after_the_generation_retired_are_dropped_and_counted(start_server
     still run find no helper: send() says so, counts, and never raises."""
     server = start_server(preload=("tests.background_app",), env={"ZYGOTE_TEST_DIR": str(tmp_path)})
     first = wait_until(lambda: server.stats()["helper_pid"], what="the helper")
+    old_zygote = server.stats()["zygote_pid"]
     client = server.client(timeout=60)
     late = client.spawn("tests.background_app:send_after", str(tmp_path / "go"))
     assert client.reload() == 2
+    # The helper goes first, then its zygote, which holds the channel's
+    # receiving end until it exits: until then a send still finds a reader
+    # (CI on 3.13 once sent in between).
     wait_until(lambda: not os.path.exists(f"/proc/{first}"), what="the old helper gone")
+    wait_until(lambda: not os.path.exists(f"/proc/{old_zygote}"), what="the old zygote gone")
     (tmp_path / "go").write_text("")
     assert late.result() == [False, False, False]
     assert late.wait().exit_code == 0
