@@ -42,10 +42,8 @@ DONE = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED)
 @pytest.fixture(scope="module")
 def connection() -> Iterator[redis.Redis]:
     conn = redis.Redis.from_url(REDIS_URL)
-    try:
-        conn.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip(f"no Redis at {REDIS_URL}")
+    # No Redis is a failure, not a skip: .ci/run starts it.
+    conn.ping()
     conn.flushdb()
     yield conn
     conn.flushdb()
