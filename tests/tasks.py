@@ -136,3 +136,10 @@ def append_pid(path):
 def loaded(module):
     """Was `module` imported before this task ran (by the preload)?"""
     return module in sys.modules
+
+
+def module_file(name):
+    """Where `name` is imported from, in this worker."""
+    import importlib
+
+    return importlib.import_module(name).__file__

@@ -184,7 +184,8 @@ def test_a_spawn_without_a_handle_gets_a_server_made_one(sock: Sock) -> None:
     server_id = call(sock, "ping", 1)["info"]["server"]
     spawn(sock, 2, "tests.tasks:sleep", 0, None)
     spawned, result, _ = (receive(sock) for _ in range(3))
-    assert re.fullmatch(rf"{server_id}:\d+", spawned["handle"])  # §6: it has a ":"
+    # §6: it has a ":", and 96 random bits
+    assert re.fullmatch(rf"{server_id}:[0-9a-f]{{24}}", spawned["handle"])
     assert result["handle"] == spawned["handle"]
     assert value_of(result) is None
 

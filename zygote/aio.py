@@ -33,12 +33,14 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from .client import PROBE_EVERY, PROBE_TIMEOUT
 from .codec import check_spawn_size, decode_reply, encode, prepare_spawn
-from .config import default_endpoint
+from .config import ConfigError, default_endpoint
 from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout, error_for
 from .handle import Delivery, ExitInfo, _outcome
+from .keys import HANDSHAKE_EVENTS, ClientKeys
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Attach,
@@ -128,11 +130,23 @@ class Handle:
 
 
 class Zygote:
-    """An asyncio connection to a zygote server: `async with Zygote() as z`."""
+    """An asyncio connection to a zygote server: `async with Zygote() as z`.
+    The arguments are `zygote.Zygote`'s."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float | None = None,
+        curve_secret: str | None = None,
+        curve_server: str | None = None,
+    ) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
+        try:
+            self._keys = ClientKeys(curve_secret, curve_server)
+        except ConfigError as exc:
+            raise ZygoteError(str(exc)) from None
         if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
             raise ServerUnavailable(
                 f"no zygote server at {self.endpoint} (is `zygote start` running?)"
@@ -141,9 +155,13 @@ class Zygote:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.RCVHWM, 0)  # take in everything asked for
         self._socket.setsockopt(zmq.ROUTING_ID, b"a" + secrets.token_bytes(15))
+        self._keys.apply(self._socket)
+        self._monitor: zmq.asyncio.Socket | None = None
+        if self.endpoint.startswith("tcp://"):  # see keys.HandshakeWatch
+            self._monitor = self._socket.get_monitor_socket(HANDSHAKE_EVENTS)
         self._socket.connect(self.endpoint)
         self._requests = itertools.count(1)
-        self._prefix = secrets.token_hex(6)
+        self._prefix = secrets.token_hex(12)  # 96 random bits: not guessable
         self._replies: dict[int, asyncio.Future[Message]] = {}
         self._jobs: weakref.WeakValueDictionary[str, _Job] = weakref.WeakValueDictionary()
         self._unwanted: set[str] = set()  # jobs whose results nobody will read
@@ -168,6 +186,9 @@ class Zygote:
             return
         if self._reader is not None:
             self._reader.cancel()
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
         self._socket.close()
 
     # -- the API ----------------------------------------------------------
@@ -287,6 +308,9 @@ class Zygote:
         if self._reader is None:
             self._heard = loop.time()
             self._reader = loop.create_task(self._read())
+            if self._monitor is not None:
+                watching = loop.create_task(self._watch_handshakes(self._monitor))
+                self._background.add(watching)
         req = next(self._requests)
         future: asyncio.Future[Message] = loop.create_future()
         self._replies[req] = future
@@ -395,6 +419,19 @@ class Zygote:
             future = self._replies.pop(msg.req, None)
             if future is not None and not future.done():
                 future.set_result(msg)
+
+    async def _watch_handshakes(self, monitor: zmq.asyncio.Socket) -> None:
+        """On tcp: a refused handshake fails every wait at once, saying why."""
+        while True:
+            try:
+                event = (await recv_monitor_message(monitor))["event"]
+            except zmq.ZMQError:
+                return  # closed
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self._broken is not None and self._broken.args[0].startswith("authentication"):
+                    self._broken = None
+            elif (why := self._keys.explain(event, self.endpoint)) is not None:
+                self._fail(ZygoteError(why))
 
     def _learn(self, info: dict[str, Any]) -> None:
         server = info["server"]

@@ -45,7 +45,11 @@ def _server_option(
         help = f"{help} [default: the number of CPUs, at least 2; here {default}]"
     elif name == "fork_guard_timeout":
         help = f"{help} [default: 1, at most half of --fork-timeout]"
-    elif name not in ("endpoint", "refork_after") and not extra.get("multiple"):
+    elif (
+        name not in ("endpoint", "refork_after")
+        and not extra.get("multiple")
+        and default is not None
+    ):
         help = f"{help} [default: {default}]"
     option = "--" + (flag or name).replace("_", "-")
     if kind is bool:  # an on/off switch: --fork-guards / --no-fork-guards
@@ -167,6 +171,29 @@ _SERVER_OPTIONS = [
     _server_option(
         "refork_timeout", float, "Seconds an on-demand refork waits for a finished task."
     ),
+    _server_option(
+        "curve_secret",
+        click.Path(dir_okay=False),
+        "The server's secret key, NAME.key_secret from `zygote keygen` (CURVE).",
+    ),
+    _server_option(
+        "curve_clients",
+        click.Path(file_okay=False),
+        "Directory of the public keys (NAME.key) of the clients let in (CURVE).",
+    ),
+    _server_option(
+        "insecure",
+        bool,
+        "Allow a tcp endpoint without CURVE: anyone who reaches it runs code as this user.",
+    ),
+    _server_option(
+        "allow_tasks",
+        str,
+        "Tasks clients may spawn, fnmatch on module:qualname (repeatable) [default: any on"
+        " ipc; on tcp the preloaded modules' own]",
+        flag="allow_task",
+        multiple=True,
+    ),
 ]
 
 
@@ -275,6 +302,21 @@ def spawn(
     except (ZygoteError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(value, default=repr))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", required=True, help="The key's name: writes NAME.key and NAME.key_secret.")
+def keygen(directory: str, name: str) -> None:
+    """Make a CURVE key pair in DIRECTORY for a tcp endpoint: NAME.key (public,
+    to hand out) and NAME.key_secret (keep it; both mode 0600)."""
+    from .keys import generate
+
+    try:
+        public, secret = generate(directory, name)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {public} and {secret}")
 
 
 @main.command()

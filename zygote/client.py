@@ -31,7 +31,7 @@ from .codec import (
     encode,
     prepare_spawn,
 )
-from .config import default_endpoint
+from .config import ConfigError, default_endpoint
 from .errors import (
     ServerUnavailable,
     ZygoteError,
@@ -39,6 +39,7 @@ from .errors import (
     error_for,
 )
 from .handle import Delivery, ExitInfo, Handle, Link
+from .keys import ClientKeys, HandshakeWatch
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Attach,
@@ -75,12 +76,27 @@ class Zygote:
 
     `endpoint` defaults to `$ZYGOTE_ENDPOINT`, then the server's default
     ipc socket. `timeout` bounds every wait for the server (None: no bound,
-    but a server that stops answering is still detected).
+    but a server that stops answering is still detected). On a tcp endpoint
+    with CURVE, `curve_secret` is our NAME.key_secret file and `curve_server`
+    the server's public NAME.key (defaults: `$ZYGOTE_CURVE_SECRET`,
+    `$ZYGOTE_CURVE_SERVER`); a refused handshake raises ZygoteError
+    ("authentication failed ...") at the next wait.
     """
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float | None = None,
+        curve_secret: str | None = None,
+        curve_server: str | None = None,
+    ) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
+        try:
+            self._keys = ClientKeys(curve_secret, curve_server)
+        except ConfigError as exc:
+            raise ZygoteError(str(exc)) from None
         if self.endpoint.startswith("ipc://"):
             path = self.endpoint[len("ipc://") :]
             if not os.path.exists(path):
@@ -97,6 +113,10 @@ class Zygote:
         # A name of our own: if the connection drops and comes back, the
         # server (ROUTER_HANDOVER) still knows where our replies go.
         self._socket.setsockopt(zmq.ROUTING_ID, b"z" + secrets.token_bytes(15))
+        self._keys.apply(self._socket)
+        # A refused handshake is silent on the data socket (libzmq retries):
+        # its monitor says why, at once, instead of a timeout later.
+        self._handshakes = HandshakeWatch(self._socket, self._keys, self.endpoint)
         self._socket.connect(self.endpoint)
         self._requests = itertools.count(1)
         self._last_req = 0
@@ -114,8 +134,9 @@ class Zygote:
         self._followed: dict[int, str] = {}  # Attach probes: request id -> handle
         # We name our jobs (`_handle_for`), so a spawn whose reply went missing
         # can be asked after, and sent again if it never arrived: handle ->
-        # (request id, message), until its Spawned or Error is here.
-        self._job_prefix = secrets.token_hex(6)
+        # (request id, message), until its Spawned or Error is here. 96
+        # random bits: on a shared server nobody finds our jobs by guessing.
+        self._job_prefix = secrets.token_hex(12)
         self._spawns: dict[str, tuple[int, Callable[[int], Message]]] = {}
         self._unwanted: set[str] = set()  # handles of spawns nobody waits for
         # Learn the server's identity and limits along with the first request,
@@ -140,6 +161,7 @@ class Zygote:
             # settles it (replies come in order), bounded for a dead server.
             with contextlib.suppress(ZygoteError):
                 self._call(lambda req: Ping(req), _CLOSE_TIMEOUT)
+        self._handshakes.close()
         self._socket.close()
 
     # -- the API ----------------------------------------------------------
@@ -336,7 +358,7 @@ class Zygote:
             wait = PROBE_EVERY if probe_sent is None else PROBE_TIMEOUT
             if deadline is not None:
                 wait = min(wait, deadline - now)
-            if self._socket.poll(max(1, int(wait * 1000))):
+            if self._handshakes.poll(max(1, int(wait * 1000))):
                 self._receive_ready()
                 heard, probe_sent = time.monotonic(), None
             elif probe_sent is None:

@@ -156,6 +156,15 @@ class ServerConfig:
     refork_after: list[int] = field(default_factory=list)
     #: an on-demand refork waits this long for a worker to finish a task
     refork_timeout: float = 60.0
+    #: CURVE for the endpoint: the server's NAME.key_secret (`zygote keygen`)
+    curve_secret: str | None = None
+    #: and the directory of the public keys (NAME.key) of the clients let in
+    curve_clients: str | None = None
+    #: allow a tcp endpoint without CURVE: anyone who reaches it runs code
+    insecure: bool = False
+    #: tasks clients may spawn, fnmatch patterns on "module:qualname"; when
+    #: empty: anything on ipc, on tcp only the preloaded modules' own
+    allow_tasks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         positive = (
@@ -199,6 +208,23 @@ class ServerConfig:
             raise ConfigError(
                 f"endpoint must be ipc://PATH or tcp://HOST:PORT, not {self.endpoint!r}"
             )
+        if bool(self.curve_secret) != bool(self.curve_clients):
+            raise ConfigError(
+                "CURVE needs both --curve-secret (the server's NAME.key_secret) and "
+                "--curve-clients (a directory of the clients' NAME.key files)"
+            )
+        if self.endpoint.startswith("tcp://") and not (self.curve_secret or self.insecure):
+            raise ConfigError(
+                f"{self.endpoint} would let anyone who reaches it run code as this user: "
+                "give it CURVE keys (--curve-secret FILE --curve-clients DIR; make them with "
+                "`zygote keygen`), or say --insecure"
+            )
+        for pattern in self.allow_tasks:
+            if ":" not in pattern:
+                raise ConfigError(
+                    f"an --allow-task pattern matches 'module:qualname', so it has a ':' "
+                    f"(like 'myapp.tasks:*'), not {pattern!r}"
+                )
         self.log_level = self.log_level.upper()
         self.kill_signal = signal_by_name(self.kill_signal).name
         if self.thread_policy not in ("warn", "refuse", "defer"):
@@ -210,6 +236,16 @@ class ServerConfig:
                 raise ConfigError(f"a validator is named 'module:function', not {task!r}")
         self.refork_after = _spawn_counts(self.refork_after)
         self.profiles = _profiles(self.profiles)
+
+    def task_patterns(self, profile: str) -> list[str] | None:
+        """The tasks a client may spawn into `profile`, as fnmatch patterns;
+        None: any (an ipc socket is private to its user)."""
+        if self.allow_tasks:
+            return list(self.allow_tasks)
+        if self.endpoint.startswith("ipc://"):
+            return None
+        modules = self.lineages().get(profile, [])
+        return [pattern for m in modules for pattern in (f"{m}:*", f"{m}.*:*")]
 
     def lineages(self) -> dict[str, list[str]]:
         """Every profile's preload, the default one (`--preload`) first."""

@@ -75,6 +75,10 @@ class EmbeddedServer:
             **self.env,
         }
         env.pop("ZYGOTE_ENDPOINT", None)  # ours is on the command line
+        # A private ipc socket: a tcp server's keys (or a client's, which share
+        # the names) are not for it.
+        for name in ("ZYGOTE_CURVE_SECRET", "ZYGOTE_CURVE_CLIENTS", "ZYGOTE_INSECURE"):
+            env.pop(name, None)
         self.process = subprocess.Popen(
             command,
             env=env,

@@ -99,6 +99,6 @@ def error_for(code: str, message: str, reasons: list[str]) -> ZygoteError:
     """The exception for a server's Error reply (its code: protocol.ErrorCode)."""
     if code == ErrorCode.BUSY:
         return ServerBusy(message, reasons)
-    if code in (ErrorCode.SPAWN_FAILED, ErrorCode.SHUTTING_DOWN):
+    if code in (ErrorCode.SPAWN_FAILED, ErrorCode.SHUTTING_DOWN, ErrorCode.NOT_ALLOWED):
         return SpawnError(message, reasons)
     return ZygoteError(f"{code}: {message}")

@@ -21,6 +21,7 @@ Four conversations use this module:
 from __future__ import annotations
 
 import enum
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -50,6 +51,7 @@ class ErrorCode(enum.StrEnum):
     SHUTTING_DOWN = "shutting_down"
     UNKNOWN_HANDLE = "unknown_handle"  # no such job (or one long gone)
     REFORK_FAILED = "refork_failed"  # no candidate, or it was refused or failed
+    NOT_ALLOWED = "not_allowed"  # the task is outside the server's allow-list
     INTERNAL = "internal"  # a bug in the server; it carries on
 
 
@@ -307,6 +309,8 @@ class Boot(Message):
     fork_guards: bool = True
     fork_guard_timeout: float = 1.0
     exit_timeout: float = 2.0
+    #: tasks clients may run (fnmatch on "module:qualname"); None: any
+    allow_tasks: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,3 +485,9 @@ def check_task_name(task: str) -> None:
     """Raise MalformedMessage unless `task` looks like "package.module:qualname"."""
     if len(task) > _MAX_TASK_LEN or not _TASK_RE.fullmatch(task):
         raise MalformedMessage(f"task must look like 'package.module:function', not {task!r:.80}")
+
+
+def task_allowed(task: str, patterns: list[str] | None) -> bool:
+    """Does "module:qualname" match one of the allow-list's fnmatch patterns?
+    None allows everything."""
+    return patterns is None or any(fnmatch.fnmatchcase(task, p) for p in patterns)

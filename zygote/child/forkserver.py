@@ -200,6 +200,7 @@ class ForkServer:
             task=task,
             max_result_bytes=self.boot.max_result_bytes,
             exit_timeout=self.boot.exit_timeout,
+            allow_tasks=self.boot.allow_tasks,
             promote=promote,
         )
         try:
@@ -359,6 +360,9 @@ class StartupSteps:
 
 def preload(boot: Boot) -> None:
     """Import the preload modules the way `python -m` would find them."""
+    # Relative entries (PYTHONPATH=.) would follow each job's _cwd: anchor
+    # them to the server's directory, once, so no job can plant modules.
+    sys.path[:] = [os.path.join(boot.cwd, entry) if entry else boot.cwd for entry in sys.path]
     if boot.cwd not in sys.path:
         sys.path.insert(0, boot.cwd)
     for name in boot.preload:

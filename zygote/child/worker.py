@@ -44,6 +44,7 @@ from ..protocol import (
     Result,
     Task,
     ValidatorFailed,
+    task_allowed,
 )
 from .outbox import OUTBOX
 
@@ -123,6 +124,7 @@ class ChildSetup:
     task: PreparedTask | None = None
     max_result_bytes: int = 1 << 30
     exit_timeout: float = 2.0  # for the before_exit hooks, all together
+    allow_tasks: list[str] | None = None  # fnmatch patterns; None: any task
     #: become a zygote: (control fd, lifeline fd) -> exit code (forkserver.promote)
     promote: Callable[[int, int], int] | None = None
 
@@ -149,6 +151,20 @@ def resolve(task: str) -> Callable[..., Any]:
     if not callable(obj):
         raise TypeError(f"{task} is a {type(obj).__name__}, not a callable")
     return obj  # type: ignore[no-any-return]
+
+
+def check_defined_where_allowed(task: str, func: Callable[..., Any], allow: list[str]) -> None:
+    """The supervisor checked the name a client gave; this checks what it
+    names. "mymod:run" may be subprocess.run imported into mymod, and
+    "mymod:os.system" walks into another module: allowed names, foreign code."""
+    # A callable instance has no __qualname__ of its own: its class stands for it.
+    target = func if hasattr(func, "__qualname__") else type(func)
+    real = f"{getattr(target, '__module__', None)}:{getattr(target, '__qualname__', None)}"
+    if not task_allowed(real, allow):
+        raise PermissionError(
+            f"{task} is {real}, defined outside what this server allows to run "
+            "(its --allow-task patterns, or on tcp its preloaded modules)"
+        )
 
 
 def _lookup_static(task: str) -> Callable[..., Any] | None:
@@ -215,7 +231,7 @@ def run(setup: ChildSetup) -> int:
     task = setup.task if order is GO else PreparedTask.from_message(order)  # type: ignore[arg-type]
     if task is None:  # a Go without a task carried along: a supervisor bug
         raise RuntimeError("told to go without a task")
-    result, code = _run_task(task, setup.max_result_bytes)
+    result, code = _run_task(task, setup.max_result_bytes, setup.allow_tasks)
     _write_all(channel, frame(result))
     # The hooks, then what is left of background messages, share one budget.
     deadline = time.monotonic() + setup.exit_timeout
@@ -333,7 +349,9 @@ def _receive_order(fd: int) -> Task | object | None:
     return None
 
 
-def _run_task(task: PreparedTask, max_result_bytes: int) -> tuple[bytes, int]:
+def _run_task(
+    task: PreparedTask, max_result_bytes: int, allow: list[str] | None = None
+) -> tuple[bytes, int]:
     """Run it; the encoded Result and the exit code for the process."""
     code = 0
     try:
@@ -343,6 +361,8 @@ def _run_task(task: PreparedTask, max_result_bytes: int) -> tuple[bytes, int]:
             os.chdir(task.cwd)
         task.prepare(import_modules=True)
         assert task.func is not None and task.args is not None and task.kwargs is not None
+        if allow is not None:
+            check_defined_where_allowed(task.task, task.func, allow)
         value = task.func(*task.args, **task.kwargs)
     except SystemExit as exc:
         code, message = _exit_code(exc)

@@ -120,7 +120,10 @@ class ZygoteProc:
             "import sys; from zygote.child.forkserver import main; "
             "main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))"
         )
-        argv = [sys.executable, "-c", code, str(theirs.fileno()), str(lifeline_fd)]
+        # -P: no "" (the working directory, whatever it is now) on sys.path. A
+        # job's _cwd is only where it runs, never an import root (preload()
+        # puts the server's own directory there, as an absolute path).
+        argv = [sys.executable, "-P", "-c", code, str(theirs.fileno()), str(lifeline_fd)]
         argv.append(str(os.getpid()))
         try:
             # Its own process group: a terminal's ^C reaches the supervisor

@@ -1,5 +1,6 @@
-"""The supervisor's listening socket: the ZeroMQ ROUTER, its options, binding
-it, and leaving no socket file behind. Part of the supervisor process."""
+"""The supervisor's listening socket: the ZeroMQ ROUTER, its options and
+security, binding it where nobody else can take it over, reading it, and
+leaving no socket file behind. Part of the supervisor process."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import zmq
 
-from ..config import ConfigError, ensure_private_dir, runtime_dir
+from ..config import ConfigError, ServerConfig, ensure_private_dir, runtime_dir
+from .auth import CurveAuth, owner_of
+from .loop import EventLoop
+from .store import Envelope
 
 log = logging.getLogger("zygote.supervisor")
 
@@ -22,11 +27,83 @@ REJECT_LOG_INTERVAL = 10.0
 _REJECT_PEERS_KEPT = 1024
 
 
+class Listener:
+    """The socket clients talk to: bound safely, secured with CURVE when
+    keys are configured, read in batches with each message's key."""
+
+    def __init__(self, config: ServerConfig, rejections: Rejections) -> None:
+        self.config = config
+        self.rejections = rejections
+        self.auth: CurveAuth | None = None
+        self._socket_file: SocketFile | None = None
+
+    def open(self, context: zmq.Context[zmq.Socket[bytes]], loop: EventLoop) -> zmq.Socket[bytes]:
+        """Bind the ROUTER (and the ZAP handler first, if CURVE); ConfigError
+        if that cannot be done safely."""
+        config = self.config
+        secure = None
+        if config.curve_secret and config.curve_clients:
+            self.auth = CurveAuth(config.curve_secret, config.curve_clients)
+            loop.watch(self.auth.start(context), self.auth.on_zap)
+            secure = self.auth.secure
+        self.router, self._socket_file = listen(
+            context, config.endpoint, config.max_message_bytes, secure
+        )
+        self.address = str(self.router.getsockopt_string(zmq.LAST_ENDPOINT))
+        if self.auth is not None:
+            log.info(
+                "CURVE on %s: %d client keys from %s",
+                self.address,
+                len(self.auth.clients),
+                self.auth.clients_dir,
+            )
+        elif self.address.startswith("tcp://"):
+            warn_insecure(self.address)
+        return self.router
+
+    def receive(self) -> Iterator[tuple[Envelope, bytes, str | None]]:
+        """The messages waiting (at most 1000, then the loop's other sources
+        get a turn): routing frames, body, and the key it came with."""
+        owner = None
+        for _ in range(1000):
+            try:
+                if self.auth is None:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK)
+                else:  # the key is on the frames, not in the bytes
+                    parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    owner = owner_of(parts[-1])
+                    frames = [part.bytes for part in parts]
+            except zmq.Again:
+                return
+            # DEALER clients send [id, body]; REQ clients [id, b"", body].
+            if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1]):
+                self.rejections.add(frames[0], f"a {len(frames)}-frame message: one expected")
+                continue
+            yield tuple(frames[:-1]), frames[-1], owner
+
+    def close(self) -> None:
+        self.router.close()
+        if self.auth is not None:
+            self.auth.zap.close()
+
+    def remove(self) -> None:
+        """After the context is gone: our ipc socket file, if still ours."""
+        remove(self.address, self._socket_file)
+
+
+#: An ipc socket file, by (device, inode): the one we bound, and no other.
+SocketFile = tuple[int, int]
+
+
 def listen(
-    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, max_message: int
-) -> zmq.Socket[bytes]:
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    max_message: int,
+    secure: Callable[[zmq.Socket[bytes]], None] | None = None,
+) -> tuple[zmq.Socket[bytes], SocketFile | None]:
     """A ROUTER socket bound to `endpoint` (its actual address in
-    `LAST_ENDPOINT`); ConfigError if that cannot be done."""
+    `LAST_ENDPOINT`), `secure`d before it binds, and for ipc the socket file
+    it made; ConfigError if that cannot be done safely."""
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     # Clients name themselves (a stable routing id): one that reconnects
@@ -36,34 +113,111 @@ def listen(
     # libzmq drops (and disconnects) anything bigger; between the two
     # limits a client gets a clear "too large" reply instead.
     router.setsockopt(zmq.MAXMSGSIZE, 2 * max_message + 65536)
+    if secure is not None:
+        secure(router)
     try:
-        _bind(router, endpoint)
+        return router, _bind_safely(router, endpoint)
     except BaseException:
         router.close()
         raise
-    return router
+
+
+def _bind_safely(router: zmq.Socket[bytes], endpoint: str) -> SocketFile | None:
+    """Bind `router` (after its security options are set); for ipc, in a
+    directory only we can write to, as a socket file only we can open."""
+    if not endpoint.startswith("ipc://"):
+        _bind(router, endpoint)
+        return None
+    path = endpoint[len("ipc://") :]
+    parent = Path(os.path.dirname(path) or ".")
+    if parent == runtime_dir() or not parent.is_dir():
+        ensure_private_dir(parent)
+    else:
+        check_socket_dir(parent, path)
+    if os.path.exists(path) and _unix_socket_alive(path):
+        raise ConfigError(f"another server is already listening on {endpoint}")
+    # bind() makes the file with the process umask (0 gives srwxrwxrwx: any
+    # user could connect and run code as us). libzmq binds ipc in the calling
+    # thread, and our only other thread (its I/O thread) makes no files.
+    umask = os.umask(0o077)
+    try:
+        _bind(router, endpoint)
+    finally:
+        os.umask(umask)
+    os.chmod(path, 0o600)  # 0700 from the umask; nobody executes a socket
+    info = os.lstat(path)
+    return info.st_dev, info.st_ino
+
+
+def check_socket_dir(parent: Path, path: str) -> None:
+    """A custom ipc endpoint's directory: ours (or root's) and writable by
+    nobody else, or sticky like /tmp with the socket name not another's.
+    In a directory others may write to, they can delete our socket and bind
+    an impostor that receives every client's arguments."""
+    info = parent.stat()
+    me = os.getuid()
+    if info.st_mode & stat.S_ISVTX:
+        with contextlib.suppress(FileNotFoundError):
+            owner = os.lstat(path).st_uid
+            if owner != me:
+                raise ConfigError(
+                    f"{path} belongs to uid {owner}, not to us ({me}): in the shared "
+                    f"directory {parent}, pick another name or a private directory"
+                )
+        return
+    if info.st_uid not in (me, 0):
+        raise ConfigError(
+            f"cannot listen in {parent}: it belongs to uid {info.st_uid}, not to us ({me}) "
+            "or root; use a directory of your own (or the default endpoint)"
+        )
+    if info.st_mode & 0o022:
+        raise ConfigError(
+            f"cannot listen in {parent}: other users can write to it (mode "
+            f"{info.st_mode & 0o7777:o}) and so replace the socket with their own; "
+            "use a directory only you can write to (or the default endpoint)"
+        )
 
 
 def _bind(router: zmq.Socket[bytes], endpoint: str) -> None:
-    if endpoint.startswith("ipc://"):
-        path = endpoint[len("ipc://") :]
-        parent = Path(os.path.dirname(path) or ".")
-        if parent == runtime_dir() or not parent.is_dir():
-            ensure_private_dir(parent)
-        if os.path.exists(path) and _unix_socket_alive(path):
-            raise ConfigError(f"another server is already listening on {endpoint}")
     try:
         router.bind(endpoint)
     except zmq.ZMQError as exc:
         raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
 
 
-def remove(endpoint: str) -> None:
+def remove(endpoint: str, ours: SocketFile | None) -> None:
     """After closing: libzmq leaves an ipc socket file behind, and clients
-    take a file there for a server."""
-    if endpoint.startswith("ipc://"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(endpoint[len("ipc://") :])
+    take a file there for a server. Only our own file: another server may
+    have taken the name since (a later start over a stale-looking socket)."""
+    if not endpoint.startswith("ipc://") or ours is None:
+        return
+    path = endpoint[len("ipc://") :]
+    with contextlib.suppress(FileNotFoundError):
+        info = os.lstat(path)
+        if (info.st_dev, info.st_ino) == ours:
+            os.unlink(path)
+        else:
+            log.info("left %s in place: it is another server's socket now", path)
+
+
+def warn_insecure(address: str) -> None:
+    """Say it loudly: a tcp endpoint without CURVE runs anyone's code."""
+    host = address[len("tcp://") :].rpartition(":")[0].strip("[]")
+    if host in ("127.0.0.1", "::1", "localhost"):
+        log.warning(
+            "INSECURE: %s has no authentication (--insecure): every local user can run "
+            "code as this user (uid %d)",
+            address,
+            os.getuid(),
+        )
+    else:
+        log.critical(
+            "INSECURE: %s has no authentication or encryption (--insecure) and is open to "
+            "the network: ANYONE WHO REACHES IT CAN RUN CODE AS THIS USER (uid %d). "
+            "Use CURVE keys (zygote keygen; --curve-secret, --curve-clients)",
+            address,
+            os.getuid(),
+        )
 
 
 def _unix_socket_alive(path: str) -> bool:

@@ -230,6 +230,7 @@ class Fleet:
             config.fork_guards,
             config.fork_guard_timeout or 1.0,
             config.exit_timeout,
+            config.task_patterns(self.profile),
         )
         zygote.control.send(encode(boot))
         zygote.boot_timer = self.loop.later(timeout, self._boot_overdue, zygote, timeout)

@@ -31,6 +31,9 @@ Envelope = tuple[bytes, ...]
 class Record:
     handle: str
     task: str
+    #: the key (z85) of the client that spawned it, on a CURVE endpoint: only
+    #: that key's clients see the job
+    owner: str | None = None
     pid: int = 0
     generation: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -76,7 +79,7 @@ class ResultStore:
         # How the latest records ended, by handle: a job is never started
         # twice under one name, even when its request is sent again after
         # the record is gone.
-        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._ended: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -85,8 +88,10 @@ class ResultStore:
     def uncollected(self) -> int:
         return len(self._uncollected)
 
-    def open(self, handle: str, task: str, client: Envelope, req: int) -> Record:
-        record = Record(handle, task)
+    def open(
+        self, handle: str, task: str, client: Envelope, req: int, owner: str | None = None
+    ) -> Record:
+        record = Record(handle, task, owner)
         record.followers[client] = None
         record.waiting.append((client, req))
         self._records[handle] = record
@@ -95,13 +100,15 @@ class ResultStore:
     def get(self, handle: str) -> Record | None:
         return self._records.get(handle)
 
-    def ended(self, handle: str) -> str | None:
-        """How the job `handle` ended, if its record is gone (and recent)."""
-        return self._ended.get(handle)
+    def ended(self, handle: str, owner: str | None = None) -> str | None:
+        """How the job `handle` of `owner` ended, if its record is gone (and recent)."""
+        why, whose = self._ended.get(handle, (None, None))
+        return why if whose == owner else None
 
     def discard(self, handle: str, why: str) -> None:
-        if self._records.pop(handle, None) is not None:
-            self._ended[handle] = why
+        record = self._records.pop(handle, None)
+        if record is not None:
+            self._ended[handle] = (why, record.owner)
             while len(self._ended) > _ENDED_KEPT:
                 self._ended.popitem(last=False)
         self._unfile(handle)

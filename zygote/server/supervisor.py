@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import itertools
 import logging
 import os
 import secrets
@@ -51,8 +50,10 @@ from ..protocol import (
     Stats,
     Stop,
     shutting_down,
+    task_allowed,
 )
 from . import endpoint
+from .auth import not_allowed
 from .children import Job
 from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
 from .loop import EventLoop
@@ -75,7 +76,6 @@ class Supervisor:
         self.config = config
         self.server_id = secrets.token_hex(4)
         self.started = time.monotonic()
-        self._handle_numbers = itertools.count(1)
         self.loop = EventLoop()
         self.store = ResultStore(config.result_ttl, config.max_results, config.max_results_bytes)
         # Workers hold the read end of this pipe; its write end, only we.
@@ -102,7 +102,7 @@ class Supervisor:
         self.stopping: str | None = None
         self.exit_code = EXIT_OK
         self.busy_rejections = 0
-        self.rejections = endpoint.Rejections(self.loop.now)
+        self.listener = endpoint.Listener(config, endpoint.Rejections(self.loop.now))
         # The records of jobs not yet ended, by handle, whether the store
         # still keeps them or not: written only by the spawner's reports.
         self._unfinished: dict[str, Record] = {}
@@ -123,10 +123,8 @@ class Supervisor:
     def _setup(self) -> None:
         set_child_subreaper()
         self.context = zmq.Context(io_threads=1)
-        self.router = endpoint.listen(
-            self.context, self.config.endpoint, self.config.max_message_bytes
-        )
-        self.endpoint = str(self.router.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.router = self.listener.open(self.context, self.loop)
+        self.endpoint = self.listener.address
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
@@ -157,16 +155,16 @@ class Supervisor:
         for fleet in fleets:
             fleet.kill_all()
             fleet.close()
-        self.router.close()
+        self.listener.close()
         self.context.term()
-        endpoint.remove(self.endpoint)
+        self.listener.remove()
         os.close(self.lifeline_w)
         level = logging.INFO if self.exit_code == EXIT_OK else logging.ERROR
         log.log(level, "stopped (exit status %d): %s", self.exit_code, self.stopping)
 
     def _housekeeping(self) -> None:
         self.loop.later(_HOUSEKEEPING, self._housekeeping)
-        self.rejections.report()
+        self.listener.rejections.report()
         working = {child.zygote.pid for child in self.tracker.children.values()}
         for fleet in self.fleets.values():
             fleet.drops.forget(working)
@@ -215,43 +213,35 @@ class Supervisor:
     # -- clients ----------------------------------------------------------
 
     def _on_client_messages(self) -> None:
-        for _ in range(1000):  # then give the other sources a turn
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            # DEALER clients send [id, body]; REQ clients [id, b"", body].
-            envelope, data = tuple(frames[:-1]), frames[-1]
-            if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1]):
-                self.rejections.add(frames[0], f"a {len(frames)}-frame message: one expected")
-                continue
+        for envelope, data, owner in self.listener.receive():
             try:
                 msg = decode_request(data, self.config.max_message_bytes)
             except ProtocolError as exc:
-                self.rejections.add(frames[0], str(exc))
+                self.listener.rejections.add(envelope[0], str(exc))
                 self._send(envelope, Error(request_id(data), exc.code, str(exc)))
                 continue
             try:
-                self._on_request(envelope, msg)
+                self._on_request(envelope, msg, owner)
             except Exception as exc:
                 # A bug of ours; the client still gets an answer, not a hang.
                 log.exception("internal error handling a %s request", msg.KIND)
                 error = Error(request_id(data), ErrorCode.INTERNAL, f"server error: {exc}")
                 self._send(envelope, error)
 
-    def _on_request(self, envelope: Envelope, msg: Message) -> None:
+    def _on_request(self, envelope: Envelope, msg: Message, owner: str | None = None) -> None:
         if isinstance(msg, Spawn):
-            self._on_spawn(envelope, msg)
+            self._on_spawn(envelope, msg, owner)
         elif isinstance(msg, Attach):
-            self._on_attach(envelope, msg)
+            self._on_attach(envelope, msg, owner)
         elif isinstance(msg, Collected):
             for handle in msg.handles:
                 record = self.store.get(handle)
-                if record is not None and record.result is not None:
+                if record is not None and record.result is not None and record.owner == owner:
                     record.collected = True
                     self._deliver(record)
         elif isinstance(msg, Kill):
-            pid = self.spawner.kill(msg.handle, msg.signal)
+            mine = self._record(msg.handle, owner) is not None
+            pid = self.spawner.kill(msg.handle, msg.signal) if mine else None
             if pid is None:
                 text = f"handle {msg.handle!r} has no running worker"
                 self._send(envelope, Error(msg.req, ErrorCode.UNKNOWN_HANDLE, text))
@@ -291,16 +281,25 @@ class Supervisor:
             return ""
         return f"unknown profile {profile!r}: this server has {', '.join(self.fleets)}"
 
-    def _record(self, handle: str) -> Record | None:
-        """A job's record: kept by the store, or (dropped from it while the
-        job still runs) by us until the job ends."""
+    def _record(self, handle: str, owner: str | None) -> Record | None:
+        """A job's record, if `owner` may see it: kept by the store, or
+        (dropped from it while the job still runs) by us until the job ends."""
+        record = self._any_record(handle)
+        return record if record is not None and record.owner == owner else None
+
+    def _any_record(self, handle: str) -> Record | None:
         return self.store.get(handle) or self._unfinished.get(handle)
 
-    def _on_spawn(self, envelope: Envelope, msg: Spawn) -> None:
-        if msg.handle is not None and self._record(msg.handle) is not None:
-            self._on_attach(envelope, Attach(msg.req, msg.handle))  # the same, sent again
+    def _on_spawn(self, envelope: Envelope, msg: Spawn, owner: str | None) -> None:
+        if msg.handle is not None and self._record(msg.handle, owner) is not None:
+            self._on_attach(envelope, Attach(msg.req, msg.handle), owner)  # the same, sent again
             return
-        ended = None if msg.handle is None else self.store.ended(msg.handle)
+        if msg.handle is not None and self._any_record(msg.handle) is not None:
+            # Another key's job (one in 2**96 by chance): its owner alone sees it.
+            text = f"job id {msg.handle!r} is taken: pick a random one"
+            self._send(envelope, Error(msg.req, ErrorCode.BAD_REQUEST, text))
+            return
+        ended = None if msg.handle is None else self.store.ended(msg.handle, owner)
         if ended is not None:  # sent again after its reply was lost, and gone since
             text = f"job {msg.handle} already ended, and is not run again: {ended}"
             self._send(envelope, Error(msg.req, ErrorCode.SPAWN_FAILED, text))
@@ -311,6 +310,11 @@ class Supervisor:
         if unknown := self._unknown_profile(msg.profile):
             self._send(envelope, Error(msg.req, ErrorCode.SPAWN_FAILED, unknown))
             return
+        patterns = self.config.task_patterns(msg.profile or DEFAULT_PROFILE)
+        if not task_allowed(msg.task, patterns):
+            text = not_allowed(msg.task, patterns, bool(self.config.allow_tasks))
+            self._send(envelope, Error(msg.req, ErrorCode.NOT_ALLOWED, text))
+            return
         if self.spawner.full():
             self.busy_rejections += 1
             text = (
@@ -320,15 +324,16 @@ class Supervisor:
             )
             self._send(envelope, Error(msg.req, ErrorCode.BUSY, text))
             return
-        # Ours have a ":", which the handles clients pick cannot contain.
-        handle = msg.handle or f"{self.server_id}:{next(self._handle_numbers)}"
-        self._unfinished[handle] = self.store.open(handle, msg.task, envelope, msg.req)
+        # Ours have a ":", which the handles clients pick cannot contain; and
+        # 96 random bits, so that nobody finds another's job by counting.
+        handle = msg.handle or f"{self.server_id}:{secrets.token_hex(12)}"
+        self._unfinished[handle] = self.store.open(handle, msg.task, envelope, msg.req, owner)
         self.spawner.submit(Job(handle, msg))
 
-    def _on_attach(self, envelope: Envelope, msg: Attach) -> None:
-        record = self._record(msg.handle)
+    def _on_attach(self, envelope: Envelope, msg: Attach, owner: str | None) -> None:
+        record = self._record(msg.handle, owner)
         if record is None:
-            ended = self.store.ended(msg.handle)
+            ended = self.store.ended(msg.handle, owner)
             text = f"unknown handle {msg.handle!r}: " + (
                 f"the job ended, {ended}" if ended else "no such job, or one long gone"
             )
@@ -486,6 +491,6 @@ class Supervisor:
             "results_kept": self.store.uncollected,
             "results_kept_bytes": self.store.uncollected_bytes,
             "busy_rejections": self.busy_rejections,
-            "rejected_messages": self.rejections.count,
+            "rejected_messages": self.listener.rejections.count,
             "internal_errors": self.loop.internal_errors,
         }
