@@ -110,6 +110,15 @@ def test_ping_answers_with_the_servers_identity(server: Server, sock: Sock) -> N
     assert info["max_message_bytes"] == 16 * 1024 * 1024
 
 
+def test_jobs_lists_what_is_running(sock: Sock) -> None:
+    spawn(sock, 1, "tests.tasks:sleep", 30, handle="doc-jobs-1")
+    assert receive(sock)["kind"] == "spawned"
+    (job,) = call(sock, "jobs", 2)["info"]["jobs"]
+    assert (job["id"], job["task"], job["state"]) == ("doc-jobs-1", "tests.tasks:sleep", "running")
+    assert job["pid"] > 0 and job["runtime"] >= 0 and job["profile"] == "default"
+    assert call(sock, "kill", 3, handle="doc-jobs-1", signal=9)["kind"] == "ok"
+
+
 def test_stats_is_the_identity_and_the_figures(server: Server, sock: Sock) -> None:
     identity = call(sock, "ping", 1)["info"]
     reply = call(sock, "stats", 2)
@@ -347,7 +356,7 @@ def test_the_document_names_every_kind_outcome_and_error_code() -> None:
     codes = re.findall(r'^    [A-Z_]+ = "(\w+)"', body, re.M)
     outcomes = re.findall(r'^(?:OK|RAISED|EXITED|LOST|TIMEOUT) = "(\w+)"', source, re.M)
     version = re.search(r"^PROTOCOL_VERSION = (\d+)$", source, re.M)
-    assert len(names) == 14 and len(codes) >= 10 and len(outcomes) == 5 and version
+    assert len(names) == 15 and len(codes) >= 10 and len(outcomes) == 5 and version
     for word in [kinds[name] for name in names] + codes + outcomes:
         assert f"`{word}`" in doc, word
     assert f'"v": {version.group(1)}' in doc

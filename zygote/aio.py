@@ -40,7 +40,7 @@ from .codec import check_spawn_size, decode_reply, encode, prepare_spawn
 from .config import ConfigError, default_endpoint
 from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout, error_for
 from .handle import Delivery, ExitInfo, _outcome
-from .keys import HANDSHAKE_EVENTS, ClientKeys
+from .keys import HANDSHAKE_EVENTS, ClientKeys, Handshakes
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Attach,
@@ -48,6 +48,7 @@ from .protocol import (
     Error,
     ErrorCode,
     Exited,
+    Jobs,
     Kill,
     Message,
     Ok,
@@ -261,6 +262,22 @@ class Zygote:
         assert isinstance(reply, Spawned)
         return Handle(self, reply.handle, reply.pid, reply.generation, reply.warnings)
 
+    async def jobs(self) -> list[dict[str, Any]]:
+        """The jobs queued or running (see `zygote.Zygote.jobs`)."""
+        reply = await self._call(lambda req: Jobs(req))
+        assert isinstance(reply, Ok)
+        return list(reply.info["jobs"])
+
+    async def kill(self, handle_id: str, signal: int = _signal.SIGTERM) -> bool:
+        """Signal a job's worker by its id; False if it is not queued or running."""
+        try:
+            await self._call(lambda req: Kill(req, handle_id, int(signal)))
+        except (ZygoteTimeout, ServerUnavailable):
+            raise
+        except ZygoteError:  # the server's answer: no such job running
+            return False
+        return True
+
     async def stats(self) -> dict[str, Any]:
         reply = await self._call(lambda req: Stats(req))
         assert isinstance(reply, Ok)
@@ -422,16 +439,18 @@ class Zygote:
 
     async def _watch_handshakes(self, monitor: zmq.asyncio.Socket) -> None:
         """On tcp: a refused handshake fails every wait at once, saying why."""
+        handshakes = Handshakes(self._keys, self.endpoint)
         while True:
             try:
-                event = (await recv_monitor_message(monitor))["event"]
+                event = await recv_monitor_message(monitor)
             except zmq.ZMQError:
                 return  # closed
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                if self._broken is not None and self._broken.args[0].startswith("authentication"):
-                    self._broken = None
-            elif (why := self._keys.explain(event, self.endpoint)) is not None:
-                self._fail(ZygoteError(why))
+            before = handshakes.error
+            error = handshakes.saw(event["event"], event["value"])
+            if error is None and before is not None and self._broken is before:
+                self._broken = None
+            elif error is not None and error is not before:
+                self._fail(error)
 
     def _learn(self, info: dict[str, Any]) -> None:
         server = info["server"]

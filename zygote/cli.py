@@ -13,8 +13,9 @@ from typing import Any
 import click
 
 from . import __version__
+from .cli_jobs import COMMANDS, endpoint_option
 from .config import ConfigError, ServerConfig, setup_logging
-from .errors import ServerUnavailable, TaskError, ZygoteError, ZygoteTimeout
+from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout
 from .options import SERVER_OPTIONS, config_file_option
 
 
@@ -56,65 +57,8 @@ for _option in SERVER_OPTIONS:  # options added to a Command append in order
     start = _option(start)
 
 
-def _parse_arg(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-_endpoint_option = click.option(
-    "--endpoint", envvar="ZYGOTE_ENDPOINT", show_envvar=True, help="Server endpoint."
-)
-
-
-@main.command()
-@click.argument("task")
-@click.argument("args", nargs=-1)
-@click.option(
-    "--kw",
-    "kwargs",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="Keyword argument (repeatable); VALUE is read like ARG.",
-)
-@click.option("--timeout", type=float, help="Kill the task after this many seconds.")
-@click.option("--profile", help="The zygote lineage to fork it from (start --profile).")
-@_endpoint_option
-def spawn(
-    task: str,
-    args: tuple[str, ...],
-    kwargs: tuple[str, ...],
-    timeout: float | None,
-    profile: str | None,
-    endpoint: str | None,
-) -> None:
-    """Run TASK ("package.module:function") with ARGs and print its result as JSON.
-
-    Each ARG is read as JSON when it parses as JSON (5, 2.5, true, [1,2],
-    {"a":1}, "\\"quoted\\""), else taken as a string.
-    """
-    from .client import Zygote
-
-    keywords = {}
-    for item in kwargs:
-        name, sep, value = item.partition("=")
-        if not sep or not name.isidentifier():
-            raise click.BadParameter(f"expected NAME=VALUE, not {item!r}", param_hint="--kw")
-        keywords[name] = _parse_arg(value)
-    try:
-        with Zygote(endpoint) as client:
-            handle = client.spawn(
-                task, *map(_parse_arg, args), _timeout=timeout, _profile=profile, **keywords
-            )
-            value = handle.result()
-    except TaskError as exc:
-        if exc.remote_traceback:
-            click.echo(exc.remote_traceback.rstrip(), err=True)
-        raise click.ClickException(f"task failed: {exc}") from None
-    except (ZygoteError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps(value, default=repr))
+for _command in COMMANDS:
+    main.add_command(_command)
 
 
 @main.command()
@@ -134,7 +78,7 @@ def keygen(directory: str, name: str) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the raw stats as JSON.")
-@_endpoint_option
+@endpoint_option
 def status(as_json: bool, endpoint: str | None) -> None:
     """Show the server's state: zygote, workers, queue, counters."""
     from .client import Zygote
@@ -165,7 +109,7 @@ def status(as_json: bool, endpoint: str | None) -> None:
     help="Seconds to wait for the new generation to serve.",
 )
 @click.option("--profile", help="The lineage to refork [default: the default one].")
-@_endpoint_option
+@endpoint_option
 def refork(timeout: float, profile: str | None, endpoint: str | None) -> None:
     """Promote a warm worker to be the next zygote generation: the next
     worker to finish its task becomes a zygote (its imports and caches warm),
@@ -189,7 +133,7 @@ def refork(timeout: float, profile: str | None, endpoint: str | None) -> None:
     help="Seconds to wait for the new generation.",
 )
 @click.option("--profile", help="The lineage to reload [default: every one].")
-@_endpoint_option
+@endpoint_option
 def reload(wait: bool, timeout: float, profile: str | None, endpoint: str | None) -> None:
     """Start the next zygote generation from a fresh interpreter (your code
     imported again); it takes over once a child of it passed the validators,
@@ -243,7 +187,7 @@ def _lineage(profile: str) -> str:
     show_default=True,
     help="Seconds to wait for the server to exit.",
 )
-@_endpoint_option
+@endpoint_option
 def stop(wait: bool, timeout: float, endpoint: str | None) -> None:
     """Stop the server gracefully: queued requests get an error, running
     workers finish (within the server's shutdown grace)."""

@@ -13,11 +13,11 @@ requests), raises `ServerUnavailable` instead of hanging forever.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import os
 import secrets
+import signal as _signal
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +25,7 @@ from typing import Any
 
 import zmq
 
+from .batch import Call, run_batch
 from .codec import (
     check_spawn_size,
     decode_reply,
@@ -47,6 +48,7 @@ from .protocol import (
     Error,
     ErrorCode,
     Exited,
+    Jobs,
     Kill,
     Message,
     Ok,
@@ -205,36 +207,13 @@ class Zygote:
         At most `max_in_flight` jobs (default: the server's max-workers) are
         spawned ahead of the one being consumed; the first are spawned at
         once. A failed item raises its error when its turn comes; jobs
-        already running then finish on their own. `timeout` bounds the whole
-        run, counted from this call; `profile` is `spawn()`'s `_profile`.
+        already running then finish on their own. A KeyboardInterrupt while
+        waiting (Ctrl-C) cancels the batch: its queued jobs never start, its
+        running ones get SIGTERM. `timeout` bounds the whole run, counted
+        from this call; `profile` is `spawn()`'s `_profile`.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if max_in_flight is not None and max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        window = max_in_flight or self._server_max_workers()
-        items = iter(iterable)
-        pending: collections.deque[int] = collections.deque()
-
-        def fill() -> None:
-            for item in itertools.islice(items, window - len(pending)):
-                message = self._spawn_message(task, (item,), {}, profile=profile)
-                pending.append(self._send_spawn(message))
-
-        def results() -> Iterator[Any]:
-            try:
-                while pending:
-                    req = pending.popleft()
-                    handle = self._reply(req, _remaining(deadline), self._handle_for(req))
-                    assert isinstance(handle, Handle)
-                    value = handle.result(_remaining(deadline))
-                    fill()
-                    yield value
-            finally:
-                for req in pending:  # replies already here, or still to come
-                    self._abandon(req)
-
-        fill()
-        return results()
+        calls: Iterable[Call] = (((item,), {}) for item in iterable)
+        return run_batch(self, task, calls, max_in_flight, timeout, profile, return_errors=False)
 
     def attach(self, handle_id: str) -> Handle:
         """A `Handle` for a job spawned elsewhere (say, by a client that has
@@ -242,6 +221,19 @@ class Zygote:
         reply = self._call(lambda req: Attach(req, handle_id), self.timeout)
         assert isinstance(reply, Handle)
         return reply
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """The jobs queued or running on the server (on a CURVE endpoint, those
+        of our key): id, task, state, pid, profile, generation, seconds
+        waited and run."""
+        reply = self._call(lambda req: Jobs(req), self.timeout)
+        assert isinstance(reply, Ok)
+        return list(reply.info["jobs"])
+
+    def kill(self, handle_id: str, signal: int = _signal.SIGTERM) -> bool:
+        """Send `signal` to a job's worker (a queued job never starts); False
+        if no such job is queued or running."""
+        return self._kill(handle_id, int(signal))
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the server: workers, queue, zygote, counters."""
@@ -488,7 +480,3 @@ class Zygote:
             self._wait(lambda: self._max_workers is not None, self.timeout)
         assert self._max_workers is not None
         return self._max_workers
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())

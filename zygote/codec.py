@@ -38,6 +38,7 @@ from .protocol import (
     Go,
     HelperExited,
     HelperStarted,
+    Jobs,
     Kill,
     MalformedMessage,
     Message,
@@ -123,7 +124,7 @@ def _registry(*classes: type[Message]) -> dict[str, _Spec]:
     return {cls.KIND: _spec(cls) for cls in classes}
 
 
-_REQUESTS = _registry(Spawn, Attach, Collected, Kill, Stats, Ping, Refork, Reload, Stop)
+_REQUESTS = _registry(Spawn, Attach, Collected, Kill, Stats, Jobs, Ping, Refork, Reload, Stop)
 _REPLIES = _registry(Spawned, Result, Exited, Ok, Error)
 _CONTROL = _registry(
     Boot,

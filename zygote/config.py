@@ -6,7 +6,6 @@ environment variables and a TOML file; docs/configuration.md lists them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -73,8 +72,12 @@ def ensure_private_dir(path: Path) -> None:
     /tmp is shared: another user could have created the directory first, to
     read or hijack the socket inside it. Refuse anything we do not own.
     """
-    with contextlib.suppress(FileExistsError):
+    try:
         path.mkdir(mode=0o700, parents=False)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create the directory {path}: {exc.strerror}") from None
     info = path.lstat()
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"{path} exists and is not a directory")

@@ -15,14 +15,16 @@ from typing import Any
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 from zmq.utils.monitor import recv_monitor_message
 
 from .config import ConfigError
-from .errors import ZygoteError
+from .errors import ServerUnavailable, ZygoteError
 
 __all__ = [
     "ClientKeys",
     "HandshakeWatch",
+    "Handshakes",
     "generate",
     "load_public",
     "load_public_dir",
@@ -63,6 +65,8 @@ def load_secret(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
         raise ConfigError(f"cannot read the secret key {path}: {exc}") from None
     if secret is None:
         raise ConfigError(f"{path} holds no secret key (a NAME.key_secret file is needed)")
+    _check_key(public, path)
+    _check_key(secret, path)
     if mode & 0o077:
         raise ConfigError(
             f"the secret key {path} is readable by other users (mode {mode & 0o777:o}): "
@@ -77,7 +81,19 @@ def load_public(path: str | os.PathLike[str]) -> bytes:
         public, _ = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the public key {path}: {exc}") from None
-    return public
+    return _check_key(public, path)
+
+
+def _check_key(key: bytes, path: str | os.PathLike[str]) -> bytes:
+    """A CURVE key is 40 characters of Z85 for 32 bytes; anything else only
+    fails later, inside libzmq, as a bare 'Invalid argument'."""
+    try:
+        valid = len(key) == 40 and len(zmq.utils.z85.decode(key)) == 32
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise ConfigError(f"{path} does not hold a CURVE key (make one with `zygote keygen`)")
+    return key
 
 
 def load_public_dir(directory: str | os.PathLike[str]) -> dict[bytes, str]:
@@ -85,6 +101,13 @@ def load_public_dir(directory: str | os.PathLike[str]) -> dict[bytes, str]:
     folder = Path(directory)
     if not folder.is_dir():
         raise ConfigError(f"--curve-clients {folder} is not a directory of public keys")
+    info = folder.stat()
+    if info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o022:
+        # Whoever can write there can let themselves in at the next start.
+        raise ConfigError(
+            f"--curve-clients {folder} must belong to us (or root) and be writable by "
+            f"nobody else (owner uid {info.st_uid}, mode {info.st_mode & 0o777:o})"
+        )
     keys = {load_public(path): path.stem for path in sorted(folder.glob("*.key"))}
     if not keys:
         raise ConfigError(f"no NAME.key in --curve-clients {folder}: nobody could connect")
@@ -115,31 +138,77 @@ class ClientKeys:
             sock.curve_publickey = self.public
             sock.curve_serverkey = self.server
 
-    def explain(self, event: int, endpoint: str) -> str | None:
-        """Why a handshake failure (a socket monitor event) happened, in words;
-        None for events that are not one."""
+    def explain(self, event: int, value: int, endpoint: str) -> tuple[str, bool] | None:
+        """Why a handshake failed (a socket monitor event), in words, and
+        whether that is certain; None for events that are not a failure.
+        A connection closed mid-handshake (NO_DETAIL) is also what a proxy
+        with no server behind it looks like: a hint, not a verdict."""
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return (
+            why = (
                 f"authentication failed: the server at {endpoint} refused our key "
                 "(its public key must be in the server's --curve-clients directory)"
             )
-        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.enabled:
-            return (
-                f"authentication failed: the CURVE handshake with {endpoint} failed "
-                "(is curve_server / $ZYGOTE_CURVE_SERVER that server's public key?)"
-            )
-        if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            return why, True
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
             if self.enabled:
-                return (
+                why = (
                     f"authentication failed: the server at {endpoint} does not use CURVE "
                     "(was it started with --insecure?)"
                 )
-            return (
-                f"authentication failed: the server at {endpoint} requires CURVE keys "
-                "(curve_secret= and curve_server=, or $ZYGOTE_CURVE_SECRET and "
-                "$ZYGOTE_CURVE_SERVER)"
+            else:
+                why = (
+                    f"authentication failed: the server at {endpoint} requires CURVE keys "
+                    "(curve_secret= and curve_server=, or $ZYGOTE_CURVE_SECRET and "
+                    "$ZYGOTE_CURVE_SERVER)"
+                )
+            return why, True
+        if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            # A server that hangs up on a client without keys sometimes
+            # resets the connection before its greeting is read: then this,
+            # not the mismatch, is all a client sees.
+            if self.enabled:
+                hint = "is curve_server / $ZYGOTE_CURVE_SERVER that server's public key?"
+            else:
+                hint = (
+                    "does it require CURVE keys: curve_secret= and curve_server=, or "
+                    "$ZYGOTE_CURVE_SECRET and $ZYGOTE_CURVE_SERVER?"
+                )
+            why = (
+                f"authentication failed, or no zygote server at {endpoint}: the handshake "
+                f"keeps failing ({hint})"
             )
+            return why, False
         return None
+
+
+#: The ZMTP error a handshake between CURVE and no CURVE ends with.
+_MECHANISM_MISMATCH = 0x11000002
+#: Uncertain handshake failures in a row that end a wait (ServerUnavailable).
+_FAILURES_IN_A_ROW = 3
+
+
+class Handshakes:
+    """Follows a client's handshakes: a refused key fails at once
+    (ZygoteError); a handshake broken off with no reason given, only once
+    it happened a few times in a row (ServerUnavailable). A success clears it."""
+
+    def __init__(self, keys: ClientKeys, endpoint: str) -> None:
+        self.keys, self.endpoint = keys, endpoint
+        self.error: ZygoteError | None = None
+        self._in_a_row = 0
+
+    def saw(self, event: int, value: int) -> ZygoteError | None:
+        """Take one monitor event; the error that now stands, if any."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.error, self._in_a_row = None, 0
+        elif (verdict := self.keys.explain(event, value, self.endpoint)) is not None:
+            why, certain = verdict
+            self._in_a_row += 1
+            if certain:
+                self.error = ZygoteError(why)
+            elif self._in_a_row >= _FAILURES_IN_A_ROW:
+                self.error = ServerUnavailable(why)
+        return self.error
 
 
 #: Handshake outcomes a client watches for on tcp.
@@ -152,12 +221,12 @@ HANDSHAKE_EVENTS = (
 
 
 class HandshakeWatch:
-    """Polls a client's socket, and on tcp its handshakes too: a refused
-    one raises ZygoteError saying why, from then until one succeeds."""
+    """Polls a client's socket, and on tcp its handshakes too (`Handshakes`):
+    a failed one raises its error, from then until one succeeds."""
 
     def __init__(self, sock: zmq.Socket[bytes], keys: ClientKeys, endpoint: str) -> None:
-        self.sock, self.keys, self.endpoint = sock, keys, endpoint
-        self.failure: str | None = None
+        self.sock = sock
+        self.handshakes = Handshakes(keys, endpoint)
         self.monitor: zmq.Socket[bytes] | None = None
         if endpoint.startswith("tcp://"):
             self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
@@ -176,14 +245,12 @@ class HandshakeWatch:
 
     def _check(self) -> None:
         assert self.monitor is not None
+        error = self.handshakes.error
         while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)["event"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.failure = None
-            else:
-                self.failure = self.keys.explain(event, self.endpoint) or self.failure
-        if self.failure is not None:
-            raise ZygoteError(self.failure)
+            event = recv_monitor_message(self.monitor)
+            error = self.handshakes.saw(event["event"], event["value"])
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         if self.monitor is not None:

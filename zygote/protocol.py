@@ -9,7 +9,8 @@ never takes a process down.
 Four conversations use this module:
 
 * client <-> supervisor, over ZeroMQ: `Spawn`, `Attach`, `Collected`, `Kill`,
-  `Stats`, `Ping`, `Refork`, `Stop` and the replies `Spawned`, `Result`, `Exited`, `Ok`, `Error`;
+  `Stats`, `Jobs`, `Ping`, `Refork`, `Stop` and the replies `Spawned`,
+  `Result`, `Exited`, `Ok`, `Error`;
 * supervisor <-> zygote, over a SOCK_SEQPACKET socket: `Boot`, `Booted`,
   `BootFailed`, `Fork`, `Forked`, `ForkFailed`, `Threads`, `Reaped`,
   `HelperStarted`, `HelperExited`;
@@ -179,6 +180,14 @@ class Kill(Message):
 @dataclass(frozen=True, slots=True)
 class Stats(Message):
     KIND = "stats"
+    req: int
+
+
+@dataclass(frozen=True, slots=True)
+class Jobs(Message):
+    """The jobs queued or running (on a CURVE endpoint: the asking key's)."""
+
+    KIND = "jobs"
     req: int
 
 
@@ -454,7 +463,7 @@ class Go(Message):
     KIND = "go"
 
 
-Request = Spawn | Attach | Collected | Kill | Stats | Ping | Refork | Reload | Stop
+Request = Spawn | Attach | Collected | Kill | Stats | Jobs | Ping | Refork | Reload | Stop
 Reply = Spawned | Result | Exited | Ok | Error
 Control = (
     Boot

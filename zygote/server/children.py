@@ -35,6 +35,8 @@ from .lifecycle import (
 )
 from .timers import Timer
 
+#: The directory our `zygote` package is in.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _RECV_CHUNK = 1 << 18
 #: Control messages are small (a fork request carries at most CARRY_LIMIT);
 #: anything longer is a protocol error, not a reason to allocate more.
@@ -116,8 +118,11 @@ class ZygoteProc:
         """Exec a fresh interpreter as the zygote. Never fork the supervisor
         itself: it has ZeroMQ's threads, and it must not carry their state."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The same zygote package as ours (a source checkout is found through
+        # the working directory, which -P leaves out), and then out of the way.
         code = (
-            "import sys; from zygote.child.forkserver import main; "
+            f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
+            "from zygote.child.forkserver import main; sys.path.pop(0); "
             "main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))"
         )
         # -P: no "" (the working directory, whatever it is now) on sys.path. A

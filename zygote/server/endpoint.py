@@ -59,6 +59,15 @@ class Listener:
             )
         elif self.address.startswith("tcp://"):
             warn_insecure(self.address)
+        if self.address.startswith("tcp://") and not config.allow_tasks:
+            modules = sorted({m for mods in config.lineages().values() for m in mods})
+            # A library among them (numpy: savetxt writes files) gives clients
+            # more than its name suggests: say so, once, where operators look.
+            log.warning(
+                "clients may run any function of the preloaded modules and their "
+                "submodules (%s); narrow that with --allow-task",
+                ", ".join(modules) or "none: no task at all",
+            )
         return self.router
 
     def receive(self) -> Iterator[tuple[Envelope, bytes, str | None]]:
@@ -130,7 +139,7 @@ def _bind_safely(router: zmq.Socket[bytes], endpoint: str) -> SocketFile | None:
         return None
     path = endpoint[len("ipc://") :]
     parent = Path(os.path.dirname(path) or ".")
-    if parent == runtime_dir() or not parent.is_dir():
+    if parent == runtime_dir() or not os.path.lexists(parent):
         ensure_private_dir(parent)
     else:
         check_socket_dir(parent, path)
@@ -150,12 +159,24 @@ def _bind_safely(router: zmq.Socket[bytes], endpoint: str) -> SocketFile | None:
 
 
 def check_socket_dir(parent: Path, path: str) -> None:
-    """A custom ipc endpoint's directory: ours (or root's) and writable by
-    nobody else, or sticky like /tmp with the socket name not another's.
-    In a directory others may write to, they can delete our socket and bind
-    an impostor that receives every client's arguments."""
-    info = parent.stat()
+    """A custom ipc endpoint's directory: a real directory (not a symlink,
+    which its owner could point elsewhere), ours or root's, and writable by
+    nobody else, or sticky like /tmp with the socket's name not another
+    user's. In a directory others may write to (or whose owner is another
+    user), they can delete our socket and bind an impostor that receives
+    every client's arguments."""
+    info = parent.lstat()
     me = os.getuid()
+    if stat.S_ISLNK(info.st_mode):
+        raise ConfigError(
+            f"cannot listen in {parent}: it is a symlink, which its owner can repoint; "
+            "name the real directory"
+        )
+    if info.st_uid not in (me, 0):
+        raise ConfigError(
+            f"cannot listen in {parent}: it belongs to uid {info.st_uid}, not to us ({me}) "
+            "or root; use a directory of your own (or the default endpoint)"
+        )
     if info.st_mode & stat.S_ISVTX:
         with contextlib.suppress(FileNotFoundError):
             owner = os.lstat(path).st_uid
@@ -165,11 +186,6 @@ def check_socket_dir(parent: Path, path: str) -> None:
                     f"directory {parent}, pick another name or a private directory"
                 )
         return
-    if info.st_uid not in (me, 0):
-        raise ConfigError(
-            f"cannot listen in {parent}: it belongs to uid {info.st_uid}, not to us ({me}) "
-            "or root; use a directory of your own (or the default endpoint)"
-        )
     if info.st_mode & 0o022:
         raise ConfigError(
             f"cannot listen in {parent}: other users can write to it (mode "

@@ -51,6 +51,9 @@ class Record:
     followers: dict[Envelope, None] = field(default_factory=dict)
     #: (client, request id) pairs still owed a Spawned reply
     waiting: list[tuple[Envelope, int]] = field(default_factory=list)
+    #: when it was accepted, and when its worker got the task (the store's clock)
+    accepted: float = 0.0
+    started: float | None = None
 
     @property
     def done(self) -> bool:
@@ -91,7 +94,7 @@ class ResultStore:
     def open(
         self, handle: str, task: str, client: Envelope, req: int, owner: str | None = None
     ) -> Record:
-        record = Record(handle, task, owner)
+        record = Record(handle, task, owner, accepted=self._clock())
         record.followers[client] = None
         record.waiting.append((client, req))
         self._records[handle] = record

@@ -38,6 +38,7 @@ from ..protocol import (
     Collected,
     Error,
     ErrorCode,
+    Jobs,
     Kill,
     Message,
     Ok,
@@ -57,6 +58,7 @@ from .auth import not_allowed
 from .children import Job
 from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
 from .loop import EventLoop
+from .report import job_list
 from .spawner import Spawner
 from .store import Envelope, Record, ResultStore
 from .tracker import Tracker
@@ -255,6 +257,9 @@ class Supervisor:
             self._send(envelope, Ok(msg.req, self._identity()))
         elif isinstance(msg, Stats):
             self._send(envelope, Ok(msg.req, self.stats()))
+        elif isinstance(msg, Jobs):
+            listing = job_list(self.spawner.jobs.values(), self._unfinished, owner, self.loop.now())
+            self._send(envelope, Ok(msg.req, {"jobs": listing}))
         elif isinstance(msg, Refork | Reload):
             self._on_generation_request(envelope, msg)
         elif isinstance(msg, Stop):
@@ -387,7 +392,7 @@ class Supervisor:
         if record is None:  # not a job of ours: a bug, said by the caller's StateError
             return
         record.pid, record.generation, record.warnings = pid, generation, list(warnings)
-        record.ready = True
+        record.ready, record.started = True, self.loop.now()
         for envelope, req in record.waiting:
             self._send(envelope, self._spawned(record, req))
         record.waiting.clear()
