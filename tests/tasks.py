@@ -136,3 +136,9 @@ def append_pid(path):
 def loaded(module):
     """Was `module` imported before this task ran (by the preload)?"""
     return module in sys.modules
+
+
+def nap(seconds=0.2):
+    """Sleep a little, never long (the fuzzer's task to kill mid-run)."""
+    time.sleep(min(max(float(seconds), 0.0), 0.3))
+    return seconds
