@@ -207,8 +207,10 @@ class Soak:
                     values = list(client.map(f"{APP}:square", items, timeout=RESULT_TIMEOUT))
                 except ZygoteError as exc:
                     self.ledger.error("map", exc)
-                    with self.ledger.lock:  # the items not yet done are not tracked
-                        self.ledger.submitted.difference_update(str(i[0]) for i in items)
+                    ids = {str(item[0]) for item in items}
+                    with self.ledger.lock:  # map() gives no handles: whether they ran is unknown
+                        self.ledger.submitted.difference_update(ids)
+                        self.ledger.uncertain.update(ids)
                     continue
                 with self.ledger.lock:
                     for item, value in zip(items, values, strict=True):
