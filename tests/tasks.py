@@ -143,3 +143,9 @@ def module_file(name):
     import importlib
 
     return importlib.import_module(name).__file__
+
+
+def nap(seconds=0.2):
+    """Sleep a little, never long (the fuzzer's task to kill mid-run)."""
+    time.sleep(min(max(float(seconds), 0.0), 0.3))
+    return seconds
