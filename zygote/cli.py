@@ -18,6 +18,8 @@ from .config import ConfigError, ServerConfig, load_toml, setup_logging
 from .errors import ServerUnavailable, TaskError, ZygoteError, ZygoteTimeout
 
 _DEFAULTS = ServerConfig(endpoint="ipc://(default)")
+#: Options whose help says their default itself.
+_NO_DEFAULT = ("worker_memory", "worker_cpu_seconds", "worker_nofile", "user", "group")
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, path: str | None) -> None:
@@ -45,7 +47,7 @@ def _server_option(
         help = f"{help} [default: the number of CPUs, at least 2; here {default}]"
     elif name == "fork_guard_timeout":
         help = f"{help} [default: 1, at most half of --fork-timeout]"
-    elif name not in ("endpoint", "refork_after") and not extra.get("multiple"):
+    elif name not in ("endpoint", "refork_after", *_NO_DEFAULT) and not extra.get("multiple"):
         help = f"{help} [default: {default}]"
     option = "--" + (flag or name).replace("_", "-")
     if kind is bool:  # an on/off switch: --fork-guards / --no-fork-guards
@@ -167,6 +169,34 @@ _SERVER_OPTIONS = [
     _server_option(
         "refork_timeout", float, "Seconds an on-demand refork waits for a finished task."
     ),
+    _server_option(
+        "cgroups",
+        bool,
+        "Kill what each job leaves behind with a cgroup v2 per worker where the hierarchy is"
+        " writable (--no-cgroups: process groups and orphan sweeps only).",
+    ),
+    _server_option(
+        "worker_memory",
+        str,
+        "Memory a worker may use beyond what it shares with its zygote, in bytes (or 512M,"
+        " 2G): cgroup memory.max with a memory controller, else RLIMIT_AS. [default: none]",
+    ),
+    _server_option(
+        "worker_cpu_seconds",
+        click.FloatRange(min=0, min_open=True),
+        "CPU seconds a task may use (RLIMIT_CPU). [default: none]",
+    ),
+    _server_option(
+        "worker_nofile",
+        click.IntRange(1),
+        "Open files a worker may have (RLIMIT_NOFILE). [default: none]",
+    ),
+    _server_option(
+        "user",
+        str,
+        "Run the zygotes and workers as this user (the supervisor stays root). [default: ours]",
+    ),
+    _server_option("group", str, "... and this group. [default: the user's own group]"),
 ]
 
 
