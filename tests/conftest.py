@@ -79,7 +79,8 @@ class Server:
         return int(wait_until(lambda: self.stats()["zygote_pid"], what="a zygote"))
 
     def descendants(self) -> list[psutil.Process]:
-        """Live (non-zombie) processes under the supervisor."""
+        """Live (non-zombie) processes under the supervisor, but its cgroup
+        watchdog (zygote/watchdog.py)."""
         try:
             procs = psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -87,7 +88,7 @@ class Server:
         alive = []
         for proc in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
-                if proc.status() != psutil.STATUS_ZOMBIE:
+                if proc.status() != psutil.STATUS_ZOMBIE and proc.name() != "zygote-watchdog":
                     alive.append(proc)
         return alive
 

@@ -52,8 +52,11 @@ class Worker:
         return "".join(p.read_text(errors="replace") for p in paths if p.exists())
 
     def descendants(self) -> list[psutil.Process]:
+        """Its processes, but the embedded server's cgroup watchdog: left
+        alone, it kills what the server leaves once the server is gone."""
         with contextlib.suppress(psutil.NoSuchProcess):
-            return psutil.Process(self.process.pid).children(recursive=True)
+            procs = psutil.Process(self.process.pid).children(recursive=True)
+            return [p for p in procs if _name(p) != "zygote-watchdog"]
         return []
 
     def servers(self) -> list[psutil.Process]:
@@ -109,6 +112,13 @@ def launch(
 
         wait_until(up, timeout=40, what="the celery worker to be ready")
     return worker
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def end(worker: Worker) -> None:

@@ -189,6 +189,16 @@ def test_keyword_arguments_env_and_cwd_reach_the_task(sock: Sock, tmp_path: Path
     send(sock, "collected", handles=["doc-echo-1", "doc-env-1", "doc-cwd-1"])
 
 
+def test_a_spawn_with_limits_that_runs_into_one_is_lost_naming_it(sock: Sock) -> None:
+    limits = {"memory": 16 << 20}  # §3: lowers the server's limits for this job
+    spawn(sock, 1, "tests.leftovers:allocate", 64 << 20, limits=limits, handle="doc-limit-1")
+    _, result, _ = (receive(sock) for _ in range(3))
+    assert (result["outcome"], result["limit"]) == ("lost", "memory"), result  # §4
+    spawn(sock, 2, "tests.leftovers:allocate", 1, limits={"disk": 1}, handle="doc-limit-2")
+    expect_error(receive(sock), 2, "bad_request", "unknown limit")
+    send(sock, "collected", handles=["doc-limit-1"])
+
+
 def test_a_spawn_without_a_handle_gets_a_server_made_one(sock: Sock) -> None:
     server_id = call(sock, "ping", 1)["info"]["server"]
     spawn(sock, 2, "tests.tasks:sleep", 0, None)

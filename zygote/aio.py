@@ -36,7 +36,7 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from .client import PROBE_EVERY, PROBE_TIMEOUT
-from .codec import check_spawn_size, decode_reply, encode, prepare_spawn
+from .codec import check_spawn_size, decode_reply, encode, prepare_limits, prepare_spawn
 from .config import ConfigError, default_endpoint
 from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout, error_for
 from .handle import Delivery, ExitInfo, _outcome
@@ -202,10 +202,12 @@ class Zygote:
         _env: dict[str, str] | None = None,
         _cwd: str | None = None,
         _profile: str | None = None,
+        _limits: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> Handle:
         """Run `task` in a new worker; returns once it runs (see `zygote.Zygote.spawn`)."""
         spawn = prepare_spawn(task, args, kwargs, _timeout, _env, _cwd, _profile)
+        limits = prepare_limits(_limits)
         payload, env, cwd, size = spawn
         if self._server is None:
             await self.ping()
@@ -218,7 +220,7 @@ class Zygote:
         def make(req: int) -> Spawn:
             name = self._name(req)
             expected.append(self._job(name, 0))
-            return Spawn(req, task, payload, _timeout, env, cwd, name, _profile)
+            return Spawn(req, task, payload, _timeout, env, cwd, name, _profile, limits)
 
         reply = await self._call(make)
         assert isinstance(reply, Spawned)

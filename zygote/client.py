@@ -30,6 +30,7 @@ from .codec import (
     check_spawn_size,
     decode_reply,
     encode,
+    prepare_limits,
     prepare_spawn,
 )
 from .config import ConfigError, default_endpoint
@@ -176,6 +177,7 @@ class Zygote:
         _env: dict[str, str] | None = None,
         _cwd: str | None = None,
         _profile: str | None = None,
+        _limits: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> Handle:
         """Run `task` ("package.module:function") with the given arguments in a
@@ -184,10 +186,12 @@ class Zygote:
         `_timeout` kills the task after that many seconds, `_env` adds
         environment variables, `_cwd` sets its working directory, `_profile`
         picks the zygote lineage (`zygote start --profile NAME=...`) to fork
-        it from. Arguments and the result travel as msgpack (tuples arrive
-        as lists).
+        it from, `_limits` lowers the server's worker limits for this job
+        (`{"memory": bytes, "cpu_seconds": s, "nofile": n}`; running into
+        one ends the job with `WorkerLost`, its `.limit` naming it).
+        Arguments and the result travel as msgpack (tuples arrive as lists).
         """
-        message = self._spawn_message(task, args, kwargs, _timeout, _env, _cwd, _profile)
+        message = self._spawn_message(task, args, kwargs, _timeout, _env, _cwd, _profile, _limits)
         req = self._send_spawn(message)
         reply = self._reply(req, self.timeout, follow=self._handle_for(req))
         assert isinstance(reply, Handle)
@@ -282,15 +286,17 @@ class Zygote:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         profile: str | None = None,
+        limits: dict[str, float] | None = None,
     ) -> Callable[[int], Message]:
         payload, env, cwd, size = prepare_spawn(task, args, kwargs, timeout, env, cwd, profile)
+        sent_limits = prepare_limits(limits)
         if size > 65536 and self._server is None:
             # Too big to guess: the server drops (and disconnects) anything
             # past its limit without a word, so learn the limit first.
             self._wait(lambda: self._server is not None, self.timeout or 10.0)
         check_spawn_size(size, self._max_message)
         return lambda req: Spawn(
-            req, task, payload, timeout, env, cwd, self._handle_for(req), profile
+            req, task, payload, timeout, env, cwd, self._handle_for(req), profile, sent_limits
         )
 
     def _send(self, make: Callable[[int], Message]) -> int:

@@ -64,6 +64,7 @@ from .protocol import (
     UnknownKind,
     UnsupportedVersion,
     ValidatorFailed,
+    check_limits,
     check_profile_name,
     check_task_name,
     spawn_size,
@@ -260,6 +261,20 @@ def prepare_spawn(
     sent_env = {str(k): str(v) for k, v in env.items()} if env is not None else None
     sent_cwd = os.fspath(cwd) if cwd is not None else None
     return payload, sent_env, sent_cwd, spawn_size(task, payload, sent_env, sent_cwd)
+
+
+def prepare_limits(limits: dict[str, float] | None) -> dict[str, float] | None:
+    """A spawn's `_limits` as sent, checked as the server would (ValueError)."""
+    if limits is None:
+        return None
+    try:
+        sent = {str(k): v for k, v in limits.items()}
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in sent.values()):
+            raise ValueError(f"_limits values must be numbers: {limits!r}")
+        check_limits(sent)
+    except ProtocolError as exc:
+        raise ValueError(f"_limits: {exc}") from None
+    return sent
 
 
 def check_spawn_size(size: int, limit: int) -> None:

@@ -7,8 +7,10 @@ environment variables and a TOML file; docs/configuration.md lists them.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import logging
 import os
+import pwd
 import signal
 import stat
 import tomllib
@@ -168,6 +170,22 @@ class ServerConfig:
     #: tasks clients may spawn, fnmatch patterns on "module:qualname"; when
     #: empty: anything on ipc, on tcp only the preloaded modules' own
     allow_tasks: list[str] = field(default_factory=list)
+    #: kill what a job leaves behind with a cgroup v2 per child where the
+    #: hierarchy is writable; off (or not writable): process groups and
+    #: orphan sweeps, which a supervisor SIGKILL escapes (docs/cleanup-and-limits.md)
+    cgroups: bool = True
+    #: bytes a worker may use beyond what it shares with its zygote: cgroup
+    #: memory.max where a memory controller is available, else RLIMIT_AS
+    worker_memory: int | None = None
+    #: CPU seconds a worker's task may use (RLIMIT_CPU: SIGXCPU, SIGKILL 1 s later)
+    worker_cpu_seconds: float | None = None
+    #: open files a worker may have (RLIMIT_NOFILE: EMFILE inside the task)
+    worker_nofile: int | None = None
+    #: run the zygotes and workers as this user (name or uid); the supervisor
+    #: stays root to manage cgroups; needs root
+    user: str | None = None
+    #: ... and this group (default: the user's own group)
+    group: str | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -239,6 +257,39 @@ class ServerConfig:
                 raise ConfigError(f"a validator is named 'module:function', not {task!r}")
         self.refork_after = _spawn_counts(self.refork_after)
         self.profiles = _profiles(self.profiles)
+        if self.worker_memory is not None:
+            self.worker_memory = parse_bytes(self.worker_memory)
+        for name in ("worker_memory", "worker_cpu_seconds", "worker_nofile"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be positive, not {value!r}")
+        self.credentials()  # the user and group exist, and we may switch to them
+
+    def credentials(self) -> tuple[int, int, list[int]] | None:
+        """(uid, gid, supplementary groups) to run zygotes and workers as, or
+        None to run them as ourselves."""
+        if self.user is None and self.group is None:
+            return None
+        try:
+            entry = pwd.getpwnam(self.user) if self.user else pwd.getpwuid(os.getuid())
+        except KeyError:
+            try:
+                entry = pwd.getpwuid(int(str(self.user)))
+            except (KeyError, ValueError):
+                raise ConfigError(f"user: no such user {self.user!r}") from None
+        gid = entry.pw_gid
+        if self.group is not None:
+            try:
+                gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                try:
+                    gid = grp.getgrgid(int(self.group)).gr_gid
+                except (KeyError, ValueError):
+                    raise ConfigError(f"group: no such group {self.group!r}") from None
+        groups = sorted(set(os.getgrouplist(entry.pw_name, gid)))
+        if os.geteuid() != 0 and (entry.pw_uid, gid) != (os.geteuid(), os.getegid()):
+            raise ConfigError("user/group: switching to another user needs root")
+        return entry.pw_uid, gid, groups
 
     def task_patterns(self, profile: str) -> list[str] | None:
         """The tasks a client may spawn into `profile`, as fnmatch patterns;
@@ -304,6 +355,24 @@ def _spawn_counts(value: object) -> list[int]:
                 )
             counts.append(count)
     return counts
+
+
+def parse_bytes(value: object) -> int:
+    """A size: 1048576, "1048576", "512K", "64M", "2G" (binary units)."""
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if text[-1:] in _UNITS:
+        text, scale = text[:-1], _UNITS[text[-1]]
+    try:
+        size = int(float(text) * scale)
+    except ValueError:
+        raise ConfigError(f"not a size in bytes: {value!r} (e.g. 536870912, 512M, 2G)") from None
+    if size < 1:
+        raise ConfigError(f"a size must be positive, not {value!r}")
+    return size
+
+
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def signal_by_name(name: str | int) -> signal.Signals:

@@ -66,14 +66,22 @@ class TaskError(ZygoteError):
 
 class WorkerLost(ZygoteError):
     """The worker died without sending a result: killed by `signal`, or
-    exited with `exit_code` (e.g. `os._exit(3)`) before reporting."""
+    exited with `exit_code` (e.g. `os._exit(3)`) before reporting. `limit`
+    names the worker limit that ended it, if one did: "memory",
+    "cpu_seconds" or "nofile" (docs/cleanup-and-limits.md)."""
 
     def __init__(
-        self, message: str, *, exit_code: int | None = None, signal: int | None = None
+        self,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        signal: int | None = None,
+        limit: str | None = None,
     ) -> None:
         super().__init__(message)
         self.exit_code = exit_code
         self.signal = signal
+        self.limit = limit
 
 
 class ServerUnavailable(ZygoteError):

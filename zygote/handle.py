@@ -160,5 +160,7 @@ def _outcome(result: Result) -> Any:
             exit_code=result.exit_code,
         )
     if result.outcome == LOST:
-        raise WorkerLost(result.message, exit_code=result.exit_code, signal=result.signal)
+        raise WorkerLost(
+            result.message, exit_code=result.exit_code, signal=result.signal, limit=result.limit
+        )
     raise TaskTimeout(result.message, exit_code=result.exit_code, signal=result.signal)

@@ -189,6 +189,34 @@ SERVER_OPTIONS = [
         flag="allow_task",
         multiple=True,
     ),
+    _server_option(
+        "cgroups",
+        bool,
+        "Kill what each job leaves behind with a cgroup v2 per worker where the hierarchy is"
+        " writable (--no-cgroups: process groups and orphan sweeps only).",
+    ),
+    _server_option(
+        "worker_memory",
+        str,
+        "Memory a worker may use beyond what it shares with its zygote, in bytes (or 512M,"
+        " 2G): cgroup memory.max with a memory controller, else RLIMIT_AS. [default: none]",
+    ),
+    _server_option(
+        "worker_cpu_seconds",
+        click.FloatRange(min=0, min_open=True),
+        "CPU seconds a task may use (RLIMIT_CPU). [default: none]",
+    ),
+    _server_option(
+        "worker_nofile",
+        click.IntRange(1),
+        "Open files a worker may have (RLIMIT_NOFILE). [default: none]",
+    ),
+    _server_option(
+        "user",
+        str,
+        "Run the zygotes and workers as this user (the supervisor stays root). [default: ours]",
+    ),
+    _server_option("group", str, "... and this group. [default: the user's own group]"),
 ]
 
 

@@ -135,10 +135,13 @@ class Spawn(Message):
     handle: str | None = None
     #: the zygote lineage (`--profile NAME=...`) to run it in; None: the default
     profile: str | None = None
+    #: resource limits for this job (LIMIT_NAMES), lowering the server's
+    limits: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         check_task_name(self.task)
         check_profile_name(self.profile)
+        check_limits(self.limits)
         if self.handle is not None and not _HANDLE_RE.fullmatch(self.handle):
             raise MalformedMessage(f"a handle is 1-64 of [A-Za-z0-9_.-], not {self.handle!r:.80}")
         if self.timeout is not None and not self.timeout > 0:
@@ -260,6 +263,8 @@ class Result(Message):
     traceback: str = ""
     exit_code: int | None = None
     signal: int | None = None
+    #: the limit (LIMIT_NAMES) the worker ran into, when that ended it
+    limit: str | None = None
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -348,6 +353,10 @@ class Fork(Message):
     env: dict[str, str] | None = None
     cwd: str | None = None
     candidate: bool = False  # see Task.candidate
+    limits: dict[str, float] | None = None  # see Task.limits
+    #: the zygote writes Go once it has handed the channel over; False: the
+    #: supervisor does (after moving the child into its cgroup)
+    go: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +455,8 @@ class Task(Message):
     cwd: str | None = None
     #: may be promoted to a zygote once its task succeeds: it waits to hear
     candidate: bool = False
+    #: the limits the worker sets on itself (rlimits) before the task
+    limits: dict[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,6 +492,20 @@ ChannelMessage = Ready | Phase | ValidatorFailed | Result | Task | Go | Promote
 
 
 DEFAULT_PROFILE = "default"
+#: The resource limits a spawn may set: bytes, CPU seconds, open files.
+LIMIT_NAMES = ("memory", "cpu_seconds", "nofile")
+
+
+def check_limits(limits: dict[str, float] | None) -> None:
+    """Raise MalformedMessage unless `limits` is None or known names with
+    positive values."""
+    for name, value in (limits or {}).items():
+        if name not in LIMIT_NAMES:
+            raise MalformedMessage(f"unknown limit {name!r:.40}: one of {', '.join(LIMIT_NAMES)}")
+        if not value > 0:
+            raise MalformedMessage(f"limit {name} must be positive, not {value!r}")
+
+
 _PROFILE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 

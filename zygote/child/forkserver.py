@@ -179,6 +179,7 @@ class ForkServer:
                 request.env,
                 request.cwd,
                 candidate=request.candidate,
+                limits=request.limits,
             )
             task.prepare(import_modules=False)
         threads, reported = self.inventory()
@@ -217,10 +218,12 @@ class ForkServer:
         try:
             forked = Forked(request.handle, pid, warnings, held.waited, held.missed)
             socket.send_fds(self.control, [encode(forked)], [ours, pidfd])
-            if task is not None:
+            if task is not None and request.go:
                 # Only now does the supervisor own the channel, so only now
                 # may the task run: had we died before this point, the child
                 # would see its channel close and exit without running it.
+                # (With cgroups the supervisor says it, once the child is in
+                # its cgroup: `request.go` is False.)
                 os.write(ours, GO_FRAME)
         finally:
             for fd in (ours, theirs, lifeline):

@@ -9,6 +9,7 @@ that no inherited at-exit handler (OpenSSL's is a known deadlock site) runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any
 import msgpack
 
 from .. import hooks
+from ..cgroups import apply_rlimits, describe_limit
 from ..codec import (
     GO_FRAME,
     FrameDecoder,
@@ -36,6 +38,7 @@ from ..codec import (
 from ..linux import lifeline_cut
 from ..protocol import (
     EXITED,
+    LOST,
     RAISED,
     Go,
     Phase,
@@ -84,10 +87,19 @@ class PreparedTask:
     kwargs: dict[str, Any] | None = None
     ok_prefix: bytes = b""
     candidate: bool = False  # may become a zygote after it: wait to hear
+    limits: dict[str, float] | None = None  # rlimits to set before it runs
 
     @classmethod
     def from_message(cls, msg: Task) -> PreparedTask:
-        return cls(msg.handle, msg.task, msg.payload, msg.env, msg.cwd, candidate=msg.candidate)
+        return cls(
+            msg.handle,
+            msg.task,
+            msg.payload,
+            msg.env,
+            msg.cwd,
+            candidate=msg.candidate,
+            limits=msg.limits,
+        )
 
     def prepare(self, *, import_modules: bool) -> None:
         """Resolve the function and decode the arguments, if possible.
@@ -208,6 +220,9 @@ def run(setup: ChildSetup) -> int:
     """
     for fd in setup.close:
         os.close(fd)
+    # A process group of its own: without cgroups, what its task starts
+    # (unless it leaves the group) is killed with it (server/cleanup.py).
+    os.setpgid(0, 0)
     channel = setup.channel
     for step in setup.steps:
         _write_all(channel, step.phase_frame)
@@ -363,11 +378,16 @@ def _run_task(
         assert task.func is not None and task.args is not None and task.kwargs is not None
         if allow is not None:
             check_defined_where_allowed(task.task, task.func, allow)
+        if task.limits:
+            apply_rlimits(task.limits)
         value = task.func(*task.args, **task.kwargs)
     except SystemExit as exc:
         code, message = _exit_code(exc)
         return encode(Result(task.handle, EXITED, exit_code=code, message=message)), code
     except BaseException as exc:
+        limit = _limit_reached(exc, task.limits)
+        if limit is not None:
+            return _lost_to_limit(task, limit, exc), 1
         return _raised(task.handle, exc), code
     try:
         result = task.ok_prefix + msgpack.packb(msgpack.packb(value, use_bin_type=True))
@@ -383,6 +403,32 @@ def _run_task(
         )
         return _raised(task.handle, err, tb=False), code
     return result, code
+
+
+def _limit_reached(exc: BaseException, limits: dict[str, float] | None) -> str | None:
+    """The rlimit an exception escaping the task comes from, if it does: the
+    kernel refused memory (RLIMIT_AS) or a descriptor (RLIMIT_NOFILE), and
+    Python raised it in the task instead of the process dying."""
+    if not limits:
+        return None
+    if isinstance(exc, MemoryError) and "memory" in limits:
+        return "memory"
+    if isinstance(exc, OSError) and exc.errno == errno.EMFILE and "nofile" in limits:
+        return "nofile"
+    return None
+
+
+def _lost_to_limit(task: PreparedTask, limit: str, exc: BaseException) -> bytes:
+    """The job ends as lost (WorkerLost, `.limit` set): the worker could not
+    go on within its limit. The exception and its traceback are kept."""
+    assert task.limits is not None
+    rlimit = {"memory": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE"}[limit]
+    message = (
+        f"{task.task} ran past its {describe_limit(limit, task.limits[limit])} ({rlimit}): "
+        f"{type_name(type(exc))}: {exc}"
+    )
+    text = "".join(traceback.format_exception(exc))
+    return encode(Result(task.handle, LOST, message=message, traceback=text, limit=limit))
 
 
 def _raised(handle: str, exc: BaseException, *, tb: bool = True) -> bytes:

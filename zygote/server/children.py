@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import enum
 import os
+import pwd
 import select
 import signal
 import socket
@@ -19,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..cgroups import Cgroup
 from ..codec import FrameDecoder, decode_control
 from ..linux import describe_wait_status, send_signal, wait_status_parts
 from ..protocol import DEFAULT_PROFILE, Control, Forked, ProtocolError, Spawn
@@ -63,6 +65,8 @@ class Job:
     child: Child | None = None
     #: the signal a client killed it with before it ran: not retried
     killed: int | None = None
+    #: its resource limits: the server's, lowered by the spawn's own
+    limits: dict[str, float] = field(default_factory=dict)
 
     @property
     def profile(self) -> str:
@@ -114,9 +118,16 @@ class ZygoteProc:
     profile: str = DEFAULT_PROFILE
 
     @classmethod
-    def start(cls, generation: int, lifeline_fd: int, now: float) -> ZygoteProc:
-        """Exec a fresh interpreter as the zygote. Never fork the supervisor
-        itself: it has ZeroMQ's threads, and it must not carry their state."""
+    def start(
+        cls,
+        generation: int,
+        lifeline_fd: int,
+        now: float,
+        credentials: tuple[int, int, list[int]] | None = None,
+    ) -> ZygoteProc:
+        """Exec a fresh interpreter as the zygote (as the user and groups of
+        `credentials`, if given). Never fork the supervisor itself: it has
+        ZeroMQ's threads, and it must not carry their state."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # The same zygote package as ours (a source checkout is found through
         # the working directory, which -P leaves out), and then out of the way.
@@ -130,11 +141,15 @@ class ZygoteProc:
         # puts the server's own directory there, as an absolute path).
         argv = [sys.executable, "-P", "-c", code, str(theirs.fileno()), str(lifeline_fd)]
         argv.append(str(os.getpid()))
+        switch: dict[str, Any] = {}
+        if credentials is not None:
+            uid, gid, groups = credentials
+            switch = {"user": uid, "group": gid, "extra_groups": groups, "env": _user_env(uid)}
         try:
             # Its own process group: a terminal's ^C reaches the supervisor
             # only, which then decides how workers stop.
             process = subprocess.Popen(
-                argv, pass_fds=(theirs.fileno(), lifeline_fd), process_group=0
+                argv, pass_fds=(theirs.fileno(), lifeline_fd), process_group=0, **switch
             )
         except BaseException:
             ours.close()
@@ -184,6 +199,13 @@ class ZygoteProc:
                     messages.append((f"sent garbage: {exc}", fds))
 
 
+def _user_env(uid: int) -> dict[str, str]:
+    """Our environment, with the user's own HOME, USER and LOGNAME."""
+    entry = pwd.getpwuid(uid)
+    names = {"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name}
+    return {**os.environ, **names}
+
+
 @dataclass(eq=False)
 class Child:
     """One fork request and, once forked, the process it made: a worker for
@@ -218,6 +240,10 @@ class Child:
     status: int | None = None
     status_lost: bool = False
     rusage: tuple[float, float, int] = (0.0, 0.0, 0)
+    # Cleanup and limits (cleanup.py).
+    cgroup: Cgroup | None = None  # its own, while it has one
+    limits: dict[str, float] = field(default_factory=dict)  # its job's
+    limit_hit: str | None = None  # the limit that the kernel ended it for
 
     def __post_init__(self) -> None:
         self.slots.moved(False, self.holds_slot)  # a fork for a job takes a slot

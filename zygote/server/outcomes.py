@@ -6,8 +6,10 @@ I/O."""
 from __future__ import annotations
 
 import collections
+import signal
 from typing import Any, Protocol
 
+from ..cgroups import describe_limit
 from ..codec import decode_channel, encode, frame
 from ..protocol import LOST, OK, TIMEOUT, ErrorCode, Exited, Result, Task
 from .children import Child, Job
@@ -51,22 +53,41 @@ class Counts(collections.Counter[str]):
         }
 
 
-def task_frame(job: Job, candidate: bool) -> bytes:
-    """The framed Task for a worker's channel."""
+def task_frame(job: Job, candidate: bool, limits: dict[str, float] | None = None) -> bytes:
+    """The framed Task for a worker's channel (`limits`: the rlimits it sets)."""
     spawn = job.spawn
-    return frame(
-        encode(Task(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd, candidate))
+    task = Task(
+        job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd, candidate, limits or None
     )
+    return frame(encode(task))
 
 
 def missing_result(job: Job, child: Child, code: int | None, sig: int | None, words: str) -> bytes:
     """The Result of a worker that ended without sending one: lost, or killed
     at its time limit."""
     outcome, what = LOST, words
+    limit = limit_hit(child, sig)
     if child.timed_out:
         outcome, what = TIMEOUT, f"ran past its {job.spawn.timeout:g}s timeout and was killed"
+    elif limit is not None:
+        what = f"{words}: it ran past its {describe_limit(limit, child.limits[limit])}"
     message = f"worker {child.pid} running {job.spawn.task} {what}"
-    return encode(Result(job.handle, outcome, message=message, exit_code=code, signal=sig))
+    return encode(
+        Result(job.handle, outcome, message=message, exit_code=code, signal=sig, limit=limit)
+    )
+
+
+def limit_hit(child: Child, sig: int | None) -> str | None:
+    """The limit the kernel ended a worker for, as far as can be told: the
+    cgroup's OOM kill count, SIGXCPU, or SIGKILL at the CPU hard limit."""
+    if child.limit_hit is not None and child.limit_hit in child.limits:
+        return child.limit_hit
+    cpu = child.limits.get("cpu_seconds")
+    if cpu is not None and sig == signal.SIGXCPU:
+        return "cpu_seconds"
+    if cpu is not None and sig == signal.SIGKILL and sum(child.rusage[:2]) >= cpu:
+        return "cpu_seconds"
+    return None
 
 
 def exit_report(

@@ -28,6 +28,7 @@ from ..protocol import (
 )
 from . import outcomes
 from .children import Child, Job, ZygoteProc
+from .cleanup import Cleanup, effective_limits
 from .fleet import Fleet
 from .lifecycle import ChildState, JobState, Slots
 from .lineage import Lineage
@@ -51,10 +52,12 @@ class Spawner:
         fleets: dict[str, Fleet],
         tracker: Tracker,
         clients: Clients,
+        cleanup: Cleanup | None = None,
     ) -> None:
         self.config = config
         self.loop = loop
         self.tracker = tracker
+        self.cleanup = cleanup or Cleanup()
         self.clients = clients
         self.jobs: dict[str, Job] = {}
         self.slots = Slots(config.max_workers)  # counted by the children's moves
@@ -83,6 +86,7 @@ class Spawner:
 
     def submit(self, job: Job) -> None:
         """Queue an accepted job (its profile checked by the caller)."""
+        job.limits = effective_limits(self.config, job.spawn.limits)
         self.jobs[job.handle] = job
         self.lineages[job.profile].queue.append(job)
         self.counts["accepted"] += 1
@@ -137,7 +141,11 @@ class Spawner:
         candidate = self._candidate_wanted(zygote, job)
         request = Fork(job.handle, candidate=candidate)
         if carried:
-            request = Fork(job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd, candidate)
+            limits = self.cleanup.worker_limits(job.limits) or None
+            go = not self.cleanup.supervisor_go  # else sent once it is in its cgroup
+            request = Fork(
+                job.handle, spawn.task, spawn.payload, spawn.env, spawn.cwd, candidate, limits, go
+            )
         child = self._fork(zygote, request, job)
         if child is None:
             return False
@@ -181,9 +189,14 @@ class Spawner:
         # Answer the client first: measured, writing the task first made the
         # child's wake-up compete with the reply, slowing both.
         self._running(child, job)
-        self.tracker.send(child, outcomes.task_frame(job, child.candidate))
+        self.cleanup.limit(child, job.limits)
+        self.tracker.send(child, self._task_frame(child, job))
         job.move(JobState.RUNNING)  # drops its arguments: after the reply, not before
         log.debug("spawn %s %s: pool worker %d", job.handle, job.spawn.task, child.pid)
+
+    def _task_frame(self, child: Child, job: Job) -> bytes:
+        limits = self.cleanup.worker_limits(job.limits)
+        return outcomes.task_frame(job, child.candidate, limits)
 
     def _running(self, child: Child, job: Job) -> None:
         """The job has a ready worker: answer its clients, start its clock."""
@@ -244,7 +257,9 @@ class Spawner:
             child.signal(job.killed)
             return
         if not child.carried:
-            self.tracker.send(child, outcomes.task_frame(job, child.candidate))
+            self.tracker.send(child, self._task_frame(child, job))
+        elif self.cleanup.supervisor_go:  # it is in its cgroup now: it may go
+            self.tracker.send(child, GO_FRAME)
         log.debug("spawn %s: worker %d of generation %d", job.handle, child.pid, zygote.generation)
 
     def _lost_carried(self, zygote: ZygoteProc, child: Child, job: Job, pid: int) -> None:

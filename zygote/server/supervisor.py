@@ -55,7 +55,8 @@ from ..protocol import (
 )
 from . import endpoint
 from .auth import not_allowed
-from .children import Job
+from .children import Job, ZygoteProc
+from .cleanup import make_cleanup
 from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
 from .loop import EventLoop
 from .report import job_list
@@ -82,7 +83,11 @@ class Supervisor:
         self.store = ResultStore(config.result_ttl, config.max_results, config.max_results_bytes)
         # Workers hold the read end of this pipe; its write end, only we.
         self.lifeline_r, self.lifeline_w = os.pipe()
-        self.tracker = Tracker(config, self.loop)
+        self.credentials = config.credentials()
+        if self.credentials is not None:  # the zygote re-opens it for each child
+            os.fchown(self.lifeline_r, self.credentials[0], self.credentials[1])
+        self.cleanup = make_cleanup(config, self.server_id, self._census)
+        self.tracker = Tracker(config, self.loop, cleanup=self.cleanup)
         # One lineage of zygotes per profile, the default one (--preload) first.
         self.fleets = {
             name: Fleet(
@@ -93,13 +98,14 @@ class Supervisor:
                 self.give_up,
                 profile=name,
                 preload=preload,
+                launch=self._launch_zygote,
                 announce=functools.partial(self._generation_switched, name),
             )
             for name, preload in config.lineages().items()
         }
         # Clients waiting for an on-demand refork's outcome, by profile.
         self._refork_waiters: dict[str, list[tuple[Envelope, int]]] = collections.defaultdict(list)
-        self.spawner = Spawner(config, self.loop, self.fleets, self.tracker, self)
+        self.spawner = Spawner(config, self.loop, self.fleets, self.tracker, self, self.cleanup)
         self.signals: collections.deque[int] = collections.deque()
         self.stopping: str | None = None
         self.exit_code = EXIT_OK
@@ -122,8 +128,21 @@ class Supervisor:
             self._teardown()
         return self.exit_code
 
+    def _launch_zygote(self, generation: int, lifeline: int, now: float) -> ZygoteProc:
+        zygote = ZygoteProc.start(generation, lifeline, now, self.credentials)
+        self.cleanup.zygote_started(zygote.pid)  # before it runs anything of the app's
+        return zygote
+
+    def _census(self) -> tuple[set[int], set[int]]:
+        """(our children that are ours to keep, workers running a job)."""
+        zygotes = {pid for fleet in self.fleets.values() for pid in fleet.zygotes}
+        children = self.tracker.children
+        running = {pid for pid, child in children.items() if child.job is not None}
+        return zygotes | children.keys(), running
+
     def _setup(self) -> None:
         set_child_subreaper()
+        self.cleanup.start()
         self.context = zmq.Context(io_threads=1)
         self.router = self.listener.open(self.context, self.loop)
         self.endpoint = self.listener.address
@@ -157,6 +176,12 @@ class Supervisor:
         for fleet in fleets:
             fleet.kill_all()
             fleet.close()
+        # Whatever tasks left running (daemons, children), and the zygotes.
+        self.cleanup.stop()
+        deadline = time.monotonic() + 2.0
+        while not self.cleanup.finished() and time.monotonic() < deadline:
+            time.sleep(0.01)
+            self._reap()
         self.listener.close()
         self.context.term()
         self.listener.remove()
@@ -167,6 +192,7 @@ class Supervisor:
     def _housekeeping(self) -> None:
         self.loop.later(_HOUSEKEEPING, self._housekeeping)
         self.listener.rejections.report()
+        self.cleanup.sweep()
         working = {child.zygote.pid for child in self.tracker.children.values()}
         for fleet in self.fleets.values():
             fleet.drops.forget(working)
@@ -207,10 +233,13 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if self.cleanup.reaped(pid, bool(self.stopping)):
+                continue
             if not any(fleet.reaped(pid, status) for fleet in self.fleets.values()):
                 rusage = (usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
                 if not self.tracker.exit_status(pid, status, rusage):
                     log.debug("reaped process %d (%s)", pid, describe_wait_status(status))
+                    self.cleanup.sweep()  # its children, if any, are ours now
 
     # -- clients ----------------------------------------------------------
 
@@ -498,4 +527,5 @@ class Supervisor:
             "busy_rejections": self.busy_rejections,
             "rejected_messages": self.listener.rejections.count,
             "internal_errors": self.loop.internal_errors,
+            **self.cleanup.stats(),
         }

@@ -26,6 +26,7 @@ from ..config import ServerConfig, signal_by_name
 from ..linux import child_pids, kill_child
 from ..protocol import Message, Phase, Promote, ProtocolError, Ready, Result, ValidatorFailed
 from .children import Child, ZygoteProc
+from .cleanup import Cleanup
 from .lifecycle import ChildState
 from .loop import EventLoop
 
@@ -51,10 +52,13 @@ class Tracker:
         config: ServerConfig,
         loop: EventLoop,
         find_children: Callable[[], set[int]] = child_pids,
+        cleanup: Cleanup | None = None,
     ) -> None:
         self.config = config
         self.loop = loop
         self.find_children = find_children
+        #: what a child leaves behind, killed when it exits (cleanup.py)
+        self.cleanup = cleanup or Cleanup()
         self.events: ChildEvents  # the spawner, which listens once it is built
         self.children: dict[int, Child] = {}  # forked and not yet ended, by pid
         self.kill_signal = signal_by_name(config.kill_signal)
@@ -74,6 +78,7 @@ class Tracker:
             else:
                 self._settle(old)
         self.children[child.pid] = child
+        self.cleanup.child_forked(child)  # before it may run a task
         assert child.channel is not None
         self.loop.watch(child.channel.fileno(), lambda: self._on_channel(child))
         self.loop.watch(child.pidfd, lambda: self._on_exit(child))
@@ -111,6 +116,7 @@ class Tracker:
         finally:
             theirs.close()
         ours.setblocking(False)
+        self.cleanup.promoted(child)
         self.close_channel(child)
         self.loop.unwatch(child.pidfd)
         child.cancel_timers()
@@ -195,7 +201,7 @@ class Tracker:
         for child in list(self.children.values()):
             if child.zygote is zygote and child.state is ChildState.EXITED:
                 self._reap_orphan(child)
-        for pid in self.find_children() - known - self.children.keys():
+        for pid in self.find_children() - known - self.children.keys() - self.cleanup.own():
             if pid == zygote.helper_pid:  # the next zygote starts its own
                 log.info(
                     "killing the helper (pid %d) of zygote generation %d, which is gone",
@@ -280,6 +286,7 @@ class Tracker:
         # would be reported as lost.
         self._on_channel(child)
         self.close_channel(child)
+        self.cleanup.child_exited(child)  # what its task left behind goes too
         child.cancel_timers()
         child.move(ChildState.EXITED)
         self.events.child_exited(child)
