@@ -165,6 +165,8 @@ class ServerConfig:
     #: tasks clients may spawn, fnmatch patterns on "module:qualname"; when
     #: empty: anything on ipc, on tcp only the preloaded modules' own
     allow_tasks: list[str] = field(default_factory=list)
+    #: serve Prometheus metrics over HTTP on this HOST:PORT (needs prometheus_client)
+    metrics: str | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -225,6 +227,8 @@ class ServerConfig:
                     f"an --allow-task pattern matches 'module:qualname', so it has a ':' "
                     f"(like 'myapp.tasks:*'), not {pattern!r}"
                 )
+        if self.metrics is not None:
+            host_port(self.metrics)  # checked now, bound when the server starts
         self.log_level = self.log_level.upper()
         self.kill_signal = signal_by_name(self.kill_signal).name
         if self.thread_policy not in ("warn", "refuse", "defer"):
@@ -301,6 +305,19 @@ def _spawn_counts(value: object) -> list[int]:
                 )
             counts.append(count)
     return counts
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """ "127.0.0.1:9464" or "[::1]:9464" -> (host, port). The host is required:
+    a network listener binds only where it is asked to."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"metrics address is HOST:PORT (like 127.0.0.1:9464, or 0.0.0.0:9464 to "
+            f"listen on every interface), not {address!r}"
+        )
+    return host, int(port)
 
 
 def signal_by_name(name: str | int) -> signal.Signals:

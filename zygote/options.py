@@ -189,6 +189,12 @@ SERVER_OPTIONS = [
         flag="allow_task",
         multiple=True,
     ),
+    _server_option(
+        "metrics",
+        str,
+        "Serve Prometheus metrics at http://HOST:PORT/metrics (counts only; needs "
+        "pip install 'zygote[metrics]') [default: off]",
+    ),
 ]
 
 
