@@ -9,6 +9,7 @@ the message class's annotations, and anything else raises a `ProtocolError`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import struct
 import types
@@ -222,6 +223,22 @@ def request_id(data: bytes) -> int:
         return 0
     req = body.get("req") if isinstance(body, dict) else None
     return req if isinstance(req, int) and not isinstance(req, bool) else 0
+
+
+def result_outcome(data: bytes) -> str | None:
+    """The outcome of an encoded Result, read without decoding the value
+    (which follows it: a big result is not copied); None if it is not one."""
+    unpacker = msgpack.Unpacker(io.BytesIO(data), raw=False, read_size=4096)
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key == "outcome":
+                outcome = unpacker.unpack()
+                return outcome if isinstance(outcome, str) else None
+            unpacker.skip()
+    except Exception:  # msgpack raises several unrelated types for garbage
+        return None
+    return None
 
 
 def ok_result_prefix(handle: str) -> bytes:

@@ -186,6 +186,8 @@ class ServerConfig:
     user: str | None = None
     #: ... and this group (default: the user's own group)
     group: str | None = None
+    #: serve Prometheus metrics over HTTP on this HOST:PORT (needs prometheus_client)
+    metrics: str | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -246,6 +248,8 @@ class ServerConfig:
                     f"an --allow-task pattern matches 'module:qualname', so it has a ':' "
                     f"(like 'myapp.tasks:*'), not {pattern!r}"
                 )
+        if self.metrics is not None:
+            host_port(self.metrics)  # checked now, bound when the server starts
         self.log_level = self.log_level.upper()
         self.kill_signal = signal_by_name(self.kill_signal).name
         if self.thread_policy not in ("warn", "refuse", "defer"):
@@ -373,6 +377,19 @@ def parse_bytes(value: object) -> int:
 
 
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """ "127.0.0.1:9464" or "[::1]:9464" -> (host, port). The host is required:
+    a network listener binds only where it is asked to."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"metrics address is HOST:PORT (like 127.0.0.1:9464, or 0.0.0.0:9464 to "
+            f"listen on every interface), not {address!r}"
+        )
+    return host, int(port)
 
 
 def signal_by_name(name: str | int) -> signal.Signals:

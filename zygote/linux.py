@@ -19,13 +19,16 @@ import ctypes
 import fcntl
 import os
 import signal
+from typing import NamedTuple
 
 __all__ = [
+    "Memory",
     "arm_lifeline",
     "child_pids",
     "describe_wait_status",
     "kill_child",
     "lifeline_cut",
+    "memory_usage",
     "native_threads",
     "open_fd_count",
     "open_lifeline",
@@ -124,12 +127,17 @@ def native_threads(pid: int | str = "self") -> dict[int, str]:
     return threads
 
 
-def child_pids() -> set[int]:
-    """Pids of this process's children (re-parented orphans included)."""
+def child_pids(pid: int | str = "self") -> set[int]:
+    """Pids of a process's children (re-parented orphans included); none if
+    it is gone."""
     pids: set[int] = set()
-    for task in os.listdir("/proc/self/task"):
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return pids
+    for task in tasks:
         try:
-            with open(f"/proc/self/task/{task}/children") as children:
+            with open(f"/proc/{pid}/task/{task}/children") as children:
                 pids.update(int(pid) for pid in children.read().split())
         except (FileNotFoundError, ProcessLookupError):  # the thread ended while we looked
             continue
@@ -190,3 +198,39 @@ def helper_threads(pid: int | None) -> list[str]:
     except OSError:  # gone since
         return []
     return sorted({name for tid, name in threads.items() if tid != pid})
+
+
+class Memory(NamedTuple):
+    """A process's memory in bytes. RSS counts every resident page it maps;
+    PSS divides each shared page among the processes that share it (so the
+    PSS of a zygote and its workers add up to what they really use); USS is
+    what is its own alone (Private_Clean + Private_Dirty): freed if it ends."""
+
+    rss: int
+    pss: int
+    uss: int
+
+
+def memory_usage(pid: int | str = "self") -> Memory | None:
+    """A process's RSS, PSS and USS from /proc/PID/smaps_rollup; None if it
+    is gone (or a zombie, which has no memory left).
+
+    The kernel walks the process's page tables to answer: measured here,
+    0.3-0.8 ms for a 200 MB numpy array (huge pages), 15-19 ms (up to 50)
+    for a 280 MB heap of small Python objects, in the process or a fork of it.
+    """
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
+            text = rollup.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    kib: dict[bytes, int] = {}
+    for line in text.splitlines()[1:]:  # the first line names the range rolled up
+        name, _, rest = line.partition(b":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            kib[name] = int(fields[0])
+    if b"Rss" not in kib:
+        return None
+    uss = kib.get(b"Private_Clean", 0) + kib.get(b"Private_Dirty", 0)
+    return Memory(kib[b"Rss"] * 1024, kib.get(b"Pss", 0) * 1024, uss * 1024)

@@ -217,6 +217,12 @@ SERVER_OPTIONS = [
         "Run the zygotes and workers as this user (the supervisor stays root). [default: ours]",
     ),
     _server_option("group", str, "... and this group. [default: the user's own group]"),
+    _server_option(
+        "metrics",
+        str,
+        "Serve Prometheus metrics at http://HOST:PORT/metrics (counts only; needs "
+        "pip install 'zygote[metrics]') [default: off]",
+    ),
 ]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from ..linux import helper_threads
 from .children import Job
 from .fleet import Fleet
+from .memory import Readings, lineage_memory
 from .pool import ReadyPool
 
 
@@ -22,7 +23,9 @@ class Lineage:
     pool: ReadyPool
     queue: collections.deque[Job] = field(default_factory=collections.deque)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, readings: Readings | None = None) -> dict[str, Any]:
+        """This lineage's part of `zygote status`; its zygote's memory from
+        `readings` (the memory reader's)."""
         fleet = self.fleet
         zygote = fleet.current
         return {
@@ -49,4 +52,5 @@ class Lineage:
             "pool_size": self.pool.size,
             "pool_taken": self.pool.taken,
             "queued": len(self.queue),
+            **lineage_memory(readings or {}, zygote),
         }

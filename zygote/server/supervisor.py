@@ -53,12 +53,13 @@ from ..protocol import (
     shutting_down,
     task_allowed,
 )
-from . import endpoint
+from . import endpoint, metrics
 from .auth import not_allowed
 from .children import Job, ZygoteProc
 from .cleanup import make_cleanup
 from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
 from .loop import EventLoop
+from .memory import MemoryReader
 from .report import job_list
 from .spawner import Spawner
 from .store import Envelope, Record, ResultStore
@@ -105,7 +106,10 @@ class Supervisor:
         }
         # Clients waiting for an on-demand refork's outcome, by profile.
         self._refork_waiters: dict[str, list[tuple[Envelope, int]]] = collections.defaultdict(list)
-        self.spawner = Spawner(config, self.loop, self.fleets, self.tracker, self, self.cleanup)
+        self.outcomes = metrics.JobOutcomes(self, self.loop.now)  # counted on their way to us
+        self.spawner = Spawner(
+            config, self.loop, self.fleets, self.tracker, self.outcomes, self.cleanup
+        )
         self.signals: collections.deque[int] = collections.deque()
         self.stopping: str | None = None
         self.exit_code = EXIT_OK
@@ -146,6 +150,8 @@ class Supervisor:
         self.context = zmq.Context(io_threads=1)
         self.router = self.listener.open(self.context, self.loop)
         self.endpoint = self.listener.address
+        self.metrics = metrics.serve(self.config.metrics, self.loop, self.outcomes, self.spawner)
+        self.memory = MemoryReader.started(self.loop.now)  # stats(): RSS, PSS, USS
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
@@ -271,7 +277,8 @@ class Supervisor:
                     record.collected = True
                     self._deliver(record)
         elif isinstance(msg, Kill):
-            mine = self._record(msg.handle, owner) is not None
+            if mine := self._record(msg.handle, owner) is not None:
+                self.outcomes.killed(msg.handle)  # first: a queued job fails right away
             pid = self.spawner.kill(msg.handle, msg.signal) if mine else None
             if pid is None:
                 text = f"handle {msg.handle!r} has no running worker"
@@ -362,6 +369,7 @@ class Supervisor:
         # 96 random bits, so that nobody finds another's job by counting.
         handle = msg.handle or f"{self.server_id}:{secrets.token_hex(12)}"
         self._unfinished[handle] = self.store.open(handle, msg.task, envelope, msg.req, owner)
+        self.outcomes.accepted(handle)
         self.spawner.submit(Job(handle, msg))
 
     def _on_attach(self, envelope: Envelope, msg: Attach, owner: str | None) -> None:
@@ -513,14 +521,18 @@ class Supervisor:
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the server for `Zygote.stats()` and `zygote status`."""
+        memory = self.memory.readings()
+        profiles = {name: lin.stats(memory) for name, lin in self.spawner.lineages.items()}
         return {
             **self._identity(),
             "endpoint": self.endpoint,
             "uptime": time.monotonic() - self.started,
             "state": "stopping" if self.stopping else "running",
-            **self.spawner.lineages[DEFAULT_PROFILE].stats(),  # as before profiles
+            **profiles[DEFAULT_PROFILE],  # as before profiles
             **self.spawner.stats(),
-            "profiles": {name: lin.stats() for name, lin in self.spawner.lineages.items()},
+            "profiles": profiles,
+            "memory": self.memory.report(memory, self.tracker.children.values(), profiles),
+            "metrics": self.metrics,
             "queue_size": self.config.queue_size,
             "results_kept": self.store.uncollected,
             "results_kept_bytes": self.store.uncollected_bytes,
