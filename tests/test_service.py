@@ -94,6 +94,11 @@ def test_pidfile_of_a_dead_process_is_taken_over(start_server, tmp_path: Path) -
     assert pidfile.read_text() == f"{server.pid}\n"
 
 
+def _helper_pid(server: Server) -> int:
+    """The helper's pid, once its zygote has started it (after its boot)."""
+    return int(wait_until(lambda: server.stats()["helper_pid"], what="the helper"))
+
+
 def _cmdline(pid: int) -> str:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -114,7 +119,7 @@ def test_process_titles(start_server, tmp_path: Path) -> None:
     client = server.client(timeout=30)
     handle = client.spawn("tests.tasks:sleep", 30)
     zygote = server.zygote_pid()
-    helper = server.stats()["helper_pid"]
+    helper = _helper_pid(server)
     titles = {
         server.pid: f"zygote: supervisor {server.endpoint}",
         zygote: "zygote: zygote gen 1",
@@ -167,7 +172,7 @@ def test_json_logs_from_every_process(start_server, tmp_path: Path) -> None:
         preload=("tests.tasks", "tests.background_app"),
         env={"ZYGOTE_TEST_DIR": str(tmp_path)},
     )
-    zygote, helper = server.zygote_pid(), server.stats()["helper_pid"]
+    zygote, helper = server.zygote_pid(), _helper_pid(server)
     client = server.client(timeout=30)
     assert client.spawn("tests.tasks:add", 2, 3).result() == 5
     client.reload()  # the old zygote logs that it retires (DEBUG)
@@ -188,7 +193,7 @@ def test_log_file_takes_every_process_lines(start_server, tmp_path: Path) -> Non
         preload=("tests.tasks", "tests.background_app"),
         env={"ZYGOTE_TEST_DIR": str(tmp_path)},
     )
-    zygote, helper = server.zygote_pid(), server.stats()["helper_pid"]
+    zygote, helper = server.zygote_pid(), _helper_pid(server)
     server.process.send_signal(signal.SIGTERM)
     assert server.wait_exit() == 0
     text = log_file.read_text()
