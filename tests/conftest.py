@@ -41,6 +41,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         time.sleep(0.01)
 
 
+def is_server(cmdline: list[str]) -> bool:
+    """A `zygote start` process: by its title (zygote: supervisor ...), or
+    by its command line where setproctitle is not installed."""
+    return (bool(cmdline) and cmdline[0].startswith("zygote: supervisor ")) or (
+        "zygote" in cmdline and "start" in cmdline
+    )
+
+
 def zygote_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
     return subprocess.run(
         [sys.executable, "-m", "zygote", *args],

@@ -28,7 +28,7 @@ from tests import celery_app
 from tests.celery_app import app
 from zygote import Zygote
 
-from .conftest import REPO, Server, wait_until
+from .conftest import REPO, Server, is_server, wait_until
 
 REDIS = "redis://127.0.0.1:6379/6"
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -65,7 +65,7 @@ class Worker:
         for proc in self.descendants():
             # A task's fork may end while we look: it is no server anyway.
             with contextlib.suppress(psutil.NoSuchProcess):
-                if proc.cmdline()[2:4] == ["zygote", "start"] and proc.is_running():
+                if is_server(proc.cmdline()) and proc.is_running():
                     found.append(proc)
         return found
 

@@ -28,7 +28,7 @@ from rq.job import Job, JobStatus
 
 from tests import rq_app
 
-from .conftest import REPO, Server, wait_until
+from .conftest import REPO, Server, is_server, wait_until
 
 REDIS_DB = 13
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -122,6 +122,9 @@ def start_worker(
         log_path = logs / f"{name}.log"
         base = {k: v for k, v in os.environ.items() if k != "ZYGOTE_ENDPOINT"}
         extra = {"ZYGOTE_PRELOAD": "tests.rq_app", "PYTHONUNBUFFERED": "1", TAG: tag}
+        # rq titles its processes with setproctitle when it is installed (the
+        # test extra has it): keep their /proc/PID/environ, where TAG is read.
+        extra["SPT_NOENV"] = "1"
         command = [sys.executable, "-m", "rq.cli", "worker", "-w", worker_class]
         command += ["-u", REDIS_URL, "-n", name, *args, name]  # its queue has its name
         with open(log_path, "wb") as log:
@@ -313,7 +316,7 @@ def test_heartbeats_continue_during_a_long_job(shared: RQWorker, connection: red
 def test_dead_zygote_server_is_replaced(shared: RQWorker) -> None:
     def servers() -> list[psutil.Process]:
         children = psutil.Process(shared.process.pid).children()
-        return [p for p in children if "zygote" in p.cmdline() and "start" in p.cmdline()]
+        return [p for p in children if is_server(p.cmdline())]
 
     def idle() -> bool:
         worker = shared.registered()

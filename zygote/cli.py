@@ -44,7 +44,10 @@ def start(**options: Any) -> None:
         from .server.supervisor import EXIT_CONFIG, Supervisor
     except ImportError as exc:  # zygote.linux refuses other platforms
         raise click.ClickException(str(exc)) from None
-    logger = setup_logging(config.log_level)
+    try:
+        logger = setup_logging(config.log_level, config.log_file, config.log_format)
+    except OSError as exc:
+        raise click.UsageError(f"cannot open the log file: {exc}") from None
     try:
         code = Supervisor(config).run()
     except ConfigError as exc:

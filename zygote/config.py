@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .logs import LOG_FORMAT, LOG_FORMATS, setup_logging
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_PROFILE,
@@ -34,20 +35,6 @@ __all__ = [
     "runtime_dir",
     "setup_logging",
 ]
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)-7s zygote[%(process)d] %(name)s: %(message)s"
-
-
-def setup_logging(level: str) -> logging.Logger:
-    """Send the `zygote` logger's records to stderr, one line each, in the
-    server's format: once per process (the supervisor, each zygote)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logger = logging.getLogger("zygote")
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    return logger
 
 
 #: Settings that existed once: a config file naming one still loads.
@@ -188,6 +175,12 @@ class ServerConfig:
     group: str | None = None
     #: serve Prometheus metrics over HTTP on this HOST:PORT (needs prometheus_client)
     metrics: str | None = None
+    #: write the supervisor's pid here once it listens (removed on exit)
+    pidfile: str | None = None
+    #: append every process's log lines to this file instead of stderr
+    log_file: str | None = None
+    #: "text" lines, or "json": one object per line
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         positive = (
@@ -251,6 +244,8 @@ class ServerConfig:
         if self.metrics is not None:
             host_port(self.metrics)  # checked now, bound when the server starts
         self.log_level = self.log_level.upper()
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         self.kill_signal = signal_by_name(self.kill_signal).name
         if self.thread_policy not in ("warn", "refuse", "defer"):
             raise ConfigError(

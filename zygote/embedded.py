@@ -75,6 +75,8 @@ class EmbeddedServer:
             **self.env,
         }
         env.pop("ZYGOTE_ENDPOINT", None)  # ours is on the command line
+        # The host process's systemd unit is not ours to report READY to.
+        env.pop("NOTIFY_SOCKET", None)
         # A private ipc socket: a tcp server's keys (or a client's, which share
         # the names) are not for it.
         for name in ("ZYGOTE_CURVE_SECRET", "ZYGOTE_CURVE_CLIENTS", "ZYGOTE_INSECURE"):

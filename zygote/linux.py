@@ -19,6 +19,8 @@ import ctypes
 import fcntl
 import os
 import signal
+import socket
+from collections.abc import Callable
 from typing import NamedTuple
 
 __all__ = [
@@ -32,9 +34,11 @@ __all__ = [
     "native_threads",
     "open_fd_count",
     "open_lifeline",
+    "sd_notify",
     "send_signal",
     "set_child_subreaper",
     "set_parent_death_signal",
+    "set_process_title",
     "set_thread_name",
     "signal_name",
     "wait_status_parts",
@@ -45,6 +49,18 @@ _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _find_setproctitle() -> Callable[[str], None] | None:
+    """The `proctitle` extra: a full title in /proc/PID/cmdline (ps, top -c)."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:  # pragma: no cover - the test extra installs it
+        return None
+    return setproctitle
+
+
+_setproctitle = _find_setproctitle()
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -61,6 +77,55 @@ def set_child_subreaper() -> None:
 def set_thread_name(name: str) -> None:
     """Name the calling thread in /proc (`comm`, 15 bytes at most)."""
     _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def set_process_title(title: str) -> None:
+    """Show `title` in ps: in /proc/PID/cmdline with setproctitle installed,
+    and its first 15 bytes as the process name (/proc/PID/comm: ps -o comm,
+    top) either way; setproctitle sets that too. Only from the main thread:
+    the name is the calling thread's."""
+    if _setproctitle is None:
+        set_thread_name(title)
+    elif _title_ready:  # set up in this process, or in the zygote it was forked from
+        _setproctitle(title)
+    else:
+        _first_title(_setproctitle, title)
+
+
+_title_ready = False
+
+
+def _first_title(setproctitle: Callable[[str], None], title: str) -> None:
+    """setproctitle's first call sets it up. SPT_NOENV makes it leave the
+    environment where it is, so that /proc/PID/environ stays readable (ps e,
+    psutil); titles are then cut to the length of the original command line,
+    over 100 bytes for every process of the server."""
+    global _title_ready
+    added = "SPT_NOENV" not in os.environ
+    if added:  # for this call only: children must not inherit it
+        os.environ["SPT_NOENV"] = "1"
+    try:
+        setproctitle(title)
+    finally:
+        if added:
+            del os.environ["SPT_NOENV"]
+    _title_ready = True
+
+
+def sd_notify(address: str | None, state: str) -> bool:
+    """Send `state` ("READY=1", "STATUS=...") to systemd's $NOTIFY_SOCKET
+    `address` (a path, or "@name" in the abstract namespace): one datagram,
+    as sd_notify(3) does. False if there is no address or it did not go."""
+    if not address or address[0] not in "/@":
+        return False
+    target = "\0" + address[1:] if address[0] == "@" else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(target)
+            sock.sendall(state.encode())
+    except OSError:
+        return False
+    return True
 
 
 def set_parent_death_signal(sig: int) -> None:

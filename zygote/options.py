@@ -223,6 +223,23 @@ SERVER_OPTIONS = [
         "Serve Prometheus metrics at http://HOST:PORT/metrics (counts only; needs "
         "pip install 'zygote[metrics]') [default: off]",
     ),
+    _server_option(
+        "pidfile",
+        click.Path(dir_okay=False),
+        "Write the server's pid to this file once it listens; removed on exit. A file"
+        " naming another live process stops the start.",
+    ),
+    _server_option(
+        "log_file",
+        click.Path(dir_okay=False),
+        "Append the log lines of every process of the server to this file instead of"
+        " stderr (reopened when logrotate moves it).",
+    ),
+    _server_option(
+        "log_format",
+        click.Choice(["text", "json"]),
+        "Log lines as text, or as one JSON object each (time, level, logger, pid, message, exc).",
+    ),
 ]
 
 

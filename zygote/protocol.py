@@ -325,6 +325,9 @@ class Boot(Message):
     exit_timeout: float = 2.0
     #: tasks clients may run (fnmatch on "module:qualname"); None: any
     allow_tasks: list[str] | None = None
+    profile: str = "default"  # its lineage (DEFAULT_PROFILE), for its process title
+    log_file: str | None = None  # --log-file: the same place as the supervisor's
+    log_format: str = "text"
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,8 +28,15 @@ from typing import NoReturn
 from .. import hooks
 from ..codec import GO_FRAME, decode_control, encode
 from ..config import setup_logging
-from ..linux import arm_lifeline, native_threads, open_lifeline, set_parent_death_signal
+from ..linux import (
+    arm_lifeline,
+    native_threads,
+    open_lifeline,
+    set_parent_death_signal,
+    set_process_title,
+)
 from ..protocol import (
+    DEFAULT_PROFILE,
     Boot,
     Booted,
     BootFailed,
@@ -203,6 +210,7 @@ class ForkServer:
             exit_timeout=self.boot.exit_timeout,
             allow_tasks=self.boot.allow_tasks,
             promote=promote,
+            title=worker.title(task.task if task is not None else None),
         )
         try:
             pid, held = self._fork(threads, lambda: worker.run(setup))
@@ -266,6 +274,7 @@ class ForkServer:
         def helper_main() -> int:
             for fd in close:
                 os.close(fd)
+            set_process_title(_title("helper", self.boot))
             return child()
 
         return self._fork(self.inventory()[0], helper_main)[0]
@@ -310,6 +319,12 @@ def _in_child(held: guards.Held, *, repair: bool) -> None:
     inventory.stop_recording()
     if repair:
         guards.repair_streams()
+
+
+def _title(role: str, boot: Boot) -> str:
+    """ "zygote: zygote gen 3", "zygote: helper gen 2 [heavy]" (ps, top)."""
+    profile = "" if boot.profile == DEFAULT_PROFILE else f" [{boot.profile}]"
+    return f"zygote: {role} gen {boot.generation}{profile}"
 
 
 def _fork(*, quiet: bool) -> int:
@@ -398,6 +413,7 @@ def promote(control_fd: int, lifeline_fd: int) -> int:
     # collection in every child.
     gc.collect()
     gc.freeze()
+    set_process_title(_title("zygote", boot))
     control.sendall(encode(Booted(os.getpid(), boot.generation)))
     log.info("generation %d: promoted from a worker (pid %d)", boot.generation, os.getpid())
     return _serve(server, boot)
@@ -436,7 +452,9 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     boot = decode_control(control.recv(_CONTROL_BUFFER))
     if not isinstance(boot, Boot):
         raise SystemExit(f"zygote: expected a boot message, got {boot.KIND}")
-    setup_logging(boot.log_level).propagate = False
+    # Before any thread exists: the first title touches the environment.
+    set_process_title(_title("zygote", boot))
+    setup_logging(boot.log_level, boot.log_file, boot.log_format).propagate = False
     # A child that crashes, or is killed with SIGABRT because it hung,
     # prints its Python stack to the server's log.
     faulthandler.enable(all_threads=True)

@@ -16,9 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..codec import (
-    encode,
-)
+from ..codec import encode
 from ..config import ServerConfig
 from ..linux import describe_wait_status
 from ..protocol import (
@@ -231,6 +229,9 @@ class Fleet:
             config.fork_guard_timeout or 1.0,
             config.exit_timeout,
             config.task_patterns(self.profile),
+            self.profile,
+            config.log_file,
+            config.log_format,
         )
         zygote.control.send(encode(boot))
         zygote.boot_timer = self.loop.later(timeout, self._boot_overdue, zygote, timeout)

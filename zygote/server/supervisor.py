@@ -25,11 +25,7 @@ from typing import Any
 import zmq
 
 from .. import __version__
-from ..codec import (
-    decode_request,
-    encode,
-    request_id,
-)
+from ..codec import decode_request, encode, request_id
 from ..config import ServerConfig
 from ..linux import describe_wait_status, set_child_subreaper, signal_name
 from ..protocol import (
@@ -61,6 +57,7 @@ from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
 from .loop import EventLoop
 from .memory import MemoryReader
 from .report import job_list
+from .service import Service
 from .spawner import Spawner
 from .store import Envelope, Record, ResultStore
 from .tracker import Tracker
@@ -80,6 +77,7 @@ class Supervisor:
         self.config = config
         self.server_id = secrets.token_hex(4)
         self.started = time.monotonic()
+        self.service = Service(config)  # first: it may refuse to start (pidfile)
         self.loop = EventLoop()
         self.store = ResultStore(config.result_ttl, config.max_results, config.max_results_bytes)
         # Workers hold the read end of this pipe; its write end, only we.
@@ -128,6 +126,7 @@ class Supervisor:
             self.loop.later(_HOUSEKEEPING, self._housekeeping)
             while not (self.stopping and not self.spawner.jobs and not self.tracker.children):
                 self.loop.run_once(_HOUSEKEEPING)
+                self.service.update(self.fleets, self.stopping)
         finally:
             self._teardown()
         return self.exit_code
@@ -168,6 +167,7 @@ class Supervisor:
         self.loop.watch(self.router, self._on_client_messages)
         self.loop.watch(self._wake_r.fileno(), self._on_signals)
         log.info("zygote %s listening on %s (pid %d)", __version__, self.endpoint, os.getpid())
+        self.service.listening()
         for fleet in self.fleets.values():
             fleet.start()
 
@@ -194,6 +194,7 @@ class Supervisor:
         os.close(self.lifeline_w)
         level = logging.INFO if self.exit_code == EXIT_OK else logging.ERROR
         log.log(level, "stopped (exit status %d): %s", self.exit_code, self.stopping)
+        self.service.close()
 
     def _housekeeping(self) -> None:
         self.loop.later(_HOUSEKEEPING, self._housekeeping)
@@ -484,6 +485,7 @@ class Supervisor:
             return
         self.stopping = reason
         self.exit_code = code
+        self.service.stopping(reason)
         for waiters in self._refork_waiters.values():
             for envelope, req in waiters:
                 self._send(envelope, Error(req, ErrorCode.SHUTTING_DOWN, self._stop_message()))
