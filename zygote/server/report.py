@@ -1,12 +1,55 @@
-"""What the supervisor tells clients about its jobs (`zygote jobs`). No I/O."""
+"""What the supervisor tells clients about itself (`stats`, `ping`) and
+about its jobs (`zygote jobs`)."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .. import __version__
+from ..protocol import DEFAULT_PROFILE
 from .children import Job
 from .store import Record
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+
+def identity(sup: Supervisor) -> dict[str, Any]:
+    """Who answers, and its limits: the reply to a ping."""
+    return {
+        "server": sup.server_id,
+        "pid": os.getpid(),
+        "version": __version__,
+        "max_workers": sup.config.max_workers,
+        "max_message_bytes": sup.config.max_message_bytes,
+    }
+
+
+def server_stats(sup: Supervisor) -> dict[str, Any]:
+    """A snapshot of the server for `Zygote.stats()` and `zygote status`."""
+    memory = sup.memory.readings()
+    profiles = {name: lin.stats(memory) for name, lin in sup.spawner.lineages.items()}
+    return {
+        **identity(sup),
+        "endpoint": sup.endpoint,
+        "uptime": time.monotonic() - sup.started,
+        "state": "stopping" if sup.stopping else "running",
+        **profiles[DEFAULT_PROFILE],  # as before profiles
+        **sup.spawner.stats(),
+        "profiles": profiles,
+        "memory": sup.memory.report(memory, sup.tracker.children.values(), profiles),
+        "metrics": sup.metrics,
+        "queue_size": sup.config.queue_size,
+        "results_kept": sup.store.uncollected,
+        "results_kept_bytes": sup.store.uncollected_bytes,
+        "busy_rejections": sup.busy_rejections,
+        "rejected_messages": sup.listener.rejections.count,
+        "internal_errors": sup.loop.internal_errors,
+        **sup.cleanup.stats(),
+    }
 
 
 def job_list(

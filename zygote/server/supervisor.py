@@ -49,7 +49,7 @@ from ..protocol import (
     shutting_down,
     task_allowed,
 )
-from . import endpoint, metrics
+from . import endpoint, metrics, report
 from .auth import not_allowed
 from .children import Job, ZygoteProc
 from .cleanup import make_cleanup
@@ -68,6 +68,8 @@ log = logging.getLogger("zygote.supervisor")
 EXIT_OK, EXIT_CONFIG = 0, 2
 __all__ = ["EXIT_BOOT", "EXIT_CONFIG", "EXIT_OK", "EXIT_UNHEALTHY", "Supervisor"]
 _HOUSEKEEPING = 1.0
+_S = signal.Signals
+_HANDLED_SIGNALS = (_S.SIGTERM, _S.SIGINT, _S.SIGQUIT, _S.SIGCHLD, _S.SIGHUP, _S.SIGUSR2)
 #: Results at least this big are handed to ZeroMQ without a copy.
 _ZERO_COPY_MIN = 64 * 1024
 
@@ -155,14 +157,7 @@ class Supervisor:
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (
-            signal.SIGTERM,
-            signal.SIGINT,
-            signal.SIGQUIT,
-            signal.SIGCHLD,
-            signal.SIGHUP,
-            signal.SIGUSR2,
-        ):
+        for sig in _HANDLED_SIGNALS:
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
         self.loop.watch(self.router, self._on_client_messages)
         self.loop.watch(self._wake_r.fileno(), self._on_signals)
@@ -291,7 +286,7 @@ class Supervisor:
                 )
                 self._send(envelope, Ok(msg.req, {"pid": pid}))
         elif isinstance(msg, Ping):
-            self._send(envelope, Ok(msg.req, self._identity()))
+            self._send(envelope, Ok(msg.req, report.identity(self)))
         elif isinstance(msg, Stats):
             self._send(envelope, Ok(msg.req, self.stats()))
         elif isinstance(msg, Jobs):
@@ -509,37 +504,9 @@ class Supervisor:
             log.warning("grace period over: sent SIGTERM to %d child processes", count)
             self.loop.later(self.config.kill_grace, self._terminate, signal.SIGKILL)
 
-    def _identity(self) -> dict[str, Any]:
-        return {
-            "server": self.server_id,
-            "pid": os.getpid(),
-            "version": __version__,
-            "max_workers": self.config.max_workers,
-            "max_message_bytes": self.config.max_message_bytes,
-        }
-
     def _stop_message(self) -> str:
         return shutting_down(self.stopping or "")
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the server for `Zygote.stats()` and `zygote status`."""
-        memory = self.memory.readings()
-        profiles = {name: lin.stats(memory) for name, lin in self.spawner.lineages.items()}
-        return {
-            **self._identity(),
-            "endpoint": self.endpoint,
-            "uptime": time.monotonic() - self.started,
-            "state": "stopping" if self.stopping else "running",
-            **profiles[DEFAULT_PROFILE],  # as before profiles
-            **self.spawner.stats(),
-            "profiles": profiles,
-            "memory": self.memory.report(memory, self.tracker.children.values(), profiles),
-            "metrics": self.metrics,
-            "queue_size": self.config.queue_size,
-            "results_kept": self.store.uncollected,
-            "results_kept_bytes": self.store.uncollected_bytes,
-            "busy_rejections": self.busy_rejections,
-            "rejected_messages": self.listener.rejections.count,
-            "internal_errors": self.loop.internal_errors,
-            **self.cleanup.stats(),
-        }
+        return report.server_stats(self)
