@@ -352,9 +352,12 @@ def test_a_version_mismatch_is_unsupported_version(sock: Sock) -> None:
 
 
 def test_the_document_names_every_kind_outcome_and_error_code() -> None:
-    """Read (not imported) from zygote/protocol.py, so that a new message
-    kind, outcome or error code cannot be added without documenting it."""
-    source = (REPO / "zygote" / "protocol.py").read_text()
+    """Read (not imported) from zygote/protocol.py and its errors, so that a
+    new message kind, outcome or error code cannot be added without
+    documenting it."""
+    source = "".join(
+        (REPO / "zygote" / name).read_text() for name in ("protocol.py", "protocol_errors.py")
+    )
     doc = (REPO / "docs" / "protocol.md").read_text()
     kinds = dict(re.findall(r'^class (\w+)\(Message\):.*?KIND = "(\w+)"', source, re.M | re.S))
     names = []
@@ -366,7 +369,7 @@ def test_the_document_names_every_kind_outcome_and_error_code() -> None:
     codes = re.findall(r'^    [A-Z_]+ = "(\w+)"', body, re.M)
     outcomes = re.findall(r'^(?:OK|RAISED|EXITED|LOST|TIMEOUT) = "(\w+)"', source, re.M)
     version = re.search(r"^PROTOCOL_VERSION = (\d+)$", source, re.M)
-    assert len(names) == 15 and len(codes) >= 10 and len(outcomes) == 5 and version
+    assert len(names) == 16 and len(codes) >= 10 and len(outcomes) == 5 and version
     for word in [kinds[name] for name in names] + codes + outcomes:
         assert f"`{word}`" in doc, word
     assert f'"v": {version.group(1)}' in doc

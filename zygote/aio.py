@@ -52,6 +52,7 @@ from .protocol import (
     Kill,
     Message,
     Ok,
+    Output,
     Ping,
     ProtocolError,
     Refork,
@@ -72,7 +73,7 @@ class _Job(Delivery):
 
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def take(self, msg: Result | Exited) -> None:
+    def take(self, msg: Result | Exited | Output) -> None:
         super().take(msg)
         self.changed.set()
 
@@ -118,6 +119,23 @@ class Handle:
         return ExitInfo(
             e.pid, e.exit_code, e.signal, e.description, e.duration, e.utime, e.stime, e.maxrss_kb
         )
+
+    async def output(self, timeout: float | None = None) -> AsyncIterator[tuple[str, bytes]]:
+        """What the task writes, as it comes (`async for stream, data in
+        h.output()`): `zygote.Handle.output()`'s pieces, until the result."""
+        job = self._job
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            while job.output:
+                piece = job.output.popleft()
+                job.output_bytes -= len(piece[1])
+                yield piece
+            if job.result is not None:
+                return
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            ready = job.until(lambda: bool(job.output) or job.result is not None)
+            await self._client._wait(ready, left, self.id)
 
     async def kill(self, signal: int = _signal.SIGTERM) -> bool:
         """Send `signal` to the worker; False if it is no longer running."""
@@ -425,7 +443,7 @@ class Zygote:
             except zmq.ZMQError:
                 return  # closed
             self._heard = loop.time()
-            if isinstance(msg, Result | Exited):
+            if isinstance(msg, Result | Exited | Output):
                 job = self._jobs.get(msg.handle)
                 if job is not None:
                     job.take(msg)

@@ -45,6 +45,21 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _relay_output(handle: Any, timeout: float | None = None) -> None:
+    """Write the job's stdout to ours and its stderr to ours, as it comes."""
+    streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    last = b"\n"
+    for stream, data in handle.output(timeout):
+        out = streams.get(stream, sys.stderr.buffer)
+        out.write(data)
+        out.flush()
+        if out is sys.stdout.buffer:
+            last = data[-1:]
+    if last != b"\n":  # the result on a line of its own
+        sys.stdout.buffer.write(b"\n")
+        sys.stdout.buffer.flush()
+
+
 def _print_outcome(get: Any) -> None:
     """Print a job's result as JSON, or say how it failed and exit with its status."""
     try:
@@ -86,6 +101,9 @@ def spawn(
 ) -> None:
     """Run TASK ("package.module:function") with ARGs and print its result as JSON.
 
+    What the task writes to its stdout and stderr comes out on ours as it
+    is written, before the result.
+
     Each ARG is read as JSON when it parses as JSON (5, 2.5, true, [1,2],
     {"a":1}, "\\"quoted\\""), else taken as a string.
     """
@@ -103,6 +121,7 @@ def spawn(
                 click.echo(submit(client, task, values, keywords, **options))
                 return
             handle = client.spawn(task, *values, _timeout=timeout, _profile=profile, **keywords)
+            _relay_output(handle)
             _print_outcome(handle.result)
     except (ZygoteError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -164,7 +183,9 @@ def kill(job_id: str, sig: str, endpoint: str | None) -> None:
 @click.option("--timeout", type=float, help="Seconds to wait for it [default: no bound].")
 @endpoint_option
 def result(job_id: str, timeout: float | None, endpoint: str | None) -> None:
-    """Wait for job JOB_ID (from `spawn --detach`) and print its result as JSON."""
+    """Wait for job JOB_ID (from `spawn --detach`) and print its result as
+    JSON, after its output: the last 64 KiB the server kept, then the rest
+    as it comes."""
     try:
         with _client(endpoint) as client:
             try:
@@ -173,6 +194,7 @@ def result(job_id: str, timeout: float | None, endpoint: str | None) -> None:
                 if "unknown handle" not in str(exc):
                     raise
                 _fail(str(exc).removeprefix("unknown_handle: "), EXIT_UNKNOWN)
+            _relay_output(handle, timeout)
             _print_outcome(lambda: handle.result(timeout))
     except ZygoteError as exc:
         raise click.ClickException(str(exc)) from None

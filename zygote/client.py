@@ -53,6 +53,7 @@ from .protocol import (
     Kill,
     Message,
     Ok,
+    Output,
     Ping,
     ProtocolError,
     Refork,
@@ -398,7 +399,7 @@ class Zygote:
         self._collected_after = self._last_req
 
     def _take(self, msg: Message) -> None:
-        if isinstance(msg, (Result, Exited)):
+        if isinstance(msg, (Result, Exited, Output)):
             delivery = self._deliveries.get(msg.handle)
             if delivery is not None:
                 delivery.take(msg)

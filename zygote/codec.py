@@ -45,6 +45,7 @@ from .protocol import (
     Message,
     MessageTooLarge,
     Ok,
+    Output,
     Phase,
     Ping,
     Promote,
@@ -127,7 +128,7 @@ def _registry(*classes: type[Message]) -> dict[str, _Spec]:
 
 
 _REQUESTS = _registry(Spawn, Attach, Collected, Kill, Stats, Jobs, Ping, Refork, Reload, Stop)
-_REPLIES = _registry(Spawned, Result, Exited, Ok, Error)
+_REPLIES = _registry(Spawned, Result, Exited, Output, Ok, Error)
 _CONTROL = _registry(
     Boot,
     Booted,

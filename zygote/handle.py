@@ -1,14 +1,17 @@
 """`Handle`: one spawned job, as a client follows it, and `ExitInfo`.
 
-A handle holds what the server pushed for its job (the `Result`, then the
-`Exited` report) and waits through its client for what has not come yet.
+A handle holds what the server pushed for its job (its `Output` as it
+comes, the `Result`, then the `Exited` report) and waits through its client
+for what has not come yet.
 """
 
 from __future__ import annotations
 
+import collections
 import signal as _signal
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -18,9 +21,14 @@ from .errors import (
     TaskTimeout,
     WorkerLost,
 )
-from .protocol import EXITED, LOST, OK, RAISED, Exited, Result
+from .protocol import EXITED, LOST, OK, RAISED, Exited, Output, Result
 
 __all__ = ["Delivery", "ExitInfo", "Handle", "Link"]
+
+#: Output not yet read through `Handle.output()` is kept up to this many
+#: bytes per job (the oldest dropped first), so that a caller who only
+#: wants the result does not hold a chatty job's whole output.
+UNREAD_OUTPUT_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -46,12 +54,32 @@ class Delivery:
     result: Result | None = None
     exited: Exited | None = None
     collected: bool = False  # the server was told it may forget the result
+    #: output pieces not yet read, (stream, data), oldest first
+    output: collections.deque[tuple[str, bytes]] = field(default_factory=collections.deque)
+    output_bytes: int = 0  # of them
+    #: bytes of the job's output seen so far (an attach sends some again)
+    output_seen: int = 0
 
-    def take(self, msg: Result | Exited) -> None:
-        if isinstance(msg, Result):
+    def take(self, msg: Result | Exited | Output) -> None:
+        if isinstance(msg, Output):
+            self._take_output(msg)
+        elif isinstance(msg, Result):
             self.result = self.result or msg  # the first word stands
         else:
             self.exited = msg
+
+    def _take_output(self, msg: Output) -> None:
+        if self.result is not None:
+            return  # an attach's replay, after the result: read already
+        skip = self.output_seen - msg.offset  # what we have of it already
+        data = msg.data[skip:] if skip > 0 else msg.data
+        if not data:
+            return
+        self.output_seen = msg.offset + len(msg.data)
+        self.output.append((msg.stream, data))
+        self.output_bytes += len(data)
+        while self.output_bytes > UNREAD_OUTPUT_BYTES and len(self.output) > 1:
+            self.output_bytes -= len(self.output.popleft()[1])
 
     def lost(self, handle_id: str, why: str) -> None:
         """The server no longer knows the job: end every wait on it with that."""
@@ -140,6 +168,27 @@ class Handle:
     def kill(self, signal: int = _signal.SIGTERM) -> bool:
         """Send `signal` to the worker; False if it is no longer running."""
         return self._link.kill(self.id, int(signal))
+
+    def output(self, timeout: float | None = None) -> Iterator[tuple[str, bytes]]:
+        """What the task writes, as it comes: ("stdout" or "stderr", bytes)
+        pieces, until the job's result is known (then `result()` has it).
+        Each piece is yielded once; what came before the call is yielded
+        first (after an `attach`, the last 64 KiB the server kept). Raises
+        ZygoteTimeout if the job is not over within `timeout` seconds."""
+        delivery = self._delivery
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._link.poll()
+            while delivery.output:
+                piece = delivery.output.popleft()
+                delivery.output_bytes -= len(piece[1])
+                yield piece
+            if delivery.result is not None:
+                return
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._link.wait_for(
+                lambda: bool(delivery.output) or delivery.result is not None, left, self.id
+            )
 
 
 def _outcome(result: Result) -> Any:

@@ -10,7 +10,7 @@ Four conversations use this module:
 
 * client <-> supervisor, over ZeroMQ: `Spawn`, `Attach`, `Collected`, `Kill`,
   `Stats`, `Jobs`, `Ping`, `Refork`, `Stop` and the replies `Spawned`,
-  `Result`, `Exited`, `Ok`, `Error`;
+  `Result`, `Exited`, `Output`, `Ok`, `Error`;
 * supervisor <-> zygote, over a SOCK_SEQPACKET socket: `Boot`, `Booted`,
   `BootFailed`, `Fork`, `Forked`, `ForkFailed`, `Threads`, `Reaped`,
   `HelperStarted`, `HelperExited`;
@@ -21,11 +21,30 @@ Four conversations use this module:
 
 from __future__ import annotations
 
-import enum
 import fnmatch
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+# The errors live in their own module; they are part of this one's surface.
+from .protocol_errors import (
+    ErrorCode,
+    MalformedMessage,
+    MessageTooLarge,
+    ProtocolError,
+    UnknownKind,
+    UnsupportedVersion,
+)
+
+# Re-exported (mypy): everything else here is defined here.
+__all__ = [
+    "ErrorCode",
+    "MalformedMessage",
+    "MessageTooLarge",
+    "ProtocolError",
+    "UnknownKind",
+    "UnsupportedVersion",
+]
 
 PROTOCOL_VERSION = 1
 
@@ -37,45 +56,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _TASK_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _MAX_TASK_LEN = 512
 _HANDLE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
-class ErrorCode(enum.StrEnum):
-    """The `code` of an `Error` reply. On the wire a plain string: a client
-    meets codes newer than it knows as strings, and says them as they are."""
-
-    BAD_REQUEST = "bad_request"  # malformed: not msgpack, a field missing or wrong
-    UNSUPPORTED_VERSION = "unsupported_version"
-    UNKNOWN_KIND = "unknown_kind"
-    TOO_LARGE = "too_large"
-    BUSY = "busy"  # every worker slot taken and the queue full: try again later
-    SPAWN_FAILED = "spawn_failed"  # no healthy worker could be made, or refused
-    SHUTTING_DOWN = "shutting_down"
-    UNKNOWN_HANDLE = "unknown_handle"  # no such job (or one long gone)
-    REFORK_FAILED = "refork_failed"  # no candidate, or it was refused or failed
-    NOT_ALLOWED = "not_allowed"  # the task is outside the server's allow-list
-    INTERNAL = "internal"  # a bug in the server; it carries on
-
-
-class ProtocolError(Exception):
-    """A message that cannot be accepted. `code` goes into the `Error` reply."""
-
-    code = ErrorCode.BAD_REQUEST
-
-
-class MalformedMessage(ProtocolError):
-    pass
-
-
-class UnsupportedVersion(ProtocolError):
-    code = ErrorCode.UNSUPPORTED_VERSION
-
-
-class UnknownKind(ProtocolError):
-    code = ErrorCode.UNKNOWN_KIND
-
-
-class MessageTooLarge(ProtocolError):
-    code = ErrorCode.TOO_LARGE
 
 
 def shutting_down(reason: str) -> str:
@@ -288,6 +268,22 @@ class Exited(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Output(Message):
+    """A piece of what a job's task wrote to its stdout or stderr (pushed
+    before its `Result`). `offset`: the job's output bytes (both streams)
+    before this piece, so that a client drops what it already has."""
+
+    KIND = "output"
+    handle: str
+    stream: str  # STDOUT or STDERR
+    data: bytes
+    offset: int = 0
+
+
+STDOUT, STDERR = "stdout", "stderr"
+
+
+@dataclass(frozen=True, slots=True)
 class Ok(Message):
     KIND = "ok"
     req: int
@@ -478,7 +474,7 @@ class Go(Message):
 
 
 Request = Spawn | Attach | Collected | Kill | Stats | Jobs | Ping | Refork | Reload | Stop
-Reply = Spawned | Result | Exited | Ok | Error
+Reply = Spawned | Result | Exited | Output | Ok | Error
 Control = (
     Boot
     | Booted

@@ -48,7 +48,7 @@ from ..protocol import (
     Reaped,
     Threads,
 )
-from . import gate, guards, helper, inventory, outbox, validators, worker
+from . import capture, gate, guards, helper, inventory, outbox, validators, worker
 from .inventory import ThreadInfo
 
 log = logging.getLogger("zygote.zygote")
@@ -91,12 +91,12 @@ class ForkServer:
         """The zygote's own descriptors besides the control socket and kit."""
         return self.helper.fds() if self.helper is not None else ()
 
-    def _make_kit(self) -> tuple[int, int, int]:
-        """The next child's channel (our end, its end) and lifeline, made
-        before they are needed so that neither the fork request nor the
-        child pays for them."""
+    def _make_kit(self) -> tuple[int, ...]:
+        """The next child's channel (our end, its end), lifeline and output
+        pipes (capture.pipes), made before they are needed so that neither
+        the fork request nor the child pays for them."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        return ours.detach(), theirs.detach(), open_lifeline(self.lifeline_fd)
+        return ours.detach(), theirs.detach(), open_lifeline(self.lifeline_fd), *capture.pipes()
 
     def serve(self) -> None:
         control_fd = self.control.fileno()
@@ -196,14 +196,23 @@ class ForkServer:
             error = f"refused to fork (--thread-policy refuse), threads are running: {listing}"
             self._send(ForkFailed(request.handle, error, refused=True))
             return
-        ours, theirs, lifeline = self._kit
+        ours, theirs, lifeline, out_r, out_w, err_r, err_w = self._kit
         setup = worker.ChildSetup(
             channel=theirs,
             lifeline=lifeline,
             # Everything of the zygote's the child must not keep: the control
-            # socket, its channel's other end, a pidfd per sibling, and the
-            # helper's (its pidfd, its end of the background channel).
-            close=(self.control.fileno(), ours, self.lifeline_fd, *self._children, *self._private),
+            # socket, its channel's and pipes' other ends, a pidfd per sibling,
+            # and the helper's (its pidfd, its end of the background channel).
+            close=(
+                self.control.fileno(),
+                ours,
+                out_r,
+                err_r,
+                self.lifeline_fd,
+                *self._children,
+                *self._private,
+            ),
+            stdio=(out_w, err_w),
             steps=self.steps.threaded() if threads else self.steps.alone,
             task=task,
             max_result_bytes=self.boot.max_result_bytes,
@@ -225,7 +234,7 @@ class ForkServer:
         self._poller.register(pidfd, select.POLLIN)
         try:
             forked = Forked(request.handle, pid, warnings, held.waited, held.missed)
-            socket.send_fds(self.control, [encode(forked)], [ours, pidfd])
+            socket.send_fds(self.control, [encode(forked)], [ours, pidfd, out_r, err_r])
             if task is not None and request.go:
                 # Only now does the supervisor own the channel, so only now
                 # may the task run: had we died before this point, the child
@@ -234,7 +243,7 @@ class ForkServer:
                 # its cgroup: `request.go` is False.)
                 os.write(ours, GO_FRAME)
         finally:
-            for fd in (ours, theirs, lifeline):
+            for fd in self._kit:
                 os.close(fd)
             self._kit = self._make_kit()
 
@@ -455,6 +464,7 @@ def main(control_fd: int, lifeline_fd: int, supervisor_pid: int) -> NoReturn:
     # Before any thread exists: the first title touches the environment.
     set_process_title(_title("zygote", boot))
     setup_logging(boot.log_level, boot.log_file, boot.log_format).propagate = False
+    capture.line_buffered_stdout()
     # A child that crashes, or is killed with SIGABRT because it hung,
     # prints its Python stack to the server's log.
     faulthandler.enable(all_threads=True)

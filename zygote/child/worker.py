@@ -49,6 +49,7 @@ from ..protocol import (
     ValidatorFailed,
     task_allowed,
 )
+from . import capture
 from .outbox import OUTBOX
 
 log = logging.getLogger("zygote.worker")
@@ -140,6 +141,8 @@ class ChildSetup:
     #: become a zygote: (control fd, lifeline fd) -> exit code (forkserver.promote)
     promote: Callable[[int, int], int] | None = None
     title: str = "zygote: worker"  # its process title until it has a task
+    #: the write ends of its stdout and stderr pipes (capture.py)
+    stdio: tuple[int, int] | None = None
 
 
 def title(task: str | None) -> str:
@@ -226,6 +229,8 @@ def run(setup: ChildSetup) -> int:
     """
     for fd in setup.close:
         os.close(fd)
+    if setup.stdio is not None:
+        capture.redirect(*setup.stdio)
     # A process group of its own: without cgroups, what its task starts
     # (unless it leaves the group) is killed with it (server/cleanup.py).
     os.setpgid(0, 0)
@@ -245,6 +250,7 @@ def run(setup: ChildSetup) -> int:
         # A pool child waits for its task: walk the task path once now, so
         # that the pages it touches are copied while nobody waits for them.
         _run_task(PreparedTask.from_message(decode_channel(_WARM_UP[4:])), 1 << 20)  # type: ignore[arg-type]
+        capture.flush()  # as before a result: its pages are copied now too
     _write_all(channel, READY_FRAME)
 
     order = _receive_order(channel)
@@ -258,20 +264,22 @@ def run(setup: ChildSetup) -> int:
     if order is not GO:
         set_process_title(title(task.task))
     result, code = _run_task(task, setup.max_result_bytes, setup.allow_tasks)
+    # Its output before its result: the supervisor reads the pipes dry when
+    # the result comes, so nothing printed by the task arrives after it.
+    capture.flush()
     _write_all(channel, frame(result))
     # The hooks, then what is left of background messages, share one budget.
     deadline = time.monotonic() + setup.exit_timeout
     if hooks.BEFORE_EXIT:
         run_before_exit(hooks.BEFORE_EXIT, setup.exit_timeout)
     OUTBOX.flush(deadline - time.monotonic())
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            stream.flush()
+    capture.flush()
     if task.candidate and setup.promote is not None:
-        control = _await_promotion(channel)
-        if control is not None:
+        fds = _await_promotion(channel)
+        if fds is not None:
             os.close(channel)
-            return setup.promote(control, setup.lifeline)
+            capture.restore(fds[1:])  # the server's stdout and stderr, sent along
+            return setup.promote(fds[0], setup.lifeline)
         return code
     # Dying means tearing down a copy of a big address space: about a
     # millisecond of kernel time that, on a small machine, delays the very
@@ -332,21 +340,22 @@ def _write_all(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
 
 
-def _await_promotion(fd: int) -> int | None:
+def _await_promotion(fd: int) -> list[int] | None:
     """A refork candidate waits for the supervisor's word: a Promote with its
-    control socket (returned), or its channel closed (None: it just ends)."""
+    control socket and the server's stdout and stderr (returned), or its
+    channel closed (None: it just ends)."""
     sock = socket.socket(fileno=os.dup(fd))
     decoder = FrameDecoder(1 << 16)
     try:
         while True:
-            data, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+            data, fds, _, _ = socket.recv_fds(sock, 4096, 3)
             if not data:
                 for extra in fds:
                     os.close(extra)
                 return None
             frames = decoder.feed(data)
             if fds and frames and isinstance(decode_channel(frames[0]), Promote):
-                return fds[0]
+                return fds
             for extra in fds:
                 os.close(extra)
     except OSError:

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from .lifecycle import (
     check,
     is_live,
 )
+from .output import Capture
 from .timers import Timer
 
 #: The directory our `zygote` package is in.
@@ -235,6 +237,7 @@ class Child:
     channel: socket.socket | None = None  # None again once closed
     decoder: FrameDecoder = field(default_factory=FrameDecoder)
     outbox: bytearray = field(default_factory=bytearray)
+    output: Capture | None = None  # its stdout and stderr (output.py)
     # How it ended: the state it exited from, its wait status and usage.
     exited_from: ChildState | None = None
     status: int | None = None
@@ -283,9 +286,18 @@ class Child:
             timer.cancel()
         self.timers.clear()
 
-    def forked(self, pid: int, pidfd: int, channel: socket.socket, max_frame: int) -> None:
-        """The zygote forked it: from now on it is a process."""
+    def forked(
+        self,
+        pid: int,
+        pidfd: int,
+        channel: socket.socket,
+        max_frame: int,
+        stdio: Sequence[int] = (),
+    ) -> None:
+        """The zygote forked it: from now on it is a process. `stdio`: the
+        read ends of its stdout and stderr (none from a test's fake zygote)."""
         self.pid, self.pidfd, self.channel = pid, pidfd, channel
+        self.output = Capture.of(*stdio) if stdio else None
         self.decoder = FrameDecoder(max_frame)
         self.move(ChildState.STARTING)
 

@@ -225,7 +225,7 @@ class Spawner:
 
     def forked(self, zygote: ZygoteProc, msg: Forked, fds: list[int]) -> None:
         child = zygote.pending.get(msg.handle)
-        if len(fds) != 2:
+        if len(fds) not in (2, 4):  # the channel, a pidfd, and its stdout and stderr
             for fd in fds:
                 os.close(fd)
             self._of(zygote).fleet.condemn(zygote, f"sent {len(fds)} descriptors with a fork reply")
@@ -236,18 +236,18 @@ class Spawner:
             # when it finds its channel's other end gone.
             return
         zygote.pending.pop(msg.handle, None)
-        channel_fd, pidfd = fds
+        channel_fd, pidfd, *stdio = fds
         if child is None or child.state is not ChildState.FORKING:
             # We gave up on this fork already; the child must not run.
             send_signal(pidfd, signal.SIGKILL)
-            os.close(pidfd)
-            os.close(channel_fd)
+            for fd in fds:
+                os.close(fd)
             return
         self.counts.guards(msg.guard_wait, bool(msg.guards_missed))
         channel = socket.socket(fileno=channel_fd)
         channel.setblocking(False)
         child.timers[0].cancel()  # the fork deadline; the ready one stays
-        child.forked(msg.pid, pidfd, channel, self.config.max_message_bytes + 65536)
+        child.forked(msg.pid, pidfd, channel, self.config.max_message_bytes + 65536, stdio)
         child.warnings = list(msg.warnings)
         self.tracker.track(child)
         job = child.job

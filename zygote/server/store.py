@@ -15,6 +15,7 @@ disappears silently.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -25,6 +26,31 @@ _ENDED_KEPT = 65536
 
 #: ZeroMQ routing frames that address one client connection.
 Envelope = tuple[bytes, ...]
+
+#: The output of a job kept for clients that attach later (both streams).
+TAIL_BYTES = 64 * 1024
+
+
+@dataclass(eq=False)
+class JobOutput:
+    """The last TAIL_BYTES a job's task wrote, and how much it wrote."""
+
+    #: (stream, offset of its first byte in the job's output, data), oldest first
+    tail: collections.deque[tuple[str, int, bytes]] = field(default_factory=collections.deque)
+    kept: int = 0
+    offset: int = 0  # bytes written so far, both streams
+
+    def keep(self, stream: str, data: bytes) -> None:
+        self.tail.append((stream, self.offset, data))
+        self.offset += len(data)
+        self.kept += len(data)
+        while self.kept - len(self.tail[0][2]) >= TAIL_BYTES:
+            self.kept -= len(self.tail.popleft()[2])
+        if self.kept > TAIL_BYTES:  # the oldest piece, cut to fit
+            name, offset, first = self.tail[0]
+            cut = self.kept - TAIL_BYTES
+            self.tail[0] = (name, offset + cut, first[cut:])
+            self.kept = TAIL_BYTES
 
 
 @dataclass(eq=False)
@@ -54,6 +80,13 @@ class Record:
     #: when it was accepted, and when its worker got the task (the store's clock)
     accepted: float = 0.0
     started: float | None = None
+    #: what its task wrote, the last TAIL_BYTES of it (output.py)
+    output: JobOutput = field(default_factory=JobOutput)
+
+    @property
+    def size(self) -> int:
+        """Bytes it holds: its result and its kept output."""
+        return len(self.result or b"") + self.output.kept
 
     @property
     def done(self) -> bool:
@@ -131,8 +164,8 @@ class ResultStore:
         if record.result is None or handle in self._uncollected:
             return []  # still running, or filed already
         record.finished_at = self._clock()
-        self._uncollected[handle] = len(record.result)
-        self.uncollected_bytes += len(record.result)
+        self._uncollected[handle] = record.size
+        self.uncollected_bytes += record.size
         dropped = []
         # The newest result stays even alone over `max_bytes`: a result
         # within the message limit always gets its chance to be collected.

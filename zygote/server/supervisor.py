@@ -56,6 +56,7 @@ from .cleanup import make_cleanup
 from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
 from .loop import EventLoop
 from .memory import MemoryReader
+from .output import OutputHub
 from .report import job_list
 from .service import Service
 from .spawner import Spawner
@@ -88,7 +89,8 @@ class Supervisor:
         if self.credentials is not None:  # the zygote re-opens it for each child
             os.fchown(self.lifeline_r, self.credentials[0], self.credentials[1])
         self.cleanup = make_cleanup(config, self.server_id, self._census)
-        self.tracker = Tracker(config, self.loop, cleanup=self.cleanup)
+        self.output = OutputHub(self._any_record, self._send_raw)  # workers' stdout, stderr
+        self.tracker = Tracker(config, self.loop, cleanup=self.cleanup, output=self.output)
         # One lineage of zygotes per profile, the default one (--preload) first.
         self.fleets = {
             name: Fleet(
@@ -382,6 +384,7 @@ class Supervisor:
             self._send(envelope, self._spawned(record, msg.req))
         else:
             record.waiting.append((envelope, msg.req))
+        self.output.replay(record, envelope)  # the kept tail, before the result
         self._deliver(record, only=envelope)
 
     def _send(self, envelope: Envelope, msg: Message) -> bool:

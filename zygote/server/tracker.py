@@ -12,6 +12,7 @@ here, by `exit_status()` alone. Part of the supervisor process.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from .children import Child, ZygoteProc
 from .cleanup import Cleanup
 from .lifecycle import ChildState
 from .loop import EventLoop
+from .output import OutputHub
 
 log = logging.getLogger("zygote.supervisor")
 
@@ -53,12 +55,15 @@ class Tracker:
         loop: EventLoop,
         find_children: Callable[[], set[int]] = child_pids,
         cleanup: Cleanup | None = None,
+        output: OutputHub | None = None,
     ) -> None:
         self.config = config
         self.loop = loop
         self.find_children = find_children
         #: what a child leaves behind, killed when it exits (cleanup.py)
         self.cleanup = cleanup or Cleanup()
+        #: where the children's stdout and stderr go (output.py); by default, the log
+        self.output = output or OutputHub(lambda handle: None, lambda target, data: False)
         self.events: ChildEvents  # the spawner, which listens once it is built
         self.children: dict[int, Child] = {}  # forked and not yet ended, by pid
         self.kill_signal = signal_by_name(config.kill_signal)
@@ -82,6 +87,8 @@ class Tracker:
         assert child.channel is not None
         self.loop.watch(child.channel.fileno(), lambda: self._on_channel(child))
         self.loop.watch(child.pidfd, lambda: self._on_exit(child))
+        for stream, fd in child.output.fds.items() if child.output is not None else ():
+            self.loop.watch(fd, functools.partial(self._on_output, child, stream))
 
     def send(self, child: Child, data: bytes) -> None:
         """Write to its channel; what the socket does not take now goes when
@@ -109,13 +116,15 @@ class Tracker:
         assert child.channel is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            socket.send_fds(child.channel, [_PROMOTE_FRAME], [theirs.fileno()])
+            # With our stdout and stderr (the zygotes'): its own are its job's.
+            socket.send_fds(child.channel, [_PROMOTE_FRAME], [theirs.fileno(), 1, 2])
         except OSError:  # it died, or its channel is full: it just ends
             ours.close()
             return None
         finally:
             theirs.close()
         ours.setblocking(False)
+        self.close_output(child)  # it takes the server's stdio back
         self.cleanup.promoted(child)
         self.close_channel(child)
         self.loop.unwatch(child.pidfd)
@@ -249,6 +258,7 @@ class Tracker:
             if child.job is None or msg.handle != child.job.handle:
                 self._misbehaved(child, f"sent a result for {msg.handle!r}")
                 return
+            self._drain_output(child)  # what it printed comes before its result
             child.move(ChildState.FINISHING)
             self.events.child_result(child, data)
             if not child.alive:  # promoted to a zygote: no longer ours
@@ -267,6 +277,38 @@ class Tracker:
         else:
             self._misbehaved(child, f"sent an unexpected {msg.KIND} message")
 
+    def _on_output(self, child: Child, stream: str, budget: int = 1 << 20) -> None:
+        """Its stdout or stderr turned readable: pass on what is there."""
+        capture = child.output
+        if capture is None or stream not in capture.fds:
+            return
+        if child.state is ChildState.STARTING:
+            # A task that came with its fork runs right after the child's
+            # Ready: take that in first, so that its output is its job's.
+            self._on_channel(child)
+        data, closed = capture.read(stream, budget)
+        if data:
+            self.output.received(child, stream, data)
+        if closed:
+            self.loop.unwatch(capture.fds[stream])
+            capture.close(stream)
+            self.output.closed(child, stream)
+
+    def _drain_output(self, child: Child) -> None:
+        """Read its stdout and stderr dry (what it wrote so far is there)."""
+        for stream in list(child.output.fds) if child.output is not None else ():
+            self._on_output(child, stream, 1 << 62)
+
+    def close_output(self, child: Child) -> None:
+        """Read its stdout and stderr dry, and close them: its process is
+        gone (what its task left behind is killed with it), or promoted."""
+        self._drain_output(child)
+        capture = child.output
+        for stream in list(capture.fds) if capture is not None else ():
+            self.loop.unwatch(capture.fds[stream])  # type: ignore[union-attr]
+            capture.close(stream)  # type: ignore[union-attr]
+            self.output.closed(child, stream)
+
     def _misbehaved(self, child: Child, what: str) -> None:
         child.failure = child.failure or what
         log.error("worker %d [%s] %s; killing it", child.pid, child.name, what)
@@ -283,9 +325,11 @@ class Tracker:
         child.pidfd = -1
         # Whatever it wrote before dying is in the channel now: read it
         # before deciding anything from the exit, or a finished result
-        # would be reported as lost.
+        # would be reported as lost. Its output first, as it was written.
+        self._drain_output(child)
         self._on_channel(child)
         self.close_channel(child)
+        self.close_output(child)
         self.cleanup.child_exited(child)  # what its task left behind goes too
         child.cancel_timers()
         child.move(ChildState.EXITED)
