@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import builtins
 import os
 import re
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 from zygote import Zygote
@@ -93,3 +96,70 @@ def test_default_endpoint_comes_from_the_environment(server: Server, monkeypatch
         assert "no zygote server" in str(exc)
     else:
         raise AssertionError("expected ServerUnavailable")
+
+
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def test_every_python_snippet_compiles_and_names_nothing_undefined() -> None:
+    assert len(PYTHON_BLOCKS) >= 3
+    for number, block in enumerate(PYTHON_BLOCKS):
+        code = compile(block, f"README.md python block {number}", "exec")
+        defined = set(dir(builtins)) | _assigned(block)
+        undefined = {name for name in _names(code) if name not in defined}
+        assert not undefined, f"block {number} uses undefined names {undefined}:\n{block}"
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """Every global name the code (and the functions in it) loads."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def _assigned(block: str) -> set[str]:
+    """What the block defines or imports at the top, and every attribute name
+    (co_names has those too: `z.spawn` loads "spawn")."""
+    tree = ast.parse(block)
+    names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names |= {a.asname or a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}  # co_names holds the full name too
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.keyword) and node.arg:
+            names.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+    return names
+
+
+def test_the_python_snippets_run(start_server, tmp_path: Path) -> None:
+    # The preload example is a module a server preloads; the client ones
+    # run against that server as written.
+    preload, clients = PYTHON_BLOCKS[-1], PYTHON_BLOCKS[:-1]
+    assert "@zygote.validator" in preload
+    (tmp_path / "readme_preload.py").write_text(preload)
+    server: Server = start_server(
+        preload=("examples.tasks", "readme_preload"), env={"PYTHONPATH": str(tmp_path)}
+    )
+    with server.client(timeout=30) as client:
+        assert client.spawn("readme_preload:task", 21).result() == 42
+    for block in clients:
+        proc = subprocess.run(
+            [sys.executable, "-c", block],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "ZYGOTE_ENDPOINT": server.endpoint},
+        )
+        assert proc.returncode == 0, f"{block}\n{proc.stderr}"
+        assert "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]" in proc.stdout

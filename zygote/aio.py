@@ -38,7 +38,7 @@ from zmq.utils.monitor import recv_monitor_message
 from .client import PROBE_EVERY, PROBE_TIMEOUT
 from .codec import check_spawn_size, decode_reply, encode, prepare_limits, prepare_spawn
 from .config import ConfigError, default_endpoint
-from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout, error_for
+from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout, error_for, silent_server
 from .handle import Delivery, ExitInfo, _outcome
 from .keys import HANDSHAKE_EVENTS, ClientKeys, Handshakes
 from .protocol import (
@@ -186,6 +186,7 @@ class Zygote:
         self._unwanted: set[str] = set()  # jobs whose results nobody will read
         self._reader: asyncio.Task[None] | None = None
         self._heard = 0.0  # when the server last said anything
+        self._answered = False  # ... if it ever did
         self._server: str | None = None
         self._max_message = DEFAULT_MAX_MESSAGE_BYTES
         self._max_workers = 0
@@ -400,10 +401,7 @@ class Zygote:
             if self._broken is not None:
                 raise self._broken
             if loop.time() - asked >= PROBE_TIMEOUT:
-                raise ServerUnavailable(
-                    f"the server at {self.endpoint} stopped answering "
-                    f"(no reply for {loop.time() - asked:.1f}s)"
-                )
+                raise silent_server(self.endpoint, self._answered, loop.time() - self._heard)
             await asyncio.sleep(0.05)
 
     def _followed(self, handle_id: str, reply: asyncio.Future[Message]) -> None:
@@ -442,7 +440,7 @@ class Zygote:
                 return
             except zmq.ZMQError:
                 return  # closed
-            self._heard = loop.time()
+            self._heard, self._answered = loop.time(), True
             if isinstance(msg, Result | Exited | Output):
                 job = self._jobs.get(msg.handle)
                 if job is not None:

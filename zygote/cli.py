@@ -8,15 +8,18 @@ import os
 import select
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
 from .cli_jobs import COMMANDS, endpoint_option
-from .config import ConfigError, ServerConfig, setup_logging
+from .config import ConfigError, ServerConfig, default_endpoint, setup_logging
 from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout
 from .options import SERVER_OPTIONS, config_file_option
+
+if TYPE_CHECKING:
+    from .client import Zygote
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,19 +107,39 @@ def status(as_json: bool, endpoint: str | None) -> None:
     if as_json:
         click.echo(json.dumps(stats, indent=2, sort_keys=True))
         return
-    width = max(len(key) for key in stats)
-    for key, value in stats.items():
-        if key == "helper_pss" and stats.get("helper_pid") is None:
-            value = "no helper"
-        elif key.endswith(("_rss", "_pss")):
-            value = _size(value)
-        elif key == "memory":
-            value = _memory(value)
-        elif isinstance(value, float):
-            value = f"{value:.1f}"
-        elif isinstance(value, (list, dict)):
-            value = json.dumps(value)
-        click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
+    lines = [(key.replace("_", " "), _value(key, value, stats)) for key, value in stats.items()]
+    profiles = stats.get("profiles") or {}
+    if len(profiles) > 1:  # each lineage's own figures; with one, they are the above
+        for name, figures in profiles.items():
+            shown = (f"{k.replace('_', ' ')} {_value(k, v, figures)}" for k, v in figures.items())
+            lines.append((f"profile {name}", ", ".join(x for x in shown if not x.endswith(" -"))))
+    width = max(len(key) for key, _ in lines)
+    for key, value in lines:
+        if key != "profiles":
+            click.echo(f"{key:<{width}}  {value}")
+
+
+def _value(key: str, value: Any, stats: dict[str, Any]) -> str:
+    """One figure of `zygote status` for people: with its unit, "-" for none."""
+    if key == "helper_pss" and stats.get("helper_pid") is None:
+        return "no helper"
+    if key.endswith(("_rss", "_pss", "_bytes")) and isinstance(value, int | None):
+        return _size(value) if value is not None else "-"
+    if key == "memory" and isinstance(value, dict):
+        return _memory(value)
+    if value is None or value == [] or value == {}:
+        return "-"
+    if key == "uptime" or key.endswith("_seconds"):
+        return f"{value:.1f} s"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)
 
 
 def _size(count: int | None) -> str:
@@ -236,29 +259,44 @@ def _lineage(profile: str) -> str:
 @endpoint_option
 def stop(wait: bool, timeout: float, endpoint: str | None) -> None:
     """Stop the server gracefully: queued requests get an error, running
-    workers finish (within the server's shutdown grace)."""
+    workers finish (within the server's shutdown grace). With no server
+    running there is nothing to do: that is a success too."""
     from .client import Zygote
 
     server: int | None = None
+    deadline = time.monotonic() + timeout
     try:
-        with Zygote(endpoint, timeout=10.0) as client:
+        client = Zygote(endpoint, timeout=10.0)
+    except ServerUnavailable:  # not even its socket file
+        click.echo(f"no server running at {endpoint or default_endpoint()}")
+        return
+    except ZygoteError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        with client:
+            try:
+                pid = int(client.stats()["pid"])
+            except ServerUnavailable:
+                click.echo(f"no server running at {client.endpoint}")
+                return
             if wait and client.endpoint.startswith("ipc://"):
                 # On this machine: wait for the process itself to end. Its
                 # socket goes a little before it does.
                 with contextlib.suppress(OSError):
-                    server = os.pidfd_open(int(client.stats()["pid"]))
+                    server = os.pidfd_open(pid)
             client.stop()
+            if wait:
+                _show_running_jobs(client, server, deadline)
     except ZygoteError as exc:
         raise click.ClickException(str(exc)) from None
     if server is not None:
         ended = select.poll()
         ended.register(server, select.POLLIN)
-        gone = ended.poll(int(timeout * 1000))
+        gone = ended.poll(max(0, int((deadline - time.monotonic()) * 1000)))
         os.close(server)
         if not gone:
             raise click.ClickException(f"the server is still running after {timeout:g}s")
         return
-    deadline = time.monotonic() + timeout
     while wait:
         try:
             with Zygote(endpoint, timeout=1.0) as client:
@@ -268,3 +306,26 @@ def stop(wait: bool, timeout: float, endpoint: str | None) -> None:
         if time.monotonic() > deadline:
             raise click.ClickException(f"the server is still running after {timeout:g}s")
         time.sleep(0.1)
+
+
+def _show_running_jobs(client: Zygote, server: int | None, deadline: float) -> None:
+    """While the stopping server's jobs finish: "waiting for 3 running
+    jobs..." on stderr, again each time the number changes. Returns once
+    none is left, the server is gone, or at the deadline."""
+    shown = None
+    ended = select.poll()
+    if server is not None:
+        ended.register(server, select.POLLIN)
+    while time.monotonic() < deadline:
+        try:
+            running = int(client.stats()["workers"])
+        except ZygoteError:  # it has closed its socket: on its way out
+            return
+        if not running:
+            return
+        if running != shown:
+            s = "" if running == 1 else "s"
+            click.echo(f"waiting for {running} running job{s}\u2026", err=True)
+            shown = running
+        if ended.poll(200):  # (or a plain pause without a pidfd)
+            return

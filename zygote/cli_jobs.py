@@ -65,7 +65,7 @@ def _print_outcome(get: Any) -> None:
     try:
         value = get()
     except TaskError as exc:
-        if exc.remote_traceback:
+        if "\n" in exc.remote_traceback.strip():  # frames, not the bare line repeated
             click.echo(exc.remote_traceback.rstrip(), err=True)
         _fail(f"task failed: {exc}", EXIT_RAISED)
     except WorkerLost as exc:

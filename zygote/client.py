@@ -39,6 +39,7 @@ from .errors import (
     ZygoteError,
     ZygoteTimeout,
     error_for,
+    silent_server,
 )
 from .handle import Delivery, ExitInfo, Handle, Link
 from .keys import ClientKeys, HandshakeWatch
@@ -123,6 +124,7 @@ class Zygote:
         self._handshakes = HandshakeWatch(self._socket, self._keys, self.endpoint)
         self._socket.connect(self.endpoint)
         self._requests = itertools.count(1)
+        self._answered = False  # has the server ever said anything?
         self._last_req = 0
         # Set when results were confirmed (`Collected`) after request number
         # `_collected_after` and no reply has proved the server read it yet.
@@ -350,10 +352,7 @@ class Zygote:
                     return
                 raise ZygoteTimeout(f"no answer from the server within {timeout:g}s")
             if probe_sent is not None and now - probe_sent >= PROBE_TIMEOUT:
-                raise ServerUnavailable(
-                    f"the server at {self.endpoint} stopped answering "
-                    f"(no reply for {now - heard:.1f}s)"
-                )
+                raise silent_server(self.endpoint, self._answered, now - heard)
             wait = PROBE_EVERY if probe_sent is None else PROBE_TIMEOUT
             if deadline is not None:
                 wait = min(wait, deadline - now)
@@ -379,6 +378,7 @@ class Zygote:
                 msg = decode_reply(data)
             except ProtocolError as exc:
                 raise ZygoteError(f"the server at {self.endpoint} sent garbage: {exc}") from None
+            self._answered = True
             self._take(msg)
 
     def _kill(self, handle_id: str, signal: int) -> bool:

@@ -275,10 +275,33 @@ def prepare_spawn(
         raise ValueError(str(exc)) from None
     if timeout is not None and not timeout > 0:
         raise ValueError("_timeout must be a positive number of seconds")
-    payload = msgpack.packb([list(args), kwargs], use_bin_type=True)
+    try:
+        payload = msgpack.packb([list(args), kwargs], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(_unsendable_argument(args, kwargs, exc)) from None
     sent_env = {str(k): str(v) for k, v in env.items()} if env is not None else None
     sent_cwd = os.fspath(cwd) if cwd is not None else None
     return payload, sent_env, sent_cwd, spawn_size(task, payload, sent_env, sent_cwd)
+
+
+def unsendable(what: str, value: object, exc: Exception) -> str:
+    """Why `value` cannot go over the wire, in words: "argument 1 (object)
+    cannot be sent: msgpack cannot serialize 'object' object"."""
+    text = str(exc).removeprefix("can not serialize ")
+    return f"{what} ({type(value).__name__}) cannot be sent: msgpack cannot serialize {text}"
+
+
+def _unsendable_argument(args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception) -> str:
+    """The first argument msgpack refuses, named (packed again one by one:
+    only on this error path)."""
+    named = [(f"argument {n}", arg) for n, arg in enumerate(args, 1)]
+    named += [(f"keyword argument {key!r}", arg) for key, arg in kwargs.items()]
+    for what, value in named:
+        try:
+            msgpack.packb(value, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as own:
+            return unsendable(what, value, own)
+    return unsendable("the arguments", kwargs, exc)  # a keyword that is not a str
 
 
 def prepare_limits(limits: dict[str, float] | None) -> dict[str, float] | None:

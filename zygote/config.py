@@ -76,6 +76,21 @@ def ensure_private_dir(path: Path) -> None:
         raise ConfigError(f"{path} is accessible by other users (mode {info.st_mode & 0o777:o})")
 
 
+def check_endpoint(endpoint: str) -> None:
+    """ConfigError unless `endpoint` is ipc://PATH or tcp://HOST:PORT with a
+    real port (libzmq would take port 99999 modulo 65536, or say "Invalid
+    argument" at bind time)."""
+    if endpoint.startswith("ipc://") and endpoint != "ipc://":
+        return
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not endpoint.startswith("tcp://") or not host:
+        raise ConfigError(f"endpoint must be ipc://PATH or tcp://HOST:PORT, not {endpoint!r}")
+    if port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(
+            f"the port of {endpoint} must be a number from 1 to 65535 (or *), not {port!r}"
+        )
+
+
 def default_endpoint() -> str:
     """`$ZYGOTE_ENDPOINT`, else an ipc socket in the per-user runtime dir."""
     return os.environ.get("ZYGOTE_ENDPOINT") or f"ipc://{runtime_dir() / 'zygote.sock'}"
@@ -220,10 +235,7 @@ class ServerConfig:
             raise ConfigError("prefork must not be negative")
         if self.spawn_retries < 0:
             raise ConfigError("spawn_retries must not be negative")
-        if not self.endpoint.startswith(("ipc://", "tcp://")):
-            raise ConfigError(
-                f"endpoint must be ipc://PATH or tcp://HOST:PORT, not {self.endpoint!r}"
-            )
+        check_endpoint(self.endpoint)
         if bool(self.curve_secret) != bool(self.curve_clients):
             raise ConfigError(
                 "CURVE needs both --curve-secret (the server's NAME.key_secret) and "

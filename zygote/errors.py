@@ -110,3 +110,16 @@ def error_for(code: str, message: str, reasons: list[str]) -> ZygoteError:
     if code in (ErrorCode.SPAWN_FAILED, ErrorCode.SHUTTING_DOWN, ErrorCode.NOT_ALLOWED):
         return SpawnError(message, reasons)
     return ZygoteError(f"{code}: {message}")
+
+
+def silent_server(endpoint: str, answered: bool, seconds: float) -> ServerUnavailable:
+    """The error for a server that did not answer a probe: one that never
+    said anything is most likely not there at all."""
+    if not answered:
+        return ServerUnavailable(
+            f"no server answered at {endpoint} within {seconds:.0f}s "
+            "(is `zygote start` running there, and reachable?)"
+        )
+    return ServerUnavailable(
+        f"the server at {endpoint} stopped answering (no reply for {seconds:.1f}s)"
+    )

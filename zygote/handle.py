@@ -33,16 +33,23 @@ UNREAD_OUTPUT_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ExitInfo:
-    """How a worker process ended (`Handle.wait()`)."""
+    """How a worker process ended (`Handle.wait()`).
+
+    `maxrss_kb` is the worker's peak resident set size in KiB (getrusage's
+    ru_maxrss). A forked worker starts with the zygote's resident pages
+    counted as its own, shared or not, so it reflects the zygote's size plus
+    what the task added: an `add(1, 2)` from a 19 MiB zygote shows ~16 MiB.
+    For the task's own use, compare it with a trivial task's figure, or see
+    the workers' USS in `zygote status`."""
 
     pid: int
     exit_code: int | None
     signal: int | None
     description: str  # in words: "exited normally", "killed by SIGSEGV (core dumped)"
     duration: float  # seconds from the fork request to the exit
-    utime: float
+    utime: float  # CPU seconds, user and system
     stime: float
-    maxrss_kb: int
+    maxrss_kb: int  # peak RSS, the inherited zygote pages included (see above)
 
 
 @dataclass(eq=False)

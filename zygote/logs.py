@@ -9,11 +9,19 @@ import json
 import logging
 import logging.handlers
 import time
+from typing import Any
 
-__all__ = ["LOG_FORMAT", "JsonFormatter", "setup_logging"]
+__all__ = ["LOG_FORMAT", "JsonFormatter", "Tagged", "setup_logging"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s zygote[%(process)d] %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")
+
+
+class Tagged(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger whose lines start with a tag: "[profile] ..."."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.extra['tag']} {msg}", kwargs  # type: ignore[index]
 
 
 class JsonFormatter(logging.Formatter):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from .config import ConfigError, ServerConfig, load_toml
 
@@ -28,6 +29,22 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, path: str | N
                 for name, mods in profiles.items()
             ]
         ctx.default_map = {**(ctx.default_map or {}), **settings}
+        ctx.meta["zygote.config"] = path
+
+
+class _ServerOption(click.Option):
+    """An option whose errors name where the bad value came from: the
+    environment variable only when it gave the value, the config file for a
+    value from there (click names the variable whenever one is declared)."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        hint = " / ".join(f"'{opt}'" for opt in self.opts)
+        source = ctx.get_parameter_source(self.name) if ctx and self.name else None
+        if source is ParameterSource.ENVIRONMENT:
+            hint += f" (from ${self.envvar})"
+        elif source is ParameterSource.DEFAULT_MAP and ctx is not None:
+            hint += f" (from {ctx.meta.get('zygote.config', 'the config file')})"
+        return hint
 
 
 def _server_option(
@@ -56,6 +73,7 @@ def _server_option(
         envvar="ZYGOTE_" + name.upper(),
         default=None,
         show_envvar=True,
+        cls=_ServerOption,
         help=help,
         **extra,
     )

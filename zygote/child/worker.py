@@ -34,6 +34,7 @@ from ..codec import (
     encode,
     frame,
     ok_result_prefix,
+    unsendable,
 )
 from ..linux import lifeline_cut, set_process_title
 from ..protocol import (
@@ -164,11 +165,21 @@ class Step:
 
 
 def resolve(task: str) -> Callable[..., Any]:
-    """The callable named by "package.module:qualname"."""
+    """The callable named by "package.module:qualname". A name that is not
+    there raises its usual error (ModuleNotFoundError, AttributeError),
+    saying "task ... not found"; an error inside the module stays as it is."""
     module_name, _, qualname = task.partition(":")
-    obj: Any = importlib.import_module(module_name)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if not exc.name or not f"{module_name}.".startswith(f"{exc.name}."):
+            raise  # the module is there: something it imports is not
+        raise ModuleNotFoundError(f"task {task} not found: {exc}", name=exc.name) from None
     for part in qualname.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise AttributeError(f"task {task} not found: {exc}") from None
     if not callable(obj):
         raise TypeError(f"{task} is a {type(obj).__name__}, not a callable")
     return obj  # type: ignore[no-any-return]
@@ -243,7 +254,7 @@ def run(setup: ChildSetup) -> int:
         try:
             step.check()
         except BaseException as exc:
-            error = "".join(traceback.format_exception(exc))
+            error = _user_traceback(exc)  # from the hook's own frame on
             _write_all(channel, frame(encode(ValidatorFailed(step.name, error))))
             return 1
     if setup.task is None:
@@ -412,10 +423,8 @@ def _run_task(
     try:
         result = task.ok_prefix + msgpack.packb(msgpack.packb(value, use_bin_type=True))
     except Exception as exc:
-        unsendable = TypeError(
-            f"the result of {task.task} cannot be sent: {exc} (results must be msgpack-able)"
-        )
-        return _raised(task.handle, unsendable, tb=False), code
+        refused = TypeError(unsendable(f"the result of {task.task}", value, exc))
+        return _raised(task.handle, refused, tb=False), code
     if len(result) > max_result_bytes:
         err = ValueError(
             f"the result of {task.task} is {len(result)} bytes, over the server's "
@@ -452,9 +461,28 @@ def _lost_to_limit(task: PreparedTask, limit: str, exc: BaseException) -> bytes:
 
 
 def _raised(handle: str, exc: BaseException, *, tb: bool = True) -> bytes:
-    text = "".join(traceback.format_exception(exc)) if tb else ""
+    text = _user_traceback(exc) if tb else ""
     msg = Result(handle, RAISED, exc_type=type_name(type(exc)), message=str(exc), traceback=text)
     return encode(msg)
+
+
+#: the frames that lead to a task's or a hook's code: this module's, importlib's
+_OWN_FRAMES = (
+    __file__,
+    os.path.dirname(str(importlib.__file__)) + os.sep,
+    "<frozen importlib.",
+)
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback as the task's author wants it: without the frames of
+    this module and of importlib that lead to the task's own code."""
+    shown = traceback.TracebackException.from_exception(exc)
+    frames = list(shown.stack)
+    while frames and frames[0].filename.startswith(_OWN_FRAMES):
+        del frames[0]
+    shown.stack = traceback.StackSummary.from_list(frames)
+    return "".join(shown.format())
 
 
 def _exit_code(exc: SystemExit) -> tuple[int, str]:

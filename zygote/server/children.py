@@ -69,6 +69,8 @@ class Job:
     killed: int | None = None
     #: its resource limits: the server's, lowered by the spawn's own
     limits: dict[str, float] = field(default_factory=dict)
+    #: "raised KeyError" once its worker reported that (for the log)
+    raised: str | None = None
 
     @property
     def profile(self) -> str:
@@ -103,6 +105,8 @@ class ZygoteProc:
     boot_timer: Timer | None = None
     healthy_children: int = 0
     corrupt_in_a_row: int = 0
+    #: why its latest child failed to start, with the traceback if it sent one
+    last_failure: str | None = None
     condemned: str | None = None  # why it is to be killed, once the current batch is done
     repeated: bool = False  # condemned for a reason already reported (a refork refusal)
     #: its latest thread report (one dict per kind of thread)

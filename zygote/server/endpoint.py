@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -198,7 +199,15 @@ def _bind(router: zmq.Socket[bytes], endpoint: str) -> None:
     try:
         router.bind(endpoint)
     except zmq.ZMQError as exc:
-        raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
+        why = str(exc)
+        if endpoint.startswith("tcp://"):  # libzmq's own words for these mislead
+            host = endpoint.removeprefix("tcp://").rpartition(":")[0]
+            why = {
+                errno.ENODEV: f"no address or network interface {host!r} on this machine",
+                errno.EADDRNOTAVAIL: f"{host} is not an address of this machine",
+                errno.EADDRINUSE: "the address is in use (another server?)",
+            }.get(exc.errno or 0, why)
+        raise ConfigError(f"cannot listen on {endpoint}: {why}") from None
 
 
 def remove(endpoint: str, ours: SocketFile | None) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from ..codec import encode
 from ..config import ServerConfig
 from ..linux import describe_wait_status
+from ..logs import Tagged
 from ..protocol import (
     DEFAULT_PROFILE,
     Boot,
@@ -88,7 +89,7 @@ class Fleet:
         self.profile = profile
         self.preload = list(config.preload if preload is None else preload)
         # Other lineages than the default one say which they are, each line.
-        self.log = log if profile == DEFAULT_PROFILE else _Tagged(log, {"tag": f"[{profile}]"})
+        self.log = log if profile == DEFAULT_PROFILE else Tagged(log, {"tag": f"[{profile}]"})
         #: (the generation that took over, None) or (None, why it did not)
         self.announce = announce
         self.events: ZygoteEvents  # the spawner, which listens once it is built
@@ -267,8 +268,9 @@ class Fleet:
             return
         self.failed_in_a_row += 1
         if self.failed_in_a_row >= self.config.zygote_failure_limit:
+            last = f"; its last child: {zygote.last_failure}" if zygote.last_failure else ""
             self.give_up(
-                f"{self.failed_in_a_row} zygotes in a row failed; the last one {why}",
+                f"{self.failed_in_a_row} zygotes in a row failed; the last one {why}{last}",
                 EXIT_UNHEALTHY,
             )
 
@@ -495,8 +497,3 @@ class Fleet:
     def kill_all(self) -> None:
         for zygote in self.zygotes.values():
             zygote.kill()
-
-
-class _Tagged(logging.LoggerAdapter):  # type: ignore[type-arg]
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"{self.extra['tag']} {msg}", kwargs  # type: ignore[index]

@@ -6,12 +6,13 @@ I/O."""
 from __future__ import annotations
 
 import collections
+import logging
 import signal
 from typing import Any, Protocol
 
 from ..cgroups import describe_limit
-from ..codec import decode_channel, encode, frame
-from ..protocol import LOST, OK, TIMEOUT, ErrorCode, Exited, Result, Task
+from ..codec import decode_channel, encode, frame, ok_result_prefix
+from ..protocol import LOST, OK, RAISED, TIMEOUT, ErrorCode, Exited, Result, Task
 from .children import Child, Job
 
 
@@ -95,6 +96,29 @@ def exit_report(
 ) -> bytes:
     """The Exited report: how the job's process ended, in numbers and words."""
     return encode(Exited(job.handle, child.pid, code, sig, words, lifetime, *child.rusage))
+
+
+def raised(handle: str, data: bytes) -> str | None:
+    """ "raised KeyError" for the encoded Result of a task that raised, else
+    None. A value (perhaps big) is told by its start, not decoded."""
+    if data.startswith(ok_result_prefix(handle)):
+        return None
+    result = decode_channel(data)
+    if isinstance(result, Result) and result.outcome == RAISED:
+        return f"raised {result.exc_type}"
+    return None
+
+
+def job_ended_log(
+    job: Job, code: int | None, words: str, lifetime: float, result: bytes | None
+) -> tuple[int, str]:
+    """The log level and line for how a job ended. A worker that reported
+    an exception exits 0: "exited normally" would hide that its task raised."""
+    ended = words if job.raised is None else job.raised
+    if job.raised is not None and code != 0:
+        ended = f"{job.raised}, then {words}"
+    level = logging.INFO if code == 0 and result is None and job.raised is None else logging.WARNING
+    return level, f"{job.spawn.task} {ended} after {lifetime * 1000:.1f} ms"
 
 
 def succeeded(data: bytes) -> bool:

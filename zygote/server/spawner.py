@@ -416,6 +416,7 @@ class Spawner:
         job = child.job
         assert job is not None
         self.clients.job_result(job.handle, data)
+        job.raised = outcomes.raised(job.handle, data)
         # A candidate whose task succeeded, while a refork is still wanted:
         # instead of exiting, it becomes the next generation.
         fleet = self._of(child.zygote).fleet
@@ -471,8 +472,7 @@ class Spawner:
         self.jobs.pop(job.handle, None)
         self.clients.job_ended(job.handle, result, exited)
         self.counts["completed"] += 1
-        level = logging.INFO if code == 0 and result is None else logging.WARNING
-        what = f"{job.spawn.task} {words} after {lifetime * 1000:.1f} ms"
+        level, what = outcomes.job_ended_log(job, code, words, lifetime, result)
         log.log(level, "worker %d [%s] %s", child.pid, job.handle, what)
 
     def _corrupt_child(self, child: Child, words: str) -> None:

@@ -470,7 +470,7 @@ class Supervisor:
 
     def give_up(self, reason: str, code: int) -> None:
         """The last rung of the ladder: stop, loudly, with a non-zero status."""
-        log.error("giving up: %s", reason)
+        log.error("giving up: %s", reason.partition("\n")[0])  # in full when stopped
         self.stop(reason, code)
 
     def stop(self, reason: str, code: int, grace: float | None = None) -> None:
@@ -490,7 +490,7 @@ class Supervisor:
         self._refork_waiters.clear()
         log.info(
             "stopping (%s): %d running, %d queued; grace %gs",
-            reason,
+            reason.partition("\n")[0],
             self.spawner.stats()["workers"],
             self.spawner.queued,
             grace,

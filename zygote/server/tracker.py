@@ -137,6 +137,7 @@ class Tracker:
         """Kill a child that failed its start-up; with SIGABRT, faulthandler
         prints where it was first. SIGKILL follows if that does not do it."""
         child.failure, child.failed_step = failure, step
+        child.zygote.last_failure = f"worker {child.pid} {failure}"
         child.signal(self.kill_signal)
         if self.kill_signal != signal.SIGKILL:
             child.timers.append(
@@ -274,6 +275,7 @@ class Tracker:
             log.warning("worker %d [%s] failed %s:\n%s", child.pid, child.name, msg.name, error)
             last = error.splitlines()[-1] if error else "?"
             self.fail_start(child, f"{msg.name} failed: {last}", msg.name)
+            child.zygote.last_failure = f"worker {child.pid} {msg.name} failed: {last}\n{error}"
         else:
             self._misbehaved(child, f"sent an unexpected {msg.KIND} message")
 
