@@ -80,6 +80,7 @@ def flaky(self, key: str) -> int:
 
 @app.task
 def shout(message: str) -> str:
+    print(f"printed: {message}")  # stdout, which Celery's worker logs
     logger.warning("task says: %s", message)
     logging.getLogger("tests.celery_app.plain").warning("plain logger says: %s", message)
     return message

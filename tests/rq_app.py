@@ -25,6 +25,7 @@ def whoami() -> dict[str, Any]:
 
 
 def fail(message: str) -> None:
+    print(f"failing with {message}")  # to the rq worker's output, like a forked horse's
     raise ValueError(message)
 
 

@@ -279,6 +279,7 @@ def test_task_logging_reaches_the_workers_log(shared: Worker) -> None:
     text = shared.log_path.read_text()
     assert "tests.celery_app.shout" in text  # celery's task log format
     assert "plain logger says: hello from a fork" in text
+    wait_until(lambda: "printed: hello from a fork" in shared.log_path.read_text(), 10)
 
 
 # -- shutdown -------------------------------------------------------------------

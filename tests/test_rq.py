@@ -246,6 +246,7 @@ def test_exception_lands_in_failed_registry_with_traceback(shared: RQWorker) -> 
     text = exc_string(job)
     assert "Traceback (most recent call last)" in text
     assert "rq_app.py" in text and "ValueError: boom" in text
+    wait_until(lambda: "failing with boom" in shared.log(), 10, "the job's print in the log")
 
 
 def test_callbacks_run(shared: RQWorker, connection: redis.Redis) -> None:

@@ -8,7 +8,9 @@ for what has not come yet.
 from __future__ import annotations
 
 import collections
+import contextlib
 import signal as _signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -196,6 +198,15 @@ class Handle:
             self._link.wait_for(
                 lambda: bool(delivery.output) or delivery.result is not None, left, self.id
             )
+
+
+def relay_output(stream: str, data: bytes) -> None:
+    """Write a piece of a task's output to our own stdout or stderr, as text
+    (they may be a logging proxy, like a Celery worker's)."""
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    with contextlib.suppress(ValueError, OSError):  # closed, or gone
+        out.write(data.decode("utf-8", "replace"))
+        out.flush()
 
 
 def _outcome(result: Result) -> Any:

@@ -35,6 +35,7 @@ from kombu.utils.json import dumps as json_dumps
 from zygote import aio
 from zygote.embedded import EmbeddedServer, preload_from_env
 from zygote.errors import TaskError, WorkerLost, ZygoteError
+from zygote.handle import relay_output
 
 from .app_path import app_import_path
 
@@ -355,8 +356,12 @@ class ZygotePool(BasePool):
         self._deliver(job.error_callback, _einfo(error))
 
     async def _outcome(self, handle: aio.Handle) -> tuple[Any, BaseException | None, str]:
-        """(value, None, "") or (None, error, remote traceback)."""
+        """(value, None, "") or (None, error, remote traceback). What the task
+        prints goes to this worker's stdout/stderr as it comes, which Celery
+        logs (worker_redirect_stdouts), as it would a prefork child's."""
         try:
+            async for stream, data in handle.output():
+                relay_output(stream, data)
             return await handle.result(), None, ""
         except TaskError as exc:  # raised outside Celery's tracer, or sys.exit()
             return None, exc, exc.remote_traceback

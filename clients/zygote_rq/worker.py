@@ -31,6 +31,7 @@ from rq.utils import import_attribute, now
 from rq.worker import SHUTDOWN_SIGNAL, Worker
 
 from zygote.errors import TaskError, ZygoteError
+from zygote.handle import relay_output
 
 from .process import Horse, WaitResult, held_signals, wait_result
 
@@ -289,6 +290,10 @@ class ZygoteWorker(Worker):
     def _exit_status(self, horse: Horse) -> WaitResult:
         try:
             info = horse.handle.wait()
+            # What the job printed: to this worker's stdout/stderr, as a
+            # forked horse's would have gone (here once it has ended).
+            for stream, data in horse.handle.output(timeout=0):
+                relay_output(stream, data)
         except ZygoteError as exc:
             log.error("Worker %s: no exit status for horse %d: %s", self.name, horse.pid, exc)
             return horse.pid, None, None
