@@ -21,7 +21,6 @@ Four conversations use this module:
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -35,15 +34,29 @@ from .protocol_errors import (
     UnknownKind,
     UnsupportedVersion,
 )
+from .protocol_rules import (
+    DEFAULT_PROFILE,
+    LIMIT_NAMES,
+    check_limits,
+    check_profile_name,
+    check_task_name,
+    task_allowed,
+)
 
 # Re-exported (mypy): everything else here is defined here.
 __all__ = [
+    "DEFAULT_PROFILE",
+    "LIMIT_NAMES",
     "ErrorCode",
     "MalformedMessage",
     "MessageTooLarge",
     "ProtocolError",
     "UnknownKind",
     "UnsupportedVersion",
+    "check_limits",
+    "check_profile_name",
+    "check_task_name",
+    "task_allowed",
 ]
 
 PROTOCOL_VERSION = 1
@@ -52,9 +65,6 @@ PROTOCOL_VERSION = 1
 #: slack is derived from it). Big inputs belong in files, not in messages.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
-# Matched with fullmatch(): "$" would also match before a trailing newline.
-_TASK_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-_MAX_TASK_LEN = 512
 _HANDLE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -488,39 +498,3 @@ Control = (
     | HelperExited
 )
 ChannelMessage = Ready | Phase | ValidatorFailed | Result | Task | Go | Promote
-
-
-DEFAULT_PROFILE = "default"
-#: The resource limits a spawn may set: bytes, CPU seconds, open files.
-LIMIT_NAMES = ("memory", "cpu_seconds", "nofile")
-
-
-def check_limits(limits: dict[str, float] | None) -> None:
-    """Raise MalformedMessage unless `limits` is None or known names with
-    positive values."""
-    for name, value in (limits or {}).items():
-        if name not in LIMIT_NAMES:
-            raise MalformedMessage(f"unknown limit {name!r:.40}: one of {', '.join(LIMIT_NAMES)}")
-        if not value > 0:
-            raise MalformedMessage(f"limit {name} must be positive, not {value!r}")
-
-
-_PROFILE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
-def check_profile_name(name: str | None) -> None:
-    """Raise MalformedMessage unless `name` is None or a profile name."""
-    if name is not None and not _PROFILE_RE.fullmatch(name):
-        raise MalformedMessage(f"a profile name is 1-64 of [A-Za-z0-9_.-], not {name!r:.80}")
-
-
-def check_task_name(task: str) -> None:
-    """Raise MalformedMessage unless `task` looks like "package.module:qualname"."""
-    if len(task) > _MAX_TASK_LEN or not _TASK_RE.fullmatch(task):
-        raise MalformedMessage(f"task must look like 'package.module:function', not {task!r:.80}")
-
-
-def task_allowed(task: str, patterns: list[str] | None) -> bool:
-    """Does "module:qualname" match one of the allow-list's fnmatch patterns?
-    None allows everything."""
-    return patterns is None or any(fnmatch.fnmatchcase(task, p) for p in patterns)
