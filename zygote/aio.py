@@ -37,7 +37,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .client import PROBE_EVERY, PROBE_TIMEOUT
 from .codec import check_spawn_size, decode_reply, encode, prepare_limits, prepare_spawn
-from .config import ConfigError, default_endpoint
+from .config import default_endpoint
 from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout, error_for, silent_server
 from .handle import Delivery, ExitInfo, _outcome
 from .keys import HANDSHAKE_EVENTS, ClientKeys, Handshakes
@@ -162,10 +162,7 @@ class Zygote:
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
-        try:
-            self._keys = ClientKeys(curve_secret, curve_server)
-        except ConfigError as exc:
-            raise ZygoteError(str(exc)) from None
+        self._keys = ClientKeys.for_client(curve_secret, curve_server)
         if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
             raise ServerUnavailable(
                 f"no zygote server at {self.endpoint} (is `zygote start` running?)"

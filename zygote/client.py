@@ -33,7 +33,7 @@ from .codec import (
     prepare_limits,
     prepare_spawn,
 )
-from .config import ConfigError, default_endpoint
+from .config import default_endpoint
 from .errors import (
     ServerUnavailable,
     ZygoteError,
@@ -98,10 +98,7 @@ class Zygote:
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
-        try:
-            self._keys = ClientKeys(curve_secret, curve_server)
-        except ConfigError as exc:
-            raise ZygoteError(str(exc)) from None
+        self._keys = ClientKeys.for_client(curve_secret, curve_server)
         if self.endpoint.startswith("ipc://"):
             path = self.endpoint[len("ipc://") :]
             if not os.path.exists(path):

@@ -131,6 +131,14 @@ class ClientKeys:
             self.public, self.secret = load_secret(os.path.expanduser(secret))
             self.server = load_public(os.path.expanduser(server))
 
+    @classmethod
+    def for_client(cls, secret: str | None, server: str | None) -> ClientKeys:
+        """The keys a client was given; a bad setting is a ZygoteError."""
+        try:
+            return cls(secret, server)
+        except ConfigError as exc:
+            raise ZygoteError(str(exc)) from None
+
     def apply(self, sock: zmq.Socket[Any]) -> None:
         """Set them on a socket before it connects."""
         if self.enabled:
