@@ -161,3 +161,29 @@ def test_ctrl_c_in_python_map_cancels_the_batch(start_server) -> None:
             list(z.map("tests.tasks:sleep", [60, 60, 60, 60], max_in_flight=3))
         interrupter.join(30)
         wait_until(lambda: z.jobs() == [], what="the batch's jobs gone")
+
+
+def test_map_relays_output_and_cancels_when_its_reader_goes(start_server, tmp_path: Path) -> None:
+    server: Server = start_server("--max-workers", "2", "--prefork", "0")
+    args = tmp_path / "args.jsonl"
+    args.write_text("[0]\n[1]\n[60]\n[60]\n")
+    mapping = subprocess.Popen(
+        [*ZYGOTE, "map", "tests.tasks:sleep", "--args-file", str(args), "--max-in-flight", "4"],
+        cwd=REPO,
+        env={**os.environ, "ZYGOTE_ENDPOINT": server.endpoint},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert mapping.stdout is not None
+        assert mapping.stdout.readline() == b"null\n"  # the first result, then we go
+        mapping.stdout.close()  # like `| head -1` exiting: the next result's write fails
+        _, err = mapping.communicate(timeout=30)
+        assert mapping.returncode == 1 and b"stdout closed" in err
+        wait_until(lambda: listed(server) == [], what="the batch's jobs gone")
+    finally:
+        mapping.kill()
+    (tmp_path / "words.jsonl").write_text('["hello"]\n["world"]\n')
+    shown = cli(server, "map", "builtins:print", "--args-file", str(tmp_path / "words.jsonl"))
+    assert shown.returncode == 0 and shown.stdout.split() == ["null", "null"]
+    assert shown.stderr.split() == ["hello", "world"]  # the tasks' output, in order

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from zygote import aio
 from .conftest import Server, wait_until, zygote_cli
 
 DEADLINE = 20.0
+ZYGOTE = [sys.executable, "-m", "zygote"]
 TAIL = 64 * 1024
 
 
@@ -101,6 +104,29 @@ def test_big_output_to_a_slow_reader(server: Server) -> None:
         data = _joined(list(handle.output(timeout=DEADLINE)), "stdout")
     assert written >= size and len(data) == written
     assert data.startswith(b"0" * 63 + b"\n") and data.endswith(b"%063d\n" % (written // 64 - 1))
+
+
+def test_a_reader_loses_nothing_and_an_idle_client_keeps_a_bounded_tail(
+    server: Server,
+) -> None:
+    """More than the 16 MiB an unread handle keeps: read as it comes, all of
+    it arrives (ZeroMQ hands over what piled up, and none of it is dropped);
+    left unread, the oldest is dropped and counted."""
+    size = 20 * 1024 * 1024
+    read = subprocess.run(
+        [*ZYGOTE, "spawn", "--endpoint", server.endpoint, "tests.output_tasks:flood", str(size)],
+        stdout=subprocess.PIPE,
+        timeout=60,
+    )
+    assert read.returncode == 0
+    written = int(read.stdout.rsplit(b"\n", 2)[-2])
+    assert len(read.stdout) == written + len(b"%d\n" % written)
+    with server.client(timeout=DEADLINE) as client:
+        handle = client.spawn("tests.output_tasks:flood", size)
+        assert handle.result(DEADLINE) == written
+        kept = len(_joined(list(handle.output(timeout=DEADLINE)), "stdout"))
+    assert handle.output_dropped > 0 and kept + handle.output_dropped == written
+    assert kept <= 16 * 1024 * 1024
 
 
 def test_a_socket_that_stops_reading_does_not_block_the_worker(server: Server) -> None:

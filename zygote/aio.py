@@ -124,6 +124,7 @@ class Handle:
         """What the task writes, as it comes (`async for stream, data in
         h.output()`): `zygote.Handle.output()`'s pieces, until the result."""
         job = self._job
+        job.reading = True  # see zygote.Handle.output
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:

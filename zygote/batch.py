@@ -9,7 +9,7 @@ import functools
 import itertools
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout
@@ -26,63 +26,88 @@ Call = tuple[tuple[Any, ...], dict[str, Any]]
 _CANCEL_TIMEOUT = 5.0
 
 
-def run_batch(
-    client: Zygote,
-    task: str,
-    calls: Iterable[Call],
-    max_in_flight: int | None,
-    timeout: float | None,
-    profile: str | None,
-    *,
-    return_errors: bool,
-) -> Iterator[Any]:
-    """`task(*args, **kwargs)` for every call, results in order. At most
-    `max_in_flight` (default: the server's max-workers) are spawned ahead of
-    the one being consumed. A failed call raises its ZygoteError when its
-    turn comes, or with `return_errors` yields it. Ctrl-C while waiting
-    cancels the batch's queued and running jobs (`cancel`)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    if max_in_flight is not None and max_in_flight < 1:
-        raise ValueError("max_in_flight must be at least 1")
-    window = max_in_flight or client._server_max_workers()
-    items = iter(calls)
-    pending: collections.deque[int] = collections.deque()
+class Batch(Iterator[Any]):
+    """`task(*args, **kwargs)` for every call, results in order (iterate it).
+    At most `max_in_flight` (default: the server's max-workers) are spawned
+    ahead of the one being consumed. A failed call raises its ZygoteError
+    when its turn comes, or with `return_errors` yields it. Ctrl-C while it
+    waits cancels the batch's queued and running jobs; `cancel()` does that
+    from outside (the caller interrupted between results, say). With
+    `on_output`, each job's output pieces go there before its result."""
 
-    def fill() -> None:
-        for args, kwargs in itertools.islice(items, window - len(pending)):
-            message = client._spawn_message(task, args, kwargs, profile=profile)
-            pending.append(client._send_spawn(message))
+    def __init__(
+        self,
+        client: Zygote,
+        task: str,
+        calls: Iterable[Call],
+        max_in_flight: int | None,
+        timeout: float | None,
+        profile: str | None,
+        *,
+        return_errors: bool,
+        on_output: Callable[[str, bytes], object] | None = None,
+    ) -> None:
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.client, self.task, self.profile = client, task, profile
+        self.window = max_in_flight or client._server_max_workers()
+        self.return_errors, self.on_output = return_errors, on_output
+        self.items = iter(calls)
+        self.pending: collections.deque[int] = collections.deque()
+        self.waiting: list[int] = []
+        self._results = self._run()
+        self._fill()
 
-    def outcome(req: int) -> Any:
-        handle = client._reply(req, _remaining(deadline), client._handle_for(req))
+    def __next__(self) -> Any:
+        return next(self._results)
+
+    def cancel(self) -> None:
+        """Stop the jobs not yet consumed: queued ones never start, running
+        ones get SIGTERM. Once."""
+        reqs, self.waiting = [*self.waiting, *self.pending], []
+        self.pending.clear()
+        if reqs:
+            cancel(self.client, reqs)
+        for req in reqs:  # their results, when they come, are nobody's
+            self.client._abandon(req)
+
+    def _fill(self) -> None:
+        client = self.client
+        for args, kwargs in itertools.islice(self.items, self.window - len(self.pending)):
+            message = client._spawn_message(self.task, args, kwargs, profile=self.profile)
+            self.pending.append(client._send_spawn(message))
+
+    def _outcome(self, req: int) -> Any:
+        client = self.client
+        handle = client._reply(req, _remaining(self.deadline), client._handle_for(req))
         assert isinstance(handle, Handle)
-        return handle.result(_remaining(deadline))
+        if self.on_output is not None:
+            for stream, data in handle.output(_remaining(self.deadline)):
+                self.on_output(stream, data)
+        return handle.result(_remaining(self.deadline))
 
-    def results() -> Iterator[Any]:
-        waiting: list[int] = []
+    def _run(self) -> Iterator[Any]:
         try:
-            while pending:
-                waiting = [pending.popleft()]
+            while self.pending:
+                self.waiting = [self.pending.popleft()]
                 try:
-                    value = outcome(waiting[0])
+                    value = self._outcome(self.waiting[0])
                 except (ZygoteTimeout, ServerUnavailable):
                     raise  # the batch's own deadline, or no server: not a call's
                 except ZygoteError as exc:
-                    if not return_errors:
+                    if not self.return_errors:
                         raise
                     value = exc
-                waiting = []
-                fill()
+                self.waiting = []
+                self._fill()
                 yield value
         except KeyboardInterrupt:
-            cancel(client, [*waiting, *pending])
+            self.cancel()
             raise
         finally:
-            for req in pending:  # replies already here, or still to come
-                client._abandon(req)
-
-    fill()
-    return results()
+            for req in self.pending:  # replies already here, or still to come
+                self.client._abandon(req)
 
 
 def submit(

@@ -8,6 +8,7 @@ Exit statuses (`spawn`, `result`, `map`): 0 the task returned, 1 it raised
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from typing import IO, Any
 
 import click
 
-from .batch import Call, run_batch, submit
+from .batch import Batch, Call, submit
 from .config import ConfigError, signal_by_name
 from .errors import TaskError, WorkerLost, ZygoteError
 
@@ -248,6 +249,16 @@ class Progress:
         sys.stderr.write(f"\r\x1b[K{bar}{failed}  {rate:.1f}/s")
         sys.stderr.flush()
 
+    def output(self, stream: str, data: bytes) -> None:
+        """A job's output, on stderr (stdout holds the results), above the bar."""
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+        sys.stderr.buffer.write(data)
+        sys.stderr.buffer.flush()
+        if self.shown:
+            self.draw()
+
     def say(self, text: str) -> None:
         """A line of its own, above the bar."""
         if self.shown:
@@ -307,40 +318,68 @@ def map_(
     failed = 0
     try:
         with _client(endpoint) as client:
-            outcomes = run_batch(
-                client, task, good(), max_in_flight, timeout, profile, return_errors=True
+            outcomes = Batch(
+                client,
+                task,
+                good(),
+                max_in_flight,
+                timeout,
+                profile,
+                return_errors=True,
+                on_output=progress.output,
             )
-            position = 0
-            for outcome in outcomes:
-                while bad and bad[0] == position:  # the unreadable lines keep their place
-                    bad.pop(0)
-                    failed += 1
-                    progress.say(problems.pop(0))
-                    click.echo("null")
-                    progress.step(True)
-                    position += 1
-                if isinstance(outcome, ZygoteError):
-                    failed += 1
-                    progress.say(f"item {position + 1}: {outcome}")
-                    click.echo("null")
-                else:
-                    click.echo(json.dumps(outcome, default=repr))
-                progress.step(isinstance(outcome, ZygoteError))
-                position += 1
-            for problem in problems:  # unreadable lines after the last call
-                failed += 1
-                progress.say(problem)
-                click.echo("null")
-                progress.step(True)
+            try:
+                failed = _write_results(outcomes, bad, problems, progress)
+            except (KeyboardInterrupt, BrokenPipeError):
+                outcomes.cancel()  # also when interrupted between two results
+                raise
     except KeyboardInterrupt:
         progress.close()
         _fail("interrupted: the batch's queued jobs cancelled, its running ones stopped", 130)
+    except BrokenPipeError:
+        # Whoever read our stdout is gone (| head): say so where it can be seen.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        progress.close()
+        _fail("stdout closed: the batch's queued jobs cancelled, its running ones stopped", 1)
     except ZygoteError as exc:
         progress.close()
         raise click.ClickException(str(exc)) from None
     progress.close()
     if failed:
         _fail(f"{failed} of {progress.done} failed", EXIT_RAISED)
+
+
+def _write_results(
+    outcomes: Iterator[Any], bad: list[int], problems: list[str], progress: Progress
+) -> int:
+    """Write the results as JSON lines, unreadable lines in their places;
+    the number that failed."""
+    failed = 0
+    position = 0
+
+    def unreadable() -> None:
+        nonlocal failed
+        failed += 1
+        progress.say(problems.pop(0))
+        click.echo("null")
+        progress.step(True)
+
+    for outcome in outcomes:
+        while bad and bad[0] == position:  # the unreadable lines keep their place
+            bad.pop(0)
+            unreadable()
+            position += 1
+        if isinstance(outcome, ZygoteError):
+            failed += 1
+            progress.say(f"item {position + 1}: {outcome}")
+            click.echo("null")
+        else:
+            click.echo(json.dumps(outcome, default=repr))
+        progress.step(isinstance(outcome, ZygoteError))
+        position += 1
+    while problems:  # unreadable lines after the last call
+        unreadable()
+    return failed
 
 
 COMMANDS = [spawn, jobs, kill, result, map_]

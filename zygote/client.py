@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from .batch import Call, run_batch
+from .batch import Batch, Call
 from .codec import (
     check_spawn_size,
     decode_reply,
@@ -217,7 +217,7 @@ class Zygote:
         from this call; `profile` is `spawn()`'s `_profile`.
         """
         calls: Iterable[Call] = (((item,), {}) for item in iterable)
-        return run_batch(self, task, calls, max_in_flight, timeout, profile, return_errors=False)
+        return Batch(self, task, calls, max_in_flight, timeout, profile, return_errors=False)
 
     def attach(self, handle_id: str) -> Handle:
         """A `Handle` for a job spawned elsewhere (say, by a client that has

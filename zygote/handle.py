@@ -68,6 +68,10 @@ class Delivery:
     output_bytes: int = 0  # of them
     #: bytes of the job's output seen so far (an attach sends some again)
     output_seen: int = 0
+    #: someone iterates output(): then nothing is dropped (it is being read)
+    reading: bool = False
+    #: bytes dropped, oldest first, while nobody read them (over the bound)
+    output_dropped: int = 0
 
     def take(self, msg: Result | Exited | Output) -> None:
         if isinstance(msg, Output):
@@ -87,8 +91,12 @@ class Delivery:
         self.output_seen = msg.offset + len(msg.data)
         self.output.append((msg.stream, data))
         self.output_bytes += len(data)
-        while self.output_bytes > UNREAD_OUTPUT_BYTES and len(self.output) > 1:
-            self.output_bytes -= len(self.output.popleft()[1])
+        # Bounded only while nobody reads: a reader that falls behind for a
+        # moment (ZeroMQ hands over everything that arrived) loses nothing.
+        while not self.reading and self.output_bytes > UNREAD_OUTPUT_BYTES and len(self.output) > 1:
+            dropped = len(self.output.popleft()[1])
+            self.output_bytes -= dropped
+            self.output_dropped += dropped
 
     def lost(self, handle_id: str, why: str) -> None:
         """The server no longer knows the job: end every wait on it with that."""
@@ -178,13 +186,22 @@ class Handle:
         """Send `signal` to the worker; False if it is no longer running."""
         return self._link.kill(self.id, int(signal))
 
+    @property
+    def output_dropped(self) -> int:
+        """Bytes of the job's output dropped, oldest first, because nobody read
+        them and more than 16 MiB had come (0 while `output()` is iterated)."""
+        return self._delivery.output_dropped
+
     def output(self, timeout: float | None = None) -> Iterator[tuple[str, bytes]]:
         """What the task writes, as it comes: ("stdout" or "stderr", bytes)
         pieces, until the job's result is known (then `result()` has it).
         Each piece is yielded once; what came before the call is yielded
         first (after an `attach`, the last 64 KiB the server kept). Raises
-        ZygoteTimeout if the job is not over within `timeout` seconds."""
+        ZygoteTimeout if the job is not over within `timeout` seconds.
+        Unread, a job's output is kept up to 16 MiB (the oldest dropped,
+        counted in `output_dropped`); while this iterates, all of it."""
         delivery = self._delivery
+        delivery.reading = True
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._link.poll()

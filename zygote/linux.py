@@ -15,9 +15,11 @@ if not sys.platform.startswith("linux"):  # pragma: no cover - checked on import
         f"this is {sys.platform}"
     )
 
+import contextlib
 import ctypes
 import fcntl
 import os
+import resource
 import signal
 import socket
 from collections.abc import Callable
@@ -34,6 +36,7 @@ __all__ = [
     "native_threads",
     "open_fd_count",
     "open_lifeline",
+    "raise_open_files_limit",
     "sd_notify",
     "send_signal",
     "set_child_subreaper",
@@ -72,6 +75,18 @@ def _prctl(option: int, arg: int) -> None:
 def set_child_subreaper() -> None:
     """Become the reaper of orphaned descendants (workers whose zygote died)."""
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def raise_open_files_limit() -> int:
+    """Raise our soft RLIMIT_NOFILE to the hard one; the new soft limit. The
+    supervisor holds four descriptors per worker (channel, pidfd, stdout,
+    stderr), and 1024, the usual soft default, ends near 250 workers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
 
 
 def set_thread_name(name: str) -> None:

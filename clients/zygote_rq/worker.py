@@ -16,6 +16,7 @@ reenter it or raise out of it are held back while it runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -290,13 +291,14 @@ class ZygoteWorker(Worker):
     def _exit_status(self, horse: Horse) -> WaitResult:
         try:
             info = horse.handle.wait()
-            # What the job printed: to this worker's stdout/stderr, as a
-            # forked horse's would have gone (here once it has ended).
-            for stream, data in horse.handle.output(timeout=0):
-                relay_output(stream, data)
         except ZygoteError as exc:
             log.error("Worker %s: no exit status for horse %d: %s", self.name, horse.pid, exc)
             return horse.pid, None, None
+        # What the job printed: to this worker's stdout/stderr, as a forked
+        # horse's would have gone (here once it has ended).
+        with contextlib.suppress(ZygoteError):
+            for stream, data in horse.handle.output(timeout=0):
+                relay_output(stream, data)
         pid, status, usage = wait_result(info)
         error = _raised(horse.handle) if status == 0 else None
         if error is not None:

@@ -27,7 +27,12 @@ import zmq
 from .. import __version__
 from ..codec import decode_request, encode, request_id
 from ..config import ServerConfig
-from ..linux import describe_wait_status, set_child_subreaper, signal_name
+from ..linux import (
+    describe_wait_status,
+    raise_open_files_limit,
+    set_child_subreaper,
+    signal_name,
+)
 from ..protocol import (
     DEFAULT_PROFILE,
     Attach,
@@ -149,6 +154,8 @@ class Supervisor:
 
     def _setup(self) -> None:
         set_child_subreaper()
+        if (files := raise_open_files_limit()) < 4 * (workers := self.config.max_workers) + 64:
+            log.warning("open files limit %d is low for %d workers (ulimit -n)", files, workers)
         self.cleanup.start()
         self.context = zmq.Context(io_threads=1)
         self.router = self.listener.open(self.context, self.loop)

@@ -33,6 +33,8 @@ from .loop import EventLoop
 from .output import OutputHub
 
 log = logging.getLogger("zygote.supervisor")
+#: The most read from a child's stdout or stderr at once when it is done.
+_DRAIN_LIMIT = 4 << 20
 
 _PROMOTE_FRAME = frame(encode(Promote()))
 
@@ -297,9 +299,11 @@ class Tracker:
             self.output.closed(child, stream)
 
     def _drain_output(self, child: Child) -> None:
-        """Read its stdout and stderr dry (what it wrote so far is there)."""
+        """Read its stdout and stderr dry (what it wrote so far is there), up to
+        a bound: a task's leftover processes may keep writing, and the loop
+        must not read forever (a pipe holds at most 1 MiB)."""
         for stream in list(child.output.fds) if child.output is not None else ():
-            self._on_output(child, stream, 1 << 62)
+            self._on_output(child, stream, _DRAIN_LIMIT)
 
     def close_output(self, child: Child) -> None:
         """Read its stdout and stderr dry, and close them: its process is
