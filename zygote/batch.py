@@ -9,7 +9,7 @@ import functools
 import itertools
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout
@@ -62,6 +62,11 @@ class Batch(Iterator[Any]):
     def __next__(self) -> Any:
         return next(self._results)
 
+    def close(self) -> None:
+        """Leave early, as from a generator: the jobs not consumed run on,
+        and their results are confirmed unseen when they come."""
+        self._results.close()
+
     def cancel(self) -> None:
         """Stop the jobs not yet consumed: queued ones never start, running
         ones get SIGTERM. Once."""
@@ -87,7 +92,7 @@ class Batch(Iterator[Any]):
                 self.on_output(stream, data)
         return handle.result(_remaining(self.deadline))
 
-    def _run(self) -> Iterator[Any]:
+    def _run(self) -> Generator[Any, None, None]:
         try:
             while self.pending:
                 self.waiting = [self.pending.popleft()]
