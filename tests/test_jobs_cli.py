@@ -124,17 +124,22 @@ def _read(fd: int) -> bytes:
         return b""
 
 
-def test_ctrl_c_in_map_cancels_the_batch(start_server, tmp_path: Path) -> None:
-    server: Server = start_server("--max-workers", "2", "--prefork", "0")
+def start_map(server: Server, tmp_path: Path, lines: str) -> subprocess.Popen[bytes]:
+    """`zygote map tests.tasks:sleep` over `lines`, 4 in flight, in the background."""
     args = tmp_path / "args.jsonl"
-    args.write_text("[60]\n" * 6)
-    mapping = subprocess.Popen(
+    args.write_text(lines)
+    return subprocess.Popen(
         [*ZYGOTE, "map", "tests.tasks:sleep", "--args-file", str(args), "--max-in-flight", "4"],
         cwd=REPO,
         env={**os.environ, "ZYGOTE_ENDPOINT": server.endpoint},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def test_ctrl_c_in_map_cancels_the_batch(start_server, tmp_path: Path) -> None:
+    server: Server = start_server("--max-workers", "2", "--prefork", "0")
+    mapping = start_map(server, tmp_path, "[60]\n" * 6)
     try:
         wait_until(lambda: [j["state"] for j in listed(server)] == ["running"] * 2 + ["queued"] * 2)
         mapping.send_signal(signal.SIGINT)
@@ -165,15 +170,7 @@ def test_ctrl_c_in_python_map_cancels_the_batch(start_server) -> None:
 
 def test_map_relays_output_and_cancels_when_its_reader_goes(start_server, tmp_path: Path) -> None:
     server: Server = start_server("--max-workers", "2", "--prefork", "0")
-    args = tmp_path / "args.jsonl"
-    args.write_text("[0]\n[1]\n[60]\n[60]\n")
-    mapping = subprocess.Popen(
-        [*ZYGOTE, "map", "tests.tasks:sleep", "--args-file", str(args), "--max-in-flight", "4"],
-        cwd=REPO,
-        env={**os.environ, "ZYGOTE_ENDPOINT": server.endpoint},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    mapping = start_map(server, tmp_path, "[0]\n[1]\n[60]\n[60]\n")
     try:
         assert mapping.stdout is not None
         assert mapping.stdout.readline() == b"null\n"  # the first result, then we go

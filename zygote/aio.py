@@ -128,9 +128,7 @@ class Handle:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            while job.output:
-                piece = job.output.popleft()
-                job.output_bytes -= len(piece[1])
+            while (piece := job.next_output()) is not None:
                 yield piece
             if job.result is not None:
                 return

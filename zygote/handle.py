@@ -98,6 +98,14 @@ class Delivery:
             self.output_bytes -= dropped
             self.output_dropped += dropped
 
+    def next_output(self) -> tuple[str, bytes] | None:
+        """The oldest piece of output not yet read, taken; None if none."""
+        if not self.output:
+            return None
+        piece = self.output.popleft()
+        self.output_bytes -= len(piece[1])
+        return piece
+
     def lost(self, handle_id: str, why: str) -> None:
         """The server no longer knows the job: end every wait on it with that."""
         self.take(Result(handle_id, LOST, message=f"the server lost track of this job: {why}"))
@@ -205,9 +213,7 @@ class Handle:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._link.poll()
-            while delivery.output:
-                piece = delivery.output.popleft()
-                delivery.output_bytes -= len(piece[1])
+            while (piece := delivery.next_output()) is not None:
                 yield piece
             if delivery.result is not None:
                 return

@@ -122,6 +122,8 @@ class Supervisor:
         self.exit_code = EXIT_OK
         self.busy_rejections = 0
         self.listener = endpoint.Listener(config, endpoint.Rejections(self.loop.now))
+        # Per profile, once: a spawn only matches against them.
+        self._task_patterns = {name: config.task_patterns(name) for name in self.fleets}
         # The records of jobs not yet ended, by handle, whether the store
         # still keeps them or not: written only by the spawner's reports.
         self._unfinished: dict[str, Record] = {}
@@ -282,7 +284,8 @@ class Supervisor:
                     record.collected = True
                     self._deliver(record)
         elif isinstance(msg, Kill):
-            if mine := self._record(msg.handle, owner) is not None:
+            mine = self._record(msg.handle, owner) is not None
+            if mine:
                 self.outcomes.killed(msg.handle)  # first: a queued job fails right away
             pid = self.spawner.kill(msg.handle, msg.signal) if mine else None
             if pid is None:
@@ -337,12 +340,13 @@ class Supervisor:
         return self.store.get(handle) or self._unfinished.get(handle)
 
     def _on_spawn(self, envelope: Envelope, msg: Spawn, owner: str | None) -> None:
-        if msg.handle is not None and self._record(msg.handle, owner) is not None:
-            self._on_attach(envelope, Attach(msg.req, msg.handle), owner)  # the same, sent again
+        known = None if msg.handle is None else self._any_record(msg.handle)
+        if known is not None and known.owner == owner:
+            self._on_attach(envelope, Attach(msg.req, known.handle), owner)  # the same, sent again
             return
-        if msg.handle is not None and self._any_record(msg.handle) is not None:
+        if known is not None:
             # Another key's job (one in 2**96 by chance): its owner alone sees it.
-            text = f"job id {msg.handle!r} is taken: pick a random one"
+            text = f"job id {known.handle!r} is taken: pick a random one"
             self._send(envelope, Error(msg.req, ErrorCode.BAD_REQUEST, text))
             return
         ended = None if msg.handle is None else self.store.ended(msg.handle, owner)
@@ -356,7 +360,7 @@ class Supervisor:
         if unknown := self._unknown_profile(msg.profile):
             self._send(envelope, Error(msg.req, ErrorCode.SPAWN_FAILED, unknown))
             return
-        patterns = self.config.task_patterns(msg.profile or DEFAULT_PROFILE)
+        patterns = self._task_patterns[msg.profile or DEFAULT_PROFILE]
         if not task_allowed(msg.task, patterns):
             text = not_allowed(msg.task, patterns, bool(self.config.allow_tasks))
             self._send(envelope, Error(msg.req, ErrorCode.NOT_ALLOWED, text))
