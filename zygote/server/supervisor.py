@@ -59,6 +59,7 @@ from .auth import not_allowed
 from .children import Job, ZygoteProc
 from .cleanup import make_cleanup
 from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
+from .generation_requests import GenerationRequests
 from .loop import EventLoop
 from .memory import MemoryReader
 from .output import OutputHub
@@ -97,22 +98,25 @@ class Supervisor:
         self.output = OutputHub(self._any_record, self._send_raw)  # workers' stdout, stderr
         self.tracker = Tracker(config, self.loop, cleanup=self.cleanup, output=self.output)
         # One lineage of zygotes per profile, the default one (--preload) first.
-        self.fleets = {
-            name: Fleet(
-                config,
-                self.loop,
-                self.lifeline_r,
-                self.tracker,
-                self.give_up,
-                profile=name,
-                preload=preload,
-                launch=self._launch_zygote,
-                announce=functools.partial(self._generation_switched, name),
+        self.fleets: dict[str, Fleet] = {}
+        self.generation_requests = GenerationRequests(self.fleets, self._send)
+        self.fleets.update(
+            (
+                name,
+                Fleet(
+                    config,
+                    self.loop,
+                    self.lifeline_r,
+                    self.tracker,
+                    self.give_up,
+                    profile=name,
+                    preload=preload,
+                    launch=self._launch_zygote,
+                    announce=functools.partial(self.generation_requests.switched, name),
+                ),
             )
             for name, preload in config.lineages().items()
-        }
-        # Clients waiting for an on-demand refork's outcome, by profile.
-        self._refork_waiters: dict[str, list[tuple[Envelope, int]]] = collections.defaultdict(list)
+        )
         self.outcomes = metrics.JobOutcomes(self, self.loop.now)  # counted on their way to us
         self.spawner = Spawner(
             config, self.loop, self.fleets, self.tracker, self.outcomes, self.cleanup
@@ -305,30 +309,12 @@ class Supervisor:
             listing = job_list(self.spawner.jobs.values(), self._unfinished, owner, self.loop.now())
             self._send(envelope, Ok(msg.req, {"jobs": listing}))
         elif isinstance(msg, Refork | Reload):
-            self._on_generation_request(envelope, msg)
+            self.generation_requests.request(
+                envelope, msg, self._stop_message() if self.stopping else None
+            )
         elif isinstance(msg, Stop):
             self._send(envelope, Ok(msg.req, {"stopping": True}))
             self.stop("stop requested by a client", EXIT_OK)
-
-    def _on_generation_request(self, envelope: Envelope, msg: Refork | Reload) -> None:
-        unknown = self._unknown_profile(msg.profile)
-        if self.stopping or unknown:
-            code = ErrorCode.SHUTTING_DOWN if self.stopping else ErrorCode.BAD_REQUEST
-            self._send(envelope, Error(msg.req, code, unknown or self._stop_message()))
-        elif isinstance(msg, Reload):
-            names = [msg.profile] if msg.profile else list(self.fleets)
-            generations = {name: self.fleets[name].reload() for name in names}
-            info = {"generation": generations[names[0]], "generations": generations}
-            self._send(envelope, Ok(msg.req, info))
-        else:
-            profile = msg.profile or DEFAULT_PROFILE
-            self._refork_waiters[profile].append((envelope, msg.req))  # answered on the outcome
-            self.fleets[profile].refork()
-
-    def _unknown_profile(self, profile: str | None) -> str:
-        if profile is None or profile in self.fleets:
-            return ""
-        return f"unknown profile {profile!r}: this server has {', '.join(self.fleets)}"
 
     def _record(self, handle: str, owner: str | None) -> Record | None:
         """A job's record, if `owner` may see it: kept by the store, or
@@ -357,7 +343,7 @@ class Supervisor:
         if self.stopping:
             self._send(envelope, Error(msg.req, ErrorCode.SHUTTING_DOWN, self._stop_message()))
             return
-        if unknown := self._unknown_profile(msg.profile):
+        if unknown := self.generation_requests.unknown_profile(msg.profile):
             self._send(envelope, Error(msg.req, ErrorCode.SPAWN_FAILED, unknown))
             return
         patterns = self._task_patterns[msg.profile or DEFAULT_PROFILE]
@@ -468,15 +454,6 @@ class Supervisor:
                 self._send(envelope, Error(req, code, text, reasons))
         self.store.discard(handle, f"it failed: {text}")
 
-    def _generation_switched(self, profile: str, generation: int | None, error: str | None) -> None:
-        """A new generation took over, or did not: tell whoever asked for a refork."""
-        waiters = self._refork_waiters.pop(profile, [])
-        for envelope, req in waiters:
-            if generation is not None:
-                self._send(envelope, Ok(req, {"generation": generation}))
-            else:
-                self._send(envelope, Error(req, ErrorCode.REFORK_FAILED, error or "?"))
-
     # -- stopping ---------------------------------------------------------
 
     def give_up(self, reason: str, code: int) -> None:
@@ -495,10 +472,7 @@ class Supervisor:
         self.stopping = reason
         self.exit_code = code
         self.service.stopping(reason)
-        for waiters in self._refork_waiters.values():
-            for envelope, req in waiters:
-                self._send(envelope, Error(req, ErrorCode.SHUTTING_DOWN, self._stop_message()))
-        self._refork_waiters.clear()
+        self.generation_requests.stop(self._stop_message())
         log.info(
             "stopping (%s): %d running, %d queued; grace %gs",
             reason.partition("\n")[0],
