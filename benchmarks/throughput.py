@@ -40,6 +40,7 @@ from typing import Any
 from .common import PRELOAD, REPO, machine, preload_versions, zygote_server
 
 TASK = "benchmarks.jobs:noop"
+MAP_TASK = "benchmarks.jobs:echo"  # map() passes each item
 WORKERS = 8  # zygote --max-workers, children in flight for the ceiling, Pool processes
 CLIENTS = (1, 4, 16)
 POOL_IN_FLIGHT = 64
@@ -74,6 +75,25 @@ def _zygote_client(window: Window, endpoint: str) -> int:
                 break
             if now >= start:
                 count += 1
+    return count
+
+
+def _zygote_map(window: Window, endpoint: str) -> int:
+    """Loop `map()` over batches of 100 items on one client (its default
+    window: the server's max-workers); completions inside the window."""
+    from zygote import Zygote
+
+    count = 0
+    with Zygote(endpoint, timeout=60) as client:
+        list(client.map(MAP_TASK, range(8)))  # connect, warm up
+        start, end = window()
+        while True:
+            for _ in client.map(MAP_TASK, range(100)):
+                now = time.monotonic()
+                if start <= now < end:
+                    count += 1
+            if time.monotonic() >= end:
+                break
     return count
 
 
@@ -139,6 +159,7 @@ def _mp_pool(window: Window) -> int:
 
 ROLES: dict[str, Callable[..., int]] = {
     "zygote": _zygote_client,
+    "zygote-map": _zygote_map,
     "fork": _fork_ceiling,
     "pool": _mp_pool,
 }
@@ -152,8 +173,15 @@ def helper_main() -> None:
     sys.stdout.flush()
 
 
-def _helper(role: str, *args: str) -> list[str]:
+def _helper(role: str, *args: str, tree: Path = REPO) -> list[str]:
+    """A helper's command line; `tree`: the checkout whose zygote client it
+    uses (the helper code is always this one's)."""
     code = "from benchmarks.throughput import helper_main; helper_main()"
+    if tree != REPO:  # its zygote package first, then ours for the rest
+        code = (
+            f"import sys; sys.path.insert(0, {str(tree)!r}); import zygote, zygote.client; "
+            f"sys.path.insert(0, {str(REPO)!r}); {code}"
+        )
     return [sys.executable, "-c", code, role, *args]
 
 
@@ -177,14 +205,15 @@ def _read(process: subprocess.Popen[str]) -> str:
     return line.strip()
 
 
-def measure(commands: list[list[str]], duration: float, warmup: float) -> float:
-    """Run the helpers together over one window; their completions per second."""
+def measure(commands: list[list[str]], duration: float, warmup: float, cwd: Path = REPO) -> float:
+    """Run the helpers together over one window; their completions per second.
+    `cwd`: the checkout whose client code they run."""
     with contextlib.ExitStack() as stack:
         processes = []
         for command in commands:
             process = stack.enter_context(
                 subprocess.Popen(
-                    command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                    command, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
                 )
             )
             stack.callback(_kill, process)  # runs first on the way out: a no-op if done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import msgpack
@@ -16,6 +17,7 @@ from zygote.codec import (
 from zygote.protocol import (
     Error,
 )
+from zygote.server.endpoint import MAX_BATCH
 
 from .conftest import Server
 
@@ -86,10 +88,12 @@ def test_error_reply_carries_request_id_when_readable(server: Server, raw) -> No
     assert reply.req == 42
 
 
-def test_multi_frame_message_is_dropped_and_logged(server: Server, raw) -> None:
-    raw.send_multipart([b"a", b"b", b"c"])
+def test_a_batch_past_the_limit_is_dropped_and_logged(server: Server, raw) -> None:
+    ping = msgpack.packb({"v": 1, "kind": "ping", "req": 1})
+    raw.send_multipart([ping] * (MAX_BATCH + 1))
     _still_serves(server)
-    assert "a 4-frame message: one expected" in server.log()
+    assert f"a {MAX_BATCH + 2}-frame message: 1 to {MAX_BATCH} requests expected" in server.log()
+    assert raw.poll(100) == 0  # nothing of it was answered
 
 
 def test_a_flood_of_bad_messages_is_logged_once_per_interval(server: Server, raw) -> None:
@@ -104,6 +108,30 @@ def test_a_flood_of_bad_messages_is_logged_once_per_interval(server: Server, raw
     assert server.stats()["rejected_messages"] == flood
     lines = [line for line in server.log().splitlines() if "rejected a message" in line]
     assert len(lines) == 1, lines  # the next report comes 10 s later, with a count
+
+
+def test_bad_messages_are_logged_once_per_peer(server: Server) -> None:
+    peers = []
+    for _ in range(2):
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(server.endpoint)
+        peers.append(sock)
+    try:
+        for sock in peers:
+            for _ in range(10):
+                sock.send(b"\xc1")
+        for sock in peers:
+            for _ in range(10):
+                assert decode_reply(sock.recv()).code == "bad_request"
+    finally:
+        for sock in peers:
+            sock.close()
+    assert server.stats()["rejected_messages"] == 20
+    lines = [line for line in server.log().splitlines() if "rejected a message" in line]
+    assert len(lines) == 2, lines
+    assert len({re.search(r"client ([0-9a-f]+):", line)[1] for line in lines}) == 2, lines  # type: ignore[index]
 
 
 def test_oversized_message_gets_too_large(start_server) -> None:

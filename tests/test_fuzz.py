@@ -48,6 +48,7 @@ from zygote.protocol import (
     Spawned,
     Stop,
 )
+from zygote.server.endpoint import MAX_BATCH
 
 from .conftest import Server, wait_until
 
@@ -242,6 +243,8 @@ def frames() -> st.SearchStrategy[Frame]:
         "request": st.builds(lambda body: Frame([], body), requests()),
         "req-style": st.builds(lambda body: Frame([b""], body), requests()),
         "frames": st.builds(Frame, st.lists(st.binary(max_size=20), min_size=2, max_size=4)),
+        # Past MAX_BATCH: dropped whole, unanswered.
+        "too many": st.builds(lambda n: Frame([b"\xc1"] * n), st.integers(MAX_BATCH + 1, 300)),
         "frames+request": st.builds(
             lambda body, extra: Frame([b"", b"x", *extra], body),
             requests(),
@@ -260,6 +263,20 @@ def frames() -> st.SearchStrategy[Frame]:
 
 
 FRAMES = frames()
+
+
+def _bodies(parts: list[bytes]) -> list[bytes] | None:
+    """The requests a message carries: REQ-style `[b"", body]`, else a batch
+    of 1 to MAX_BATCH frames; None: the server drops it unanswered."""
+    if len(parts) == 2 and not parts[0]:
+        return parts[1:]
+    return parts if 1 <= len(parts) <= MAX_BATCH else None
+
+
+def _replies(parts: list[bytes]) -> list[Any]:
+    """The answers and pushes one message brings: one after a REQ-style
+    delimiter, else one per frame (the server gathers them per client)."""
+    return [decode_reply(part) for part in (parts[1:] if not parts[0] else parts)]
 
 
 # -- the driver ---------------------------------------------------------------
@@ -309,30 +326,39 @@ class Fuzzer:
                     body["req"] = next(self.reqs)
                 body = self._resolve(body)
                 parts.append(msgpack.packb(body))
-            outcome = self._verdict(parts)
-            if outcome == "unsafe":
+            if any(self._unsafe(body) for body in _bodies(parts) or []):
                 parts = [msgpack.packb({"v": 1, "kind": "ping", "req": next(self.reqs)})]
-                outcome = self._verdict(parts)
-            if isinstance(outcome, int):
-                expected[outcome] += 1
+            for outcome in self._verdicts(parts):
+                if outcome is not None:
+                    expected[outcome] += 1
             self.sock.send_multipart(parts)
             self.sent += 1
         self._receive(expected)
 
-    def _verdict(self, parts: list[bytes]) -> int | str | None:
-        """What the server must do with `parts`: answer this req (int), say
-        nothing (None); "unsafe" for what must not be sent mid-run."""
-        if len(parts) not in (1, 2) or (len(parts) == 2 and parts[0]):
+    def _unsafe(self, data: bytes) -> bool:
+        """What must not be sent mid-run: a stop, a spawn of a task that does
+        something."""
+        try:
+            msg = decode_request(data, MAX)
+        except ProtocolError:
+            return False
+        return isinstance(msg, Stop) or (isinstance(msg, Spawn) and not self._harmless(msg.task))
+
+    def _verdicts(self, parts: list[bytes]) -> list[int | None]:
+        """What the server must do with a message's frames: for each request
+        in it, the req its answer carries (None: it gets none)."""
+        bodies = _bodies(parts)
+        if bodies is None:
             self.rejected += 1
-            return None
-        data = parts[-1]
+            return []
+        return [self._verdict(body) for body in bodies]
+
+    def _verdict(self, data: bytes) -> int | None:
         try:
             msg = decode_request(data, MAX)
         except ProtocolError:
             self.rejected += 1
             return request_id(data)
-        if isinstance(msg, Stop) or (isinstance(msg, Spawn) and not self._harmless(msg.task)):
-            return "unsafe"
         if isinstance(msg, Spawn) and msg.handle:
             self.known.append(msg.handle)
         what = msg.task if isinstance(msg, Spawn) and msg.task in SAFE_TASKS else "missing"
@@ -360,17 +386,17 @@ class Fuzzer:
             if not self.sock.poll(min(left, 1.0) * 1000):
                 assert self.alive(), "the server died"
                 continue
-            parts = self.sock.recv_multipart()
-            msg = decode_reply(parts[-1])
-            if isinstance(msg, Spawned | Ok | Error):
-                got[msg.req] += 1
-                assert got[msg.req] <= expected[msg.req], f"an answer too many: {msg}"
-            self._take(msg)
+            for msg in _replies(self.sock.recv_multipart()):
+                if isinstance(msg, Spawned | Ok | Error):
+                    got[msg.req] += 1
+                    assert got[msg.req] <= expected[msg.req], f"an answer too many: {msg}"
+                self._take(msg)
         self._drain()
 
     def _drain(self) -> None:
         while self.sock.poll(0):
-            self._take(decode_reply(self.sock.recv_multipart()[-1]))
+            for msg in _replies(self.sock.recv_multipart()):
+                self._take(msg)
 
     def _take(self, msg: Any) -> None:
         if isinstance(msg, Error):
@@ -530,7 +556,8 @@ def test_fuzzed_frames_never_hurt_a_live_server(start_server: Callable[..., Serv
 def test_the_fuzzer_never_names_a_dangerous_task() -> None:
     fuzzer = Fuzzer(cast(Server, None), cast("zmq.Socket[bytes]", None))
     body = {"v": 1, "kind": "spawn", "req": 3, "task": "os:abort", "payload": b""}
-    assert fuzzer._verdict([msgpack.packb(body)]) == "unsafe"
-    assert fuzzer._verdict([msgpack.packb({**body, "task": "zzfuzz.x:y"})]) == 3
-    assert fuzzer._verdict([msgpack.packb({"v": 1, "kind": "stop", "req": 4})]) == "unsafe"
+    assert fuzzer._unsafe(msgpack.packb(body))
+    assert not fuzzer._unsafe(msgpack.packb({**body, "task": "zzfuzz.x:y"}))
+    assert fuzzer._verdicts([msgpack.packb({**body, "task": "zzfuzz.x:y"})]) == [3]
+    assert fuzzer._unsafe(msgpack.packb({"v": 1, "kind": "stop", "req": 4}))
     assert signal.SIGSTOP not in SAFE_SIGNALS

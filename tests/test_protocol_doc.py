@@ -44,12 +44,11 @@ def send(sock: Sock, kind: str, **fields: Any) -> None:
 
 
 def receive(sock: Sock, timeout: float = DEADLINE) -> dict[str, Any]:
-    """The next message: one frame, one msgpack map, version 1."""
+    """The next message: one frame (§1: a ZeroMQ message may carry several,
+    `recv()` returns them one by one), one msgpack map, version 1."""
     if not sock.poll(int(timeout * 1000)):
         raise AssertionError(f"no message from the server within {timeout}s")
-    frames = sock.recv_multipart()
-    assert len(frames) == 1, frames
-    msg = msgpack.unpackb(frames[0], raw=False)
+    msg = msgpack.unpackb(sock.recv(), raw=False)
     assert isinstance(msg, dict) and msg["v"] == 1, msg
     return msg
 
@@ -139,6 +138,27 @@ def test_the_req_style_empty_delimiter_is_accepted_and_echoed(sock: Sock) -> Non
     delimiter, data = sock.recv_multipart()
     assert delimiter == b""
     assert msgpack.unpackb(data)["req"] == 3
+
+
+def test_a_batch_of_requests_is_answered_in_order_in_one_message(sock: Sock) -> None:
+    """§1, batches: several requests as the frames of one message; the
+    answers come together, each its own frame, RCVMORE on all but the last."""
+    max_batch = call(sock, "ping", 1)["info"]["max_batch"]
+    assert max_batch >= 3
+    bodies = [{"v": 1, "kind": "ping", "req": 2}, {"v": 1, "kind": "nonsense", "req": 3}]
+    sock.send_multipart(
+        [msgpack.packb(body) for body in [*bodies, {"v": 1, "kind": "stats", "req": 4}]]
+    )
+    assert sock.poll(int(DEADLINE * 1000))
+    first = msgpack.unpackb(sock.recv())
+    assert sock.getsockopt(zmq.RCVMORE)
+    second = msgpack.unpackb(sock.recv())
+    assert sock.getsockopt(zmq.RCVMORE)
+    third = msgpack.unpackb(sock.recv())
+    assert not sock.getsockopt(zmq.RCVMORE)
+    assert (first["kind"], first["req"]) == ("ok", 2)
+    assert (second["kind"], second["req"], second["code"]) == ("error", 3, "unknown_kind")
+    assert (third["kind"], third["req"]) == ("ok", 4)
 
 
 # -- a job's messages --------------------------------------------------------------

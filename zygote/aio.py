@@ -28,18 +28,17 @@ import secrets
 import signal as _signal
 import weakref
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from .aio_handle import Handle, _Job
 from .client import PROBE_EVERY, PROBE_TIMEOUT
 from .codec import check_spawn_size, decode_reply, encode, prepare_limits, prepare_spawn
 from .config import default_endpoint
 from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout, error_for, silent_server
-from .handle import Delivery, ExitInfo, _outcome
 from .keys import HANDSHAKE_EVENTS, ClientKeys, Handshakes
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -65,86 +64,6 @@ from .protocol import (
 )
 
 __all__ = ["Handle", "Zygote"]
-
-
-@dataclass(eq=False)
-class _Job(Delivery):
-    """What the server pushed for one job, and who waits for it."""
-
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def take(self, msg: Result | Exited | Output) -> None:
-        super().take(msg)
-        self.changed.set()
-
-    async def until(self, done: Any) -> None:
-        while not done():
-            self.changed.clear()
-            await self.changed.wait()
-
-
-class Handle:
-    """One spawned job (from `await Zygote.spawn()` or `attach()`)."""
-
-    def __init__(self, client: Zygote, id: str, pid: int, generation: int, warnings: list[str]):
-        self.id, self.pid, self.generation, self.warnings = id, pid, generation, warnings
-        self._client = client
-        self._job = client._job(id, pid)
-
-    def __repr__(self) -> str:
-        state = "done" if self._job.result is not None else "running"
-        return f"<aio.Handle {self.id} pid={self.pid} generation={self.generation} {state}>"
-
-    def done(self) -> bool:
-        """True once the result is known (never waits)."""
-        return self._job.result is not None
-
-    async def result(self, timeout: float | None = None) -> Any:
-        """The task's return value; raises TaskError, WorkerLost, TaskTimeout,
-        or ZygoteTimeout if `timeout` seconds pass first."""
-        job = self._job
-        await self._client._wait(job.until(lambda: job.result is not None), timeout, self.id)
-        assert job.result is not None
-        await self._client._confirm(self.id, job)
-        return _outcome(job.result)
-
-    async def wait(self, timeout: float | None = None) -> ExitInfo:
-        """Wait for the worker process to end; its exit status and usage."""
-        job = self._job
-        await self._client._wait(job.until(lambda: job.exited is not None), timeout, self.id)
-        e = job.exited
-        assert e is not None
-        if job.result is not None:
-            await self._client._confirm(self.id, job)
-        return ExitInfo(
-            e.pid, e.exit_code, e.signal, e.description, e.duration, e.utime, e.stime, e.maxrss_kb
-        )
-
-    async def output(self, timeout: float | None = None) -> AsyncIterator[tuple[str, bytes]]:
-        """What the task writes, as it comes (`async for stream, data in
-        h.output()`): `zygote.Handle.output()`'s pieces, until the result."""
-        job = self._job
-        job.reading = True  # see zygote.Handle.output
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            while (piece := job.next_output()) is not None:
-                yield piece
-            if job.result is not None:
-                return
-            left = None if deadline is None else max(0.0, deadline - loop.time())
-            ready = job.until(lambda: bool(job.output) or job.result is not None)
-            await self._client._wait(ready, left, self.id)
-
-    async def kill(self, signal: int = _signal.SIGTERM) -> bool:
-        """Send `signal` to the worker; False if it is no longer running."""
-        try:
-            await self._client._call(lambda req: Kill(req, self.id, int(signal)))
-        except (ZygoteTimeout, ServerUnavailable):
-            raise
-        except ZygoteError:  # the server's answer: no running worker
-            return False
-        return True
 
 
 class Zygote:
@@ -188,6 +107,14 @@ class Zygote:
         self._max_workers = 0
         self._broken: ZygoteError | None = None
         self._background: set[asyncio.Future[None]] = set()
+        # What this turn of the event loop asked to send, sent at its end in
+        # as few ZeroMQ messages as the server takes (its max_batch): the
+        # spawns of a map's window together, a confirmation (`Collected`)
+        # with whatever request follows it in the same turn.
+        self._outbox: list[bytes] = []
+        self._to_confirm: list[str] = []
+        self._flush_soon = False
+        self._max_batch = 1
 
     async def __aenter__(self) -> Zygote:
         await self.ping()  # learns the server's identity and limits
@@ -200,6 +127,7 @@ class Zygote:
         """Close the connection; jobs keep running (see `attach()`)."""
         if self._socket.closed:
             return
+        self._flush()
         if self._reader is not None:
             self._reader.cancel()
         if self._monitor is not None:
@@ -349,7 +277,7 @@ class Zygote:
         future: asyncio.Future[Message] = loop.create_future()
         self._replies[req] = future
         try:
-            await self._socket.send(encode(make(req)))
+            self._post(encode(make(req)))
             timeout = self.timeout if timeout is None else timeout
             reply: Message = await self._wait(asyncio.shield(future), timeout)
         finally:
@@ -387,12 +315,12 @@ class Zygote:
         that job's messages again); raise ServerUnavailable if it says nothing."""
         loop = asyncio.get_running_loop()
         asked = loop.time()
-        await self._socket.send(encode(Ping(next(self._requests))))
+        self._post(encode(Ping(next(self._requests))))
         if follow is not None:
             req = next(self._requests)
             self._replies[req] = reply = loop.create_future()
             reply.add_done_callback(functools.partial(self._followed, follow))
-            await self._socket.send(encode(Attach(req, follow)))
+            self._post(encode(Attach(req, follow)))
         while self._heard < asked:
             if self._broken is not None:
                 raise self._broken
@@ -409,7 +337,35 @@ class Zygote:
     async def _confirm(self, handle_id: str, job: _Job) -> None:
         if not job.collected and not self._socket.closed:
             job.collected = True
-            await self._socket.send(encode(Collected([handle_id])))
+            self._to_confirm.append(handle_id)
+            self._schedule_flush()
+
+    def _post(self, frame: bytes) -> None:
+        """Send `frame` at the end of this turn of the event loop."""
+        self._outbox.append(frame)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        frames, self._outbox = self._outbox, []
+        if self._to_confirm:
+            frames.insert(0, encode(Collected(self._to_confirm)))
+            self._to_confirm = []
+        if self._socket.closed:
+            return
+        for start in range(0, len(frames), self._max_batch):
+            chunk = frames[start : start + self._max_batch]
+            send = (
+                self._socket.send_multipart(chunk)
+                if len(chunk) > 1
+                else self._socket.send(chunk[0])
+            )
+            asyncio.ensure_future(send).add_done_callback(_sent)
 
     def _unwanted_result(self, spawning: asyncio.Task[Handle]) -> None:
         if spawning.cancelled() or spawning.exception() is not None:
@@ -443,7 +399,8 @@ class Zygote:
                     job.take(msg)
                 elif isinstance(msg, Result) and msg.handle in self._unwanted:
                     self._unwanted.discard(msg.handle)
-                    await self._socket.send(encode(Collected([msg.handle])))
+                    self._to_confirm.append(msg.handle)
+                    self._schedule_flush()
                 continue
             if isinstance(msg, Ok) and "server" in msg.info:
                 self._learn(msg.info)
@@ -477,6 +434,7 @@ class Zygote:
         self._server = server
         self._max_message = info.get("max_message_bytes", self._max_message)
         self._max_workers = info.get("max_workers", self._max_workers)
+        self._max_batch = max(1, int(info.get("max_batch", 1)))
 
     def _fail(self, error: ZygoteError) -> None:
         """Everything waiting now fails with `error` (it is not retried)."""
@@ -486,3 +444,10 @@ class Zygote:
                 future.set_exception(error)
         self._replies.clear()
         self._broken = None if isinstance(error, ServerUnavailable) else error
+
+
+def _sent(sending: asyncio.Future[Any]) -> None:
+    """A send's outcome, taken so that asyncio does not log it: a send on a
+    closed socket fails, and what waited for its reply hears of the close."""
+    if not sending.cancelled():
+        sending.exception()

@@ -78,10 +78,16 @@ class Batch(Iterator[Any]):
             self.client._abandon(req)
 
     def _fill(self) -> None:
+        """Spawn up to the window, all in one ZeroMQ message (with the
+        confirmations of the results consumed since the last fill)."""
         client = self.client
-        for args, kwargs in itertools.islice(self.items, self.window - len(self.pending)):
-            message = client._spawn_message(self.task, args, kwargs, profile=self.profile)
-            self.pending.append(client._send_spawn(message))
+        calls = itertools.islice(self.items, self.window - len(self.pending))
+        makes = [
+            client._spawn_message(self.task, args, kwargs, profile=self.profile)
+            for args, kwargs in calls
+        ]
+        if makes:
+            self.pending.extend(client._send_spawns(makes))
 
     def _outcome(self, req: int) -> Any:
         client = self.client

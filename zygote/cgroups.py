@@ -140,8 +140,14 @@ class Cgroup:
     def remove(self) -> bool:
         """rmdir this cgroup and those below it; False while any is still
         busy (killed processes not yet gone) — try again later."""
-        if not self.path.exists():
+        try:
+            os.rmdir(self.path)  # usually empty, with no cgroups below
             return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                raise
         done = True
         for directory, _, _ in os.walk(self.path, topdown=False):
             try:

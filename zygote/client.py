@@ -14,7 +14,6 @@ requests), raises `ServerUnavailable` instead of hanging forever.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import secrets
 import signal as _signal
@@ -46,7 +45,6 @@ from .keys import ClientKeys, HandshakeWatch
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Attach,
-    Collected,
     Error,
     ErrorCode,
     Exited,
@@ -65,6 +63,7 @@ from .protocol import (
     Stats,
     Stop,
 )
+from .requests import CONFIRM_AT_ONCE, Requests
 
 __all__ = ["ExitInfo", "Handle", "Zygote"]
 
@@ -120,12 +119,8 @@ class Zygote:
         # its monitor says why, at once, instead of a timeout later.
         self._handshakes = HandshakeWatch(self._socket, self._keys, self.endpoint)
         self._socket.connect(self.endpoint)
-        self._requests = itertools.count(1)
+        self._requests = Requests(self._socket)
         self._answered = False  # has the server ever said anything?
-        self._last_req = 0
-        # Set when results were confirmed (`Collected`) after request number
-        # `_collected_after` and no reply has proved the server read it yet.
-        self._collected_after: int | None = None
         self._replies: dict[int, Message | Handle] = {}
         self._abandoned: set[int] = set()
         # What the server pushed for each job a handle still follows.
@@ -157,7 +152,8 @@ class Zygote:
         server for a new client to `attach()` to."""
         if self._socket.closed:
             return
-        if self._collected_after is not None:
+        self._requests.send_confirmations()
+        if self._requests.unproven is not None:
             # Our last `Collected` may still sit in ZeroMQ's queue, which
             # closing the socket throws away: the server would then keep
             # those results for nobody until they expire. One round trip
@@ -300,16 +296,26 @@ class Zygote:
         )
 
     def _send(self, make: Callable[[int], Message]) -> int:
+        """Send one request (with the confirmations held back, if any)."""
+        return self._send_many([make])[0]
+
+    def _send_many(self, makes: list[Callable[[int], Message]]) -> list[int]:
         if self._socket.closed:
             raise ZygoteError("this client is closed")
-        req = self._last_req = next(self._requests)
-        self._socket.send(encode(make(req)))
-        return req
+        if len(makes) > 1 and self._server is None:
+            # Whether the server takes batches is in its answer to our first
+            # ping, usually here already: wait for it rather than guess.
+            self._wait(lambda: self._server is not None, self.timeout or 10.0)
+        return self._requests.send(makes)
 
     def _send_spawn(self, make: Callable[[int], Message]) -> int:
-        req = self._send(make)
-        self._spawns[self._handle_for(req)] = (req, make)
-        return req
+        return self._send_spawns([make])[0]
+
+    def _send_spawns(self, makes: list[Callable[[int], Message]]) -> list[int]:
+        reqs = self._send_many(makes)
+        for req, make in zip(reqs, makes, strict=True):
+            self._spawns[self._handle_for(req)] = (req, make)
+        return reqs
 
     def _handle_for(self, req: int) -> str:
         return f"{self._job_prefix}-{req}"
@@ -388,12 +394,13 @@ class Zygote:
         return True
 
     def _confirm(self, handle_id: str, delivery: Delivery) -> None:
-        """The result of a job has reached user code: the server may forget it."""
+        """The result of a job has reached user code: the server may forget
+        it. Said with our next request, unless it is big or many wait."""
         if delivery.collected or self._socket.closed:
             return
         delivery.collected = True
-        self._socket.send(encode(Collected([handle_id])))
-        self._collected_after = self._last_req
+        value = delivery.result.value if delivery.result is not None else None
+        self._requests.confirm(handle_id, big=len(value or b"") >= CONFIRM_AT_ONCE)
 
     def _take(self, msg: Message) -> None:
         if isinstance(msg, (Result, Exited, Output)):
@@ -402,8 +409,7 @@ class Zygote:
                 delivery.take(msg)
             elif isinstance(msg, Result) and msg.handle in self._unwanted:
                 self._unwanted.discard(msg.handle)
-                self._socket.send(encode(Collected([msg.handle])))
-                self._collected_after = self._last_req
+                self._requests.confirm(msg.handle)
             return
         req: int = msg.req  # type: ignore[attr-defined]
         if isinstance(msg, Ok) and "server" in msg.info:
@@ -426,8 +432,7 @@ class Zygote:
             self._spawns.pop(self._handle_for(req), None)  # if it answers a spawn
         # Replies come in order: one to a request sent after our last
         # `Collected` means the server has taken it in.
-        if self._collected_after is not None and req > self._collected_after:
-            self._collected_after = None
+        self._requests.answered(req)
         self._file_reply(req, reply)
 
     def _abandon(self, req: int) -> None:
@@ -465,6 +470,7 @@ class Zygote:
         self._server = server
         self._max_message = info.get("max_message_bytes", self._max_message)
         self._max_workers = info.get("max_workers", self._max_workers)
+        self._requests.max_batch = max(1, int(info.get("max_batch", 1)))
 
     def _forgotten(self, handle_id: str, why: str) -> None:
         """The server no longer knows a job we wait on: end the wait with it.

@@ -26,6 +26,9 @@ log = logging.getLogger("zygote.supervisor")
 #: Rejected client messages are logged at most once per peer per interval.
 REJECT_LOG_INTERVAL = 10.0
 _REJECT_PEERS_KEPT = 1024
+#: Requests one client message may carry, one per frame: a `map()` sends its
+#: window of spawns, and a confirmation rides with the next request.
+MAX_BATCH = 256
 
 
 class Listener:
@@ -37,6 +40,8 @@ class Listener:
         self.rejections = rejections
         self.auth: CurveAuth | None = None
         self._socket_file: SocketFile | None = None
+        self.requests = 0  # counters for stats(): requests received
+        self.receives = 0  # and the ZeroMQ messages they came in
 
     def open(self, context: zmq.Context[zmq.Socket[bytes]], loop: EventLoop) -> zmq.Socket[bytes]:
         """Bind the ROUTER (and the ZAP handler first, if CURVE); ConfigError
@@ -71,9 +76,10 @@ class Listener:
             )
         return self.router
 
-    def receive(self) -> Iterator[tuple[Envelope, bytes, str | None]]:
+    def receive(self) -> Iterator[tuple[Envelope, list[bytes], str | None]]:
         """The messages waiting (at most 1000, then the loop's other sources
-        get a turn): routing frames, body, and the key it came with."""
+        get a turn): routing frames, the requests it carries (one per frame,
+        at most MAX_BATCH), and the key it came with."""
         owner = None
         for _ in range(1000):
             try:
@@ -85,11 +91,21 @@ class Listener:
                     frames = [part.bytes for part in parts]
             except zmq.Again:
                 return
-            # DEALER clients send [id, body]; REQ clients [id, b"", body].
-            if len(frames) not in (2, 3) or (len(frames) == 3 and frames[1]):
-                self.rejections.add(frames[0], f"a {len(frames)}-frame message: one expected")
+            self.receives += 1
+            # REQ clients send [id, b"", body]; DEALER clients [id, body, ...],
+            # a batch of requests in one message (an empty body is no request).
+            envelope: Envelope
+            if len(frames) == 3 and not frames[1]:
+                envelope, bodies = (frames[0], b""), frames[2:]
+            elif 2 <= len(frames) <= MAX_BATCH + 1:
+                envelope, bodies = (frames[0],), frames[1:]
+            else:
+                self.rejections.add(
+                    frames[0], f"a {len(frames)}-frame message: 1 to {MAX_BATCH} requests expected"
+                )
                 continue
-            yield tuple(frames[:-1]), frames[-1], owner
+            self.requests += len(bodies)
+            yield envelope, bodies, owner
 
     def close(self) -> None:
         self.router.close()

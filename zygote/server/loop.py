@@ -22,6 +22,7 @@ class EventLoop:
         self.now = clock  # the server's one clock: deadlines, durations
         self.timers = Timers(clock)
         self._handlers: dict[Any, Handler] = {}
+        self._after_turn: list[Handler] = []
         self.internal_errors = 0
 
     def watch(self, source: Any, handler: Handler, flags: int = zmq.POLLIN) -> None:
@@ -38,6 +39,11 @@ class EventLoop:
 
     def watching(self, source: Any) -> bool:
         return source in self._handlers
+
+    def after_each_turn(self, callback: Handler) -> None:
+        """Call `callback()` at the end of every `run_once`, after the
+        handlers and timers: to send what they gathered before waiting."""
+        self._after_turn.append(callback)
 
     def later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
         """Call `callback(*args)` after `delay` seconds (cancel the Timer to not)."""
@@ -57,6 +63,8 @@ class EventLoop:
             if handler is not None and self._handlers.get(source) is handler:
                 self._guarded(handler)
         self.timers.run_due()
+        for callback in self._after_turn:
+            self._guarded(callback)
 
     def _guarded(self, callback: Callable[..., object], *args: Any) -> None:
         # A bug in handling one event must not take the server down: that

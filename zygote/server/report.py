@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..protocol import DEFAULT_PROFILE
 from .children import Job
+from .endpoint import MAX_BATCH
 from .store import Record
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ def identity(sup: Supervisor) -> dict[str, Any]:
         "version": __version__,
         "max_workers": sup.config.max_workers,
         "max_message_bytes": sup.config.max_message_bytes,
+        # Requests one ZeroMQ message may carry, one per frame (protocol.md).
+        "max_batch": MAX_BATCH,
     }
 
 
@@ -47,6 +50,13 @@ def server_stats(sup: Supervisor) -> dict[str, Any]:
         "results_kept_bytes": sup.store.uncollected_bytes,
         "busy_rejections": sup.busy_rejections,
         "rejected_messages": sup.listener.rejections.count,
+        # Protocol messages and the ZeroMQ messages they came and went in.
+        "client_traffic": {
+            "received": sup.listener.requests,
+            "received_in": sup.listener.receives,
+            "sent": sup.outgoing.messages,
+            "sent_in": sup.outgoing.sends,
+        },
         "internal_errors": sup.loop.internal_errors,
         **sup.cleanup.stats(),
     }

@@ -1,0 +1,96 @@
+"""Several protocol messages in one ZeroMQ message (issue 14): a client's
+batch of requests, the server's replies to it together, a map's window of
+spawns in one message, confirmations riding with the next request."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgpack
+
+from zygote import aio
+from zygote.codec import decode_reply, encode
+from zygote.protocol import Error, Ok, Ping, Result, Spawn, Spawned, Stats
+
+from .conftest import Server, wait_until
+
+
+def _traffic(server: Server) -> dict[str, int]:
+    return dict(server.stats()["client_traffic"])
+
+
+def test_a_batch_is_answered_in_order_in_one_message(server: Server, raw) -> None:
+    raw.send_multipart([encode(Ping(1)), b"\xc1", encode(Stats(3))])
+    replies = [decode_reply(frame) for frame in raw.recv_multipart()]
+    assert [type(r) for r in replies] == [Ok, Error, Ok]
+    assert replies[0].req == 1 and replies[2].req == 3  # type: ignore[attr-defined]
+    assert replies[1].code == "bad_request"  # type: ignore[attr-defined]
+    assert "max_batch" in replies[0].info and "client_traffic" in replies[2].info  # type: ignore[attr-defined]
+
+
+def test_a_batch_of_spawns_runs_each_once(server: Server, raw) -> None:
+    spawns = [
+        Spawn(n, "tests.tasks:add", msgpack.packb([[n, 100], {}]), handle=f"batch-{n}")
+        for n in range(1, 6)
+    ]
+    raw.send_multipart([encode(spawn) for spawn in spawns])
+    spawned: dict[str, int] = {}
+    results: dict[str, Any] = {}
+    while len(results) < len(spawns) or len(spawned) < len(spawns):
+        for frame in raw.recv_multipart():
+            reply = decode_reply(frame)
+            if isinstance(reply, Spawned):
+                spawned[reply.handle] = reply.req
+            elif isinstance(reply, Result):
+                assert reply.value is not None
+                results[reply.handle] = msgpack.unpackb(reply.value)
+    assert spawned == {f"batch-{n}": n for n in range(1, 6)}
+    assert results == {f"batch-{n}": n + 100 for n in range(1, 6)}
+    assert server.stats()["accepted"] == 5
+
+
+def test_confirmations_ride_with_the_next_spawn(server: Server) -> None:
+    before = _traffic(server)
+    with server.client(timeout=30) as client:
+        client.ping()  # the server's max_batch is known from here on
+        for n in range(20):
+            assert client.spawn("tests.tasks:identity", n).result() == n
+        during = _traffic(server)
+    # Spawns 2 to 20 each carried the confirmation of the result before.
+    riding = (during["received"] - before["received"]) - (
+        during["received_in"] - before["received_in"]
+    )
+    assert riding == 19
+    # The last one went with close(): the server keeps no result for it.
+    wait_until(lambda: server.stats()["results_kept"] == 0, what="the last confirmation")
+
+
+def test_map_sends_its_window_in_one_message(server: Server) -> None:
+    before = _traffic(server)
+    with server.client(timeout=30) as client:
+        assert list(client.map("tests.tasks:identity", range(30), max_in_flight=4)) == list(
+            range(30)
+        )
+        after = _traffic(server)
+    received = after["received"] - before["received"]
+    messages = after["received_in"] - before["received_in"]
+    # 30 spawns and 26 confirmations (the last 4 go with close()) in: the
+    # first 4 spawns together, then each spawn with the confirmation before it.
+    assert received - messages >= 3 + 26, (received, messages)
+    wait_until(lambda: server.stats()["results_kept"] == 0, what="the last confirmations")
+
+
+def test_the_asyncio_map_sends_its_window_in_one_message(server: Server) -> None:
+    before = _traffic(server)
+
+    async def run() -> list[Any]:
+        async with aio.Zygote(server.endpoint, timeout=30) as client:
+            return [value async for value in client.map("tests.tasks:identity", range(12))]
+
+    assert asyncio.run(run()) == list(range(12))
+    after = _traffic(server)
+    received = after["received"] - before["received"]
+    messages = after["received_in"] - before["received_in"]
+    assert received - messages >= 3, (received, messages)  # max-workers 4: the first 4 together
+    wait_until(lambda: server.stats()["results_kept"] == 0, what="the confirmations")
