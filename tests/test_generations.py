@@ -243,3 +243,103 @@ def test_a_pending_refork_is_answered_when_the_server_stops(
     server.client(timeout=30).stop()
     thread.join(10)
     assert len(outcome) == 1 and "shutting down" in str(outcome[0])
+
+
+@pytest.mark.timeout(60)
+def test_the_ready_pool_is_forked_again_from_the_new_generation(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server("--prefork", "2", preload=APP)
+    client = server.client(timeout=30)
+    wait_until(lambda: server.stats()["pool_ready"] == 2, what="the first pool")
+    old = psutil.Process(server.stats()["zygote_pid"])
+    old_pool = {child.pid for child in old.children()}
+    assert len(old_pool) == 2
+    thread, outcome = refork_in_background(server)
+    client.spawn("tests.generations_app:lazy").result()  # a pool child: the candidate
+    thread.join(30)
+    assert outcome == [2]
+    new = psutil.Process(server.stats()["zygote_pid"])
+
+    def refreshed() -> bool:
+        pool = {child.pid for child in new.children()}
+        return server.stats()["pool_ready"] == 2 and len(pool) == 2 and not pool & old_pool
+
+    wait_until(refreshed, what="two pool children of generation 2")
+    # The old generation's other pool child is let go, not kept for its
+    # code (the one that took the task is the new zygote).
+    let_go = old_pool - {new.pid}
+    assert len(let_go) == 1
+    wait_until(lambda: not any(psutil.pid_exists(pid) for pid in let_go), what="old pool gone")
+    for handle in [client.spawn("tests.generations_app:lazy") for _ in range(2)]:
+        assert handle.generation == 2 and handle.result()["was_loaded"] is True
+
+
+@pytest.mark.timeout(60)
+def test_sighup_while_a_promoted_candidate_boots_reloads_after_the_refork(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server("--prefork", "0", preload=(*APP, "tests.slow_refork_app"))
+    client = server.client(timeout=30)
+    os.kill(server.pid, signal.SIGUSR2)
+    wait_until(lambda: server.stats()["refork_requested"], what="the refork request")
+    candidate = client.spawn("tests.generations_app:lazy")
+    candidate.result()
+    # The candidate is the incoming generation, in its 1 s before_refork hook.
+    wait_until(lambda: server.stats()["incoming_generation"] == 2, what="generation 2 incoming")
+    os.kill(server.pid, signal.SIGUSR2)  # a refork asked for again: harmless
+    os.kill(server.pid, signal.SIGHUP)
+    # Held until the refork is done, not instead of it (the signal is
+    # handled by the loop, so not necessarily before the next request).
+    wait_until(lambda: server.stats()["reload_pending"], what="the reload held back")
+    assert candidate.wait().description == "became zygote generation 2"
+
+    def reloaded() -> bool:
+        stats = server.stats()
+        return stats["generation"] == 3 and stats["zygote_state"] == "ready"
+
+    wait_until(reloaded, timeout=30, what="generation 3, reloaded")
+    stats = server.stats()
+    assert stats["reforks"] == 1 and stats["promoted_from"] is None
+    assert stats["reload_pending"] is False and stats["internal_errors"] == 0
+    handle = client.spawn("tests.generations_app:lazy")
+    assert handle.generation == 3 and handle.result()["was_loaded"] is False
+
+
+@pytest.mark.timeout(60)
+def test_spawns_under_way_when_a_promoted_zygote_is_killed_all_succeed(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server("--prefork", "0", preload=APP)
+    client = server.client(timeout=30)
+    thread, outcome = refork_in_background(server)
+    client.spawn("tests.generations_app:lazy").result()
+    thread.join(30)
+    assert outcome == [2]
+    seen: list[object] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with Zygote(server.endpoint, timeout=30) as loader:
+            while not stop.is_set():
+                try:
+                    handle = loader.spawn("tests.tasks:identity", 7)
+                    seen.append((handle.result(), handle.generation))
+                except ZygoteError as exc:
+                    seen.append(exc)
+
+    loaders = [threading.Thread(target=load) for _ in range(2)]
+    for loader in loaders:
+        loader.start()
+    try:
+        wait_until(lambda: len(seen) >= 10, what="spawns under way on generation 2")
+        os.kill(server.stats()["zygote_pid"], signal.SIGKILL)
+        wait_until(lambda: (7, 3) in seen[-5:], timeout=30, what="generation 3 answering")
+    finally:
+        stop.set()
+        for loader in loaders:
+            loader.join(30)
+    errors = [item for item in seen if isinstance(item, Exception)]
+    assert not errors, errors
+    assert {item[1] for item in seen if isinstance(item, tuple)} == {2, 3}
+    assert server.stats()["zygote_restarts"] == 1

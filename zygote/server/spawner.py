@@ -1,8 +1,9 @@
 """From an accepted request to a finished worker: the queue, fork requests
 (or a child from the ready pool), start-up deadlines, replacement of corrupt
-children and retries, and each job's outcome and exit, decoded in words.
-The processes themselves are watched by the tracker, the zygotes by the
-fleet; the spawner hears from both. Part of the supervisor process.
+children and retries. How a job leaves — its outcome and exit, decoded in
+words, or its failure — is `endings.py`'s. The processes themselves are
+watched by the tracker, the zygotes by the fleet; the spawner hears from
+both. Part of the supervisor process.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from ..codec import GO_FRAME
 from ..config import ServerConfig
-from ..linux import send_signal, signal_name
+from ..linux import send_signal
 from ..protocol import (
     ErrorCode,
     Fork,
@@ -29,6 +30,7 @@ from ..protocol import (
 from . import outcomes
 from .children import Child, Job, ZygoteProc
 from .cleanup import Cleanup, effective_limits
+from .endings import Endings
 from .fleet import Fleet
 from .lifecycle import ChildState, JobState, Slots
 from .lineage import Lineage
@@ -63,6 +65,7 @@ class Spawner:
         self.slots = Slots(config.max_workers)  # counted by the children's moves
         self.stopping: str | None = None
         self.counts = outcomes.Counts()
+        self.endings = Endings(config, loop, clients, self.jobs, self.counts)
         self.lineages: dict[str, Lineage] = {}
         for name, fleet in fleets.items():
             fork = functools.partial(self._fork_for_pool, fleet)
@@ -275,7 +278,7 @@ class Spawner:
         text = f"worker {pid} was forked, but the supervisor lost its descriptors (out of "
         text += "file descriptors?); killed, and as its task may have started, not run again"
         log.error("spawn %s %s: %s", job.handle, job.spawn.task, text)
-        self._fail(job, ErrorCode.SPAWN_FAILED, text)
+        self.endings.failed(job, ErrorCode.SPAWN_FAILED, text)
 
     def fork_failed(self, zygote: ZygoteProc, msg: ForkFailed) -> None:
         child = zygote.pending.pop(msg.handle, None)
@@ -293,7 +296,7 @@ class Spawner:
         elif msg.refused:  # the thread policy: retrying cannot help
             self.counts["refused_forks"] += 1
             log.error("spawn %s: %s", job.handle, msg.error)
-            self._fail(job, ErrorCode.SPAWN_FAILED, msg.error)
+            self.endings.failed(job, ErrorCode.SPAWN_FAILED, msg.error)
             self.dispatch()
         else:
             self._start_failed(job, msg.error, zygote)
@@ -356,35 +359,11 @@ class Spawner:
         self.dispatch()
 
     def _retry(self, job: Job, reason: str) -> None:
-        """Queue a job whose start failed again, first in line, unless it is
-        out of attempts or the server is stopping."""
-        job.child = None
-        if reason:
-            job.reasons.append(reason)
-        if job.killed is not None:
-            why = f"killed by a client ({signal_name(job.killed)}) before it was ready"
-            self._fail(job, ErrorCode.SPAWN_FAILED, why)
-        elif self.stopping:
-            self._fail(job, ErrorCode.SHUTTING_DOWN, shutting_down(self.stopping))
-        elif job.attempts <= self.config.spawn_retries:
-            log.warning(
-                "spawn %s: %s; replacing it (attempt %d of %d)",
-                job.handle,
-                reason,
-                job.attempts + 1,
-                self.config.spawn_retries + 1,
-            )
+        """Queue a job whose start failed again, first in line, unless it
+        fails now (killed, out of attempts, or the server is stopping)."""
+        if not self.endings.give_up(job, reason, self.stopping):
             job.move(JobState.QUEUED)
             self.lineages[job.profile].queue.appendleft(job)
-        else:
-            text = f"no healthy worker after {len(job.reasons)} attempts: {reason}"
-            log.error("spawn %s (%s): %s", job.handle, job.spawn.task, text)
-            self._fail(job, ErrorCode.SPAWN_FAILED, text)
-
-    def _fail(self, job: Job, code: ErrorCode, text: str) -> None:
-        job.move(JobState.DONE)
-        self.jobs.pop(job.handle, None)
-        self.clients.job_failed(job.handle, code, text, job.reasons)
 
     # -- what the tracker reports (tracker.ChildEvents) -----------------------
 
@@ -431,7 +410,7 @@ class Spawner:
         zygote = self._of(child.zygote).fleet.adopt(child.pid, pidfd, control, child.zygote)
         # Its job is over; its process goes on as a zygote. Its slot is free
         # for the next job, which the old generation serves until the switch.
-        self._job_over(job, child, 0, None, f"became zygote generation {zygote.generation}")
+        self.endings.ended(job, child, 0, None, f"became zygote generation {zygote.generation}")
         self.dispatch()
 
     def child_exited(self, child: Child) -> None:
@@ -453,27 +432,7 @@ class Spawner:
         result = None
         if child.exited_from is ChildState.RUNNING:  # no result came
             result = outcomes.missing_result(job, child, code, sig, words)
-        self._job_over(job, child, code, sig, words, result)
-
-    def _job_over(
-        self,
-        job: Job,
-        child: Child,
-        code: int | None,
-        sig: int | None,
-        words: str,
-        result: bytes | None = None,
-    ) -> None:
-        """Report how a job's process ended (and its outcome, if the worker
-        sent none), and log it in words."""
-        lifetime = self.loop.now() - child.requested
-        exited = outcomes.exit_report(job, child, code, sig, words, lifetime)
-        job.move(JobState.DONE)
-        self.jobs.pop(job.handle, None)
-        self.clients.job_ended(job.handle, result, exited)
-        self.counts["completed"] += 1
-        level, what = outcomes.job_ended_log(job, code, words, lifetime, result)
-        log.log(level, "worker %d [%s] %s", child.pid, job.handle, what)
+        self.endings.ended(job, child, code, sig, words, result)
 
     def _corrupt_child(self, child: Child, words: str) -> None:
         """A child that ended before ready: count it against its step and its
@@ -503,7 +462,9 @@ class Spawner:
         for lineage in self.lineages.values():
             lineage.pool.retire_all()
             while lineage.queue:
-                self._fail(lineage.queue.popleft(), ErrorCode.SHUTTING_DOWN, shutting_down(reason))
+                self.endings.failed(
+                    lineage.queue.popleft(), ErrorCode.SHUTTING_DOWN, shutting_down(reason)
+                )
 
     def stats(self) -> dict[str, Any]:
         return {
