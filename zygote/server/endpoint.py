@@ -1,6 +1,7 @@
 """The supervisor's listening socket: the ZeroMQ ROUTER, its options and
-security, binding it where nobody else can take it over, reading it, and
-leaving no socket file behind. Part of the supervisor process."""
+security, binding it where nobody else can take it over, reading it (and
+writing it through `outgoing.Outgoing`), and leaving no socket file behind.
+Part of the supervisor process."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import zmq
 from ..config import ConfigError, ServerConfig, ensure_private_dir, runtime_dir
 from .auth import CurveAuth, owner_of
 from .loop import EventLoop
+from .outgoing import Outgoing
 from .store import Envelope
 
 log = logging.getLogger("zygote.supervisor")
@@ -56,6 +58,7 @@ class Listener:
             context, config.endpoint, config.max_message_bytes, secure
         )
         self.address = str(self.router.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.outgoing = Outgoing(self.router)  # what goes back to clients
         if self.auth is not None:
             log.info(
                 "CURVE on %s: %d client keys from %s",
@@ -76,10 +79,10 @@ class Listener:
             )
         return self.router
 
-    def receive(self) -> Iterator[tuple[Envelope, list[bytes], str | None]]:
-        """The messages waiting (at most 1000, then the loop's other sources
-        get a turn): routing frames, the requests it carries (one per frame,
-        at most MAX_BATCH), and the key it came with."""
+    def receive(self) -> Iterator[tuple[Envelope, bytes, str | None]]:
+        """The requests waiting (from at most 1000 messages, then the loop's
+        other sources get a turn): routing frames, body, and the key it came
+        with. A message may carry up to MAX_BATCH, one per frame."""
         owner = None
         for _ in range(1000):
             try:
@@ -105,7 +108,11 @@ class Listener:
                 )
                 continue
             self.requests += len(bodies)
-            yield envelope, bodies, owner
+            # A batch's replies go together, once all of it has been read.
+            self.outgoing.hold(envelope if len(bodies) > 1 else None)
+            for body in bodies:
+                yield envelope, body, owner
+            self.outgoing.hold(None)
 
     def close(self) -> None:
         self.router.close()

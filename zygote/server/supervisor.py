@@ -62,7 +62,6 @@ from .fleet import EXIT_BOOT, EXIT_UNHEALTHY, Fleet
 from .generation_requests import GenerationRequests
 from .loop import EventLoop
 from .memory import MemoryReader
-from .outgoing import Outgoing
 from .output import OutputHub
 from .report import job_list
 from .service import Service
@@ -167,7 +166,7 @@ class Supervisor:
         self.cleanup.start()
         self.context = zmq.Context(io_threads=1)
         self.router = self.listener.open(self.context, self.loop)
-        self.outgoing = Outgoing(self.router)
+        self.outgoing = self.listener.outgoing
         self.loop.after_each_turn(self.outgoing.flush)
         self.endpoint = self.listener.address
         self.metrics = metrics.serve(self.config.metrics, self.loop, self.outcomes, self.spawner)
@@ -266,27 +265,20 @@ class Supervisor:
     # -- clients ----------------------------------------------------------
 
     def _on_client_messages(self) -> None:
-        for envelope, bodies, owner in self.listener.receive():
-            # A batch's replies go together, once all of it has been read.
-            self.outgoing.hold(envelope if len(bodies) > 1 else None)
-            for data in bodies:
-                self._on_client_message(envelope, data, owner)
-            self.outgoing.hold(None)
-
-    def _on_client_message(self, envelope: Envelope, data: bytes, owner: str | None) -> None:
-        try:
-            msg = decode_request(data, self.config.max_message_bytes)
-        except ProtocolError as exc:
-            self.listener.rejections.add(envelope[0], str(exc))
-            self._send(envelope, Error(request_id(data), exc.code, str(exc)))
-            return
-        try:
-            self._on_request(envelope, msg, owner)
-        except Exception as exc:
-            # A bug of ours; the client still gets an answer, not a hang.
-            log.exception("internal error handling a %s request", msg.KIND)
-            error = Error(request_id(data), ErrorCode.INTERNAL, f"server error: {exc}")
-            self._send(envelope, error)
+        for envelope, data, owner in self.listener.receive():
+            try:
+                msg = decode_request(data, self.config.max_message_bytes)
+            except ProtocolError as exc:
+                self.listener.rejections.add(envelope[0], str(exc))
+                self._send(envelope, Error(request_id(data), exc.code, str(exc)))
+                continue
+            try:
+                self._on_request(envelope, msg, owner)
+            except Exception as exc:
+                # A bug of ours; the client still gets an answer, not a hang.
+                log.exception("internal error handling a %s request", msg.KIND)
+                error = Error(request_id(data), ErrorCode.INTERNAL, f"server error: {exc}")
+                self._send(envelope, error)
 
     def _on_request(self, envelope: Envelope, msg: Message, owner: str | None = None) -> None:
         if isinstance(msg, Spawn):
@@ -397,11 +389,8 @@ class Supervisor:
         self._deliver(record, only=envelope)
 
     def _send(self, envelope: Envelope, msg: Message) -> bool:
-        return self._send_raw(envelope, encode(msg))
-
-    def _send_raw(self, envelope: Envelope, data: bytes) -> bool:
-        """Queue for the end of this turn of the loop (outgoing.py)."""
-        return self.outgoing.send(envelope, data)
+        """Queued for the end of this turn of the loop (outgoing.py)."""
+        return self.outgoing.send(envelope, encode(msg))
 
     def _spawned(self, record: Record, req: int) -> Spawned:
         return Spawned(req, record.handle, record.pid, record.generation, record.warnings)
@@ -410,9 +399,9 @@ class Supervisor:
         """Push what is known of a record to its followers, then file it."""
         targets = [only] if only is not None else list(record.followers)
         if record.result is not None and (only or not record.result_sent):
-            record.result_sent |= any([self._send_raw(t, record.result) for t in targets])
+            record.result_sent |= any([self.outgoing.send(t, record.result) for t in targets])
         if record.exited is not None and (only or not record.exit_sent):
-            record.exit_sent |= any([self._send_raw(t, record.exited) for t in targets])
+            record.exit_sent |= any([self.outgoing.send(t, record.exited) for t in targets])
         for dropped in self.store.settle(record):
             log.warning(
                 "dropped the uncollected result of %s (%s): more than %d results or %d bytes kept",
