@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
@@ -36,6 +36,44 @@ def refork_in_background(server: Server) -> tuple[threading.Thread, list[object]
     thread.start()
     wait_until(lambda: server.stats()["refork_requested"], what="the refork request")
     return thread, outcome
+
+
+@contextlib.contextmanager
+def spawns_under_way(server: Server, spawn: Callable[[Zygote], object]) -> Iterator[list[object]]:
+    """Two client threads calling `spawn(client)` in a loop until the block
+    ends (it starts once 10 have come back): what each gave or raised."""
+    seen: list[object] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with Zygote(server.endpoint, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    seen.append(spawn(client))
+                except ZygoteError as exc:
+                    seen.append(exc)
+
+    loaders = [threading.Thread(target=load) for _ in range(2)]
+    for loader in loaders:
+        loader.start()
+    try:
+        wait_until(lambda: len(seen) >= 10, what="spawns under way")
+        yield seen
+    finally:
+        stop.set()
+        for loader in loaders:
+            loader.join(30)
+
+
+def promoted_server(start_server: Callable[..., Server]) -> tuple[Server, Zygote]:
+    """A server (--prefork 0) whose generation 2 is a promoted worker, and a client."""
+    server = start_server("--prefork", "0", preload=APP)
+    client = server.client(timeout=30)
+    thread, outcome = refork_in_background(server)
+    client.spawn("tests.generations_app:lazy").result()
+    thread.join(30)
+    assert outcome == [2]
+    return server, client
 
 
 def test_refork_promotes_a_warm_worker(start_server: Callable[..., Server]) -> None:
@@ -109,12 +147,7 @@ def test_running_workers_finish_across_the_switch(start_server: Callable[..., Se
 def test_a_promoted_zygote_killed_is_replaced_by_a_fresh_one(
     start_server: Callable[..., Server],
 ) -> None:
-    server = start_server("--prefork", "0", preload=APP)
-    client = server.client(timeout=30)
-    thread, outcome = refork_in_background(server)
-    client.spawn("tests.generations_app:lazy").result()
-    thread.join(30)
-    assert outcome == [2]
+    server, client = promoted_server(start_server)
     os.kill(server.stats()["zygote_pid"], signal.SIGKILL)
     wait_until(lambda: server.stats()["generation"] == 3, what="generation 3")
     results = list(client.map("tests.tasks:identity", range(20)))
@@ -158,30 +191,11 @@ def test_reload_under_load_serves_the_new_code_and_fails_no_spawn(
     server = start_server(
         "--prefork", "2", preload=("tests.tasks", "deployed"), env={"PYTHONPATH": str(tmp_path)}
     )
-    seen: list[object] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with Zygote(server.endpoint, timeout=30) as client:
-            while not stop.is_set():
-                try:
-                    seen.append(client.spawn("deployed:version").result())
-                except ZygoteError as exc:
-                    seen.append(exc)
-
-    loaders = [threading.Thread(target=load) for _ in range(2)]
-    for thread in loaders:
-        thread.start()
-    try:
-        wait_until(lambda: len(seen) >= 10, what="spawns under way")
+    with spawns_under_way(server, lambda client: client.spawn("deployed:version").result()) as seen:
         module.write_text("def version():\n    return 2\n")
         with Zygote(server.endpoint, timeout=30) as client:
             assert client.reload() == 2
         wait_until(lambda: 2 in seen[-5:], timeout=30, what="the new code answering")
-    finally:
-        stop.set()
-        for thread in loaders:
-            thread.join(30)
     errors = [item for item in seen if isinstance(item, Exception)]
     assert not errors and set(seen) == {1, 2}
 
@@ -310,35 +324,15 @@ def test_sighup_while_a_promoted_candidate_boots_reloads_after_the_refork(
 def test_spawns_under_way_when_a_promoted_zygote_is_killed_all_succeed(
     start_server: Callable[..., Server],
 ) -> None:
-    server = start_server("--prefork", "0", preload=APP)
-    client = server.client(timeout=30)
-    thread, outcome = refork_in_background(server)
-    client.spawn("tests.generations_app:lazy").result()
-    thread.join(30)
-    assert outcome == [2]
-    seen: list[object] = []
-    stop = threading.Event()
+    server, _ = promoted_server(start_server)
 
-    def load() -> None:
-        with Zygote(server.endpoint, timeout=30) as loader:
-            while not stop.is_set():
-                try:
-                    handle = loader.spawn("tests.tasks:identity", 7)
-                    seen.append((handle.result(), handle.generation))
-                except ZygoteError as exc:
-                    seen.append(exc)
+    def spawn(client: Zygote) -> tuple[object, int]:
+        handle = client.spawn("tests.tasks:identity", 7)
+        return handle.result(), handle.generation
 
-    loaders = [threading.Thread(target=load) for _ in range(2)]
-    for loader in loaders:
-        loader.start()
-    try:
-        wait_until(lambda: len(seen) >= 10, what="spawns under way on generation 2")
+    with spawns_under_way(server, spawn) as seen:
         os.kill(server.stats()["zygote_pid"], signal.SIGKILL)
         wait_until(lambda: (7, 3) in seen[-5:], timeout=30, what="generation 3 answering")
-    finally:
-        stop.set()
-        for loader in loaders:
-            loader.join(30)
     errors = [item for item in seen if isinstance(item, Exception)]
     assert not errors, errors
     assert {item[1] for item in seen if isinstance(item, tuple)} == {2, 3}
