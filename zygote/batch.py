@@ -99,6 +99,8 @@ class Batch(Iterator[Any]):
         return handle.result(_remaining(self.deadline))
 
     def _run(self) -> Generator[Any, None, None]:
+        requests = self.client._requests
+        requests.maps += 1  # confirmations ride with the spawns that follow
         try:
             while self.pending:
                 self.waiting = [self.pending.popleft()]
@@ -119,6 +121,9 @@ class Batch(Iterator[Any]):
         finally:
             for req in self.pending:  # replies already here, or still to come
                 self.client._abandon(req)
+            requests.maps -= 1
+            if not requests.maps and not self.client._socket.closed:
+                requests.send_confirmations()  # the last window's
 
 
 def submit(

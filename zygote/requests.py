@@ -1,11 +1,13 @@
 """The sending half of the Python client's socket: request ids, batches as
-big as the server takes, and confirmations held back to ride with the next
-request (docs/protocol.md, sections 1 and 7).
+big as the server takes, and, inside a `map()`, confirmations held back to
+ride with its next spawn (docs/protocol.md, sections 1 and 7).
 
 Why hold confirmations back: a `Collected` sent alone is one more ZeroMQ
 message per job, and each wakes the I/O threads on both sides and the
 server's loop. Sent as the first frame of the next request's message, it
-costs a frame.
+costs a frame. Only a `map()` is sure to send again; a plain `spawn()`'s
+result is confirmed at once: held back, it would stay on the server for as
+long as the caller sends nothing (an RQ worker idle for an hour, say).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import zmq
 from .codec import encode
 from .protocol import Collected, Message
 
-#: Confirmations are held back until the next request, until this many
-#: wait, or sent at once for a result this big (the server keeps each
-#: result until it hears).
+#: Inside a map, confirmations are held back until its next spawn, until
+#: this many wait, or sent at once for a result this big (the server keeps
+#: each result until it hears).
 CONFIRM_BATCH = 64
 CONFIRM_AT_ONCE = 64 * 1024
 
@@ -34,6 +36,7 @@ class Requests:
         self.last = 0  # the id of the last request sent
         self.max_batch = 1  # requests per ZeroMQ message: the server's max_batch
         self.held: list[str] = []  # handles whose results we took, not yet confirmed
+        self.maps = 0  # map()s under way: they hold confirmations back
         # Confirmations went out after request `unproven`, and no reply to a
         # later request has proved the server read them yet.
         self.unproven: int | None = None
@@ -59,10 +62,10 @@ class Requests:
         return reqs
 
     def confirm(self, handle_id: str, big: bool = False) -> None:
-        """The result of `handle_id` reached whoever wanted it: say so with
-        the next request (now, if it is `big` or many are held)."""
+        """The result of `handle_id` reached whoever wanted it: say so now,
+        or, inside a map, with its next spawn (now if `big` or many wait)."""
         self.held.append(handle_id)
-        if big or len(self.held) >= CONFIRM_BATCH:
+        if not self.maps or big or len(self.held) >= CONFIRM_BATCH:
             self.send_confirmations()
 
     def send_confirmations(self) -> None:
