@@ -395,7 +395,7 @@ class Zygote:
 
     def _confirm(self, handle_id: str, delivery: Delivery) -> None:
         """The result of a job has reached user code: the server may forget
-        it. Said with our next request, unless it is big or many wait."""
+        it (said at once, or inside a map with its next spawn)."""
         if delivery.collected or self._socket.closed:
             return
         delivery.collected = True

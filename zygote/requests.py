@@ -44,16 +44,14 @@ class Requests:
     def send(self, makes: list[Callable[[int], Message]]) -> list[int]:
         """Send a request per `make(req)`, the held confirmations first, in
         as few ZeroMQ messages as the server takes; their ids."""
-        frames, reqs = [], []
+        reqs = [next(self._ids) for _ in makes]
+        frames = [encode(make(req)) for make, req in zip(makes, reqs, strict=True)]
         if self.held and self.max_batch > 1:
-            frames.append(encode(Collected(self.held)))
+            frames.insert(0, encode(Collected(self.held)))
             self.held, self.unproven = [], self.last
         elif self.held:
             self.send_confirmations()
-        for make in makes:
-            req = self.last = next(self._ids)
-            reqs.append(req)
-            frames.append(encode(make(req)))
+        self.last = reqs[-1]
         if len(frames) == 1:
             self.socket.send(frames[0])
         else:
