@@ -14,9 +14,10 @@ own, Redis db 7, flushed first), measured in one run, interleaved:
     per task; and the same with ZYGOTE_REFORK_AFTER=50,1000;
   - prefork, `--max-tasks-per-child 1`: a fresh pool process per task;
   - prefork: two long-lived pool processes;
-  - only if named with --only, what the pool's choice is worth: ZygotePool
+  - only if named with --only, what the pool's choices are worth: ZygotePool
     with ZYGOTE_CELERY_STORE_IN_FORK=1 (each fork stores its result itself,
-    on a new Redis connection).
+    on a new Redis connection), and with ZYGOTE_MAX_WORKERS=2 (the server's
+    slots equal to -c, rather than twice as many).
 * RQ, two `rq worker` processes on one queue each:
   - ZygoteWorker: `-w zygote_rq.ZygoteWorker`, ZYGOTE_PRELOAD=benchmarks.queues_app.
     Each worker starts its own embedded zygote server: what the command
@@ -179,6 +180,20 @@ EXTRA_CONFIGS = (
         },
         fresh=True,
     ),
+    Config(
+        "celery-zygote-max-workers-c",
+        "Celery ZygotePool, `ZYGOTE_MAX_WORKERS=2`",
+        "celery",
+        ("-P", "custom"),
+        {
+            "CELERY_CUSTOM_WORKER_POOL": "zygote_celery:ZygotePool",
+            # The server's --max-workers equal to -c (the pool's default is
+            # twice -c): a fork holds its slot until it has exited.
+            "ZYGOTE_MAX_WORKERS": "2",
+            **ZYGOTE_ENV,
+        },
+        fresh=True,
+    ),
 )
 BY_KEY = {c.key: c for c in (*CONFIGS, *EXTRA_CONFIGS)}
 
@@ -188,7 +203,9 @@ COMPARISONS = (
     ("celery-zygote", "celery-prefork-mtpc1", TARGET),
     ("celery-zygote-refork", "celery-prefork-mtpc1", TARGET),
     ("celery-zygote-store-in-fork", "celery-prefork-mtpc1", TARGET),
+    ("celery-zygote-max-workers-c", "celery-prefork-mtpc1", TARGET),
     ("celery-zygote", "celery-zygote-store-in-fork", None),
+    ("celery-zygote", "celery-zygote-max-workers-c", None),
     ("rq-zygote", "rq-worker", TARGET),
     ("celery-zygote", "celery-prefork", None),
     ("rq-zygote", "rq-simple", None),
