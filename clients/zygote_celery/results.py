@@ -3,7 +3,8 @@
 With the Redis result backend, a fresh fork that stores its task's result
 itself opens a connection first (TCP, CLIENT SETINFO twice, SELECT), then
 checks the key and writes it: measured, 3-4 ms of the fork's CPU and ~800
-copy-on-write faults, against 0.3 ms on the worker's open connection. So
+copy-on-write faults, against ~0.5 ms on the worker's open connection (the
+pool's thread for it, schedstat). So
 the fork encodes the write as Celery would (`DeferredWrites`, in the fork)
 and hands it back with its outcome; the pool writes it (`store`, in the
 celery worker) before it reports the task done. Imported by both sides:
@@ -60,8 +61,8 @@ class DeferredWrites:
     """In a fork: keeps the task's final state and result as Celery encoded
     them for its Redis backend, for the pool to write with the worker's
     connection, instead of opening a connection of its own (measured: the
-    connection, the duplicate check and the write cost a fresh fork 4 ms of
-    CPU and ~800 copy-on-write faults, the pool 0.3 ms).
+    connection, the duplicate check and the write cost a fresh fork 3-4 ms
+    of CPU and ~800 copy-on-write faults, the pool ~0.5 ms).
 
     Only this task's SUCCESS or FAILURE, outside a chord (whose last part
     reads every part's result at once), up to `limit` bytes; once one
