@@ -3,7 +3,7 @@ RQ's ZygoteWorker, throughput and enqueue -> result latency.
 
     python -m benchmarks.queues [--rounds 3] [-n 25] [--quick] [--json PATH]
 
-Six configurations, all with concurrency 2, their workers started together
+Seven configurations, all with concurrency 2, their workers started together
 and left running side by side for the whole run (each on a queue of its
 own, Redis db 7, flushed first), measured in one run, interleaved:
 
@@ -11,9 +11,13 @@ own, Redis db 7, flushed first), measured in one run, interleaved:
   --without-mingle --without-gossip` each:
   - ZygotePool: `-P custom`, CELERY_CUSTOM_WORKER_POOL=zygote_celery:ZygotePool
     (an embedded zygote server preloading the app module); a fresh fork
-    per task;
+    per task; and the same with ZYGOTE_REFORK_AFTER=50,1000;
   - prefork, `--max-tasks-per-child 1`: a fresh pool process per task;
-  - prefork: two long-lived pool processes.
+  - prefork: two long-lived pool processes;
+  - only if named with --only, what the pool's choices are worth: ZygotePool
+    with ZYGOTE_CELERY_STORE_IN_FORK=1 (each fork stores its result itself,
+    on a new Redis connection), and with ZYGOTE_MAX_WORKERS=2 (the server's
+    slots equal to -c, rather than twice as many).
 * RQ, two `rq worker` processes on one queue each:
   - ZygoteWorker: `-w zygote_rq.ZygoteWorker`, ZYGOTE_PRELOAD=benchmarks.queues_app.
     Each worker starts its own embedded zygote server: what the command
@@ -160,13 +164,48 @@ CONFIGS = (
         ("-w", "rq.worker.SimpleWorker"),
     ),
 )
-BY_KEY = {c.key: c for c in CONFIGS}
+#: run only when named with --only: what one of the pool's choices is worth
+EXTRA_CONFIGS = (
+    Config(
+        "celery-zygote-store-in-fork",
+        "Celery ZygotePool, `ZYGOTE_CELERY_STORE_IN_FORK=1`",
+        "celery",
+        ("-P", "custom"),
+        {
+            "CELERY_CUSTOM_WORKER_POOL": "zygote_celery:ZygotePool",
+            # Each fork stores its result on a Redis connection of its own,
+            # as before the pool stored what its forks leave it.
+            "ZYGOTE_CELERY_STORE_IN_FORK": "1",
+            **ZYGOTE_ENV,
+        },
+        fresh=True,
+    ),
+    Config(
+        "celery-zygote-max-workers-c",
+        "Celery ZygotePool, `ZYGOTE_MAX_WORKERS=2`",
+        "celery",
+        ("-P", "custom"),
+        {
+            "CELERY_CUSTOM_WORKER_POOL": "zygote_celery:ZygotePool",
+            # The server's --max-workers equal to -c (the pool's default is
+            # twice -c): a fork holds its slot until it has exited.
+            "ZYGOTE_MAX_WORKERS": "2",
+            **ZYGOTE_ENV,
+        },
+        fresh=True,
+    ),
+)
+BY_KEY = {c.key: c for c in (*CONFIGS, *EXTRA_CONFIGS)}
 
 #: (zygote, baseline, target): the first two are the issue's; the other
 #: baselines reuse their processes, so they are expected to be faster.
 COMPARISONS = (
     ("celery-zygote", "celery-prefork-mtpc1", TARGET),
     ("celery-zygote-refork", "celery-prefork-mtpc1", TARGET),
+    ("celery-zygote-store-in-fork", "celery-prefork-mtpc1", TARGET),
+    ("celery-zygote-max-workers-c", "celery-prefork-mtpc1", TARGET),
+    ("celery-zygote", "celery-zygote-store-in-fork", None),
+    ("celery-zygote", "celery-zygote-max-workers-c", None),
     ("rq-zygote", "rq-worker", TARGET),
     ("celery-zygote", "celery-prefork", None),
     ("rq-zygote", "rq-simple", None),

@@ -111,3 +111,37 @@ def mark(key: str) -> str:
     url = os.environ.get("CELERY_TEST_REDIS", "redis://127.0.0.1:6379/6")
     redis.Redis.from_url(url).set(key, 1)
     return key
+
+
+@app.task
+def total(values: list[int]) -> int:
+    """A chord's body."""
+    return sum(values)
+
+
+@app.task
+def text(size: int) -> str:
+    return "x" * size
+
+
+def _seen(task_id: str, when: str) -> None:
+    import redis
+
+    url = os.environ.get("CELERY_TEST_REDIS", "redis://127.0.0.1:6379/6")
+    state = app.AsyncResult(task_id).state
+    redis.Redis.from_url(url).rpush(f"seen-{task_id}", f"{when}:{state}")
+
+
+class Reporting(app.Task):  # type: ignore[name-defined]
+    """Records in Redis the state it sees of itself after it returned."""
+
+    def on_success(self, retval: object, task_id: str, args: object, kwargs: object) -> None:
+        _seen(task_id, "on_success")
+
+    def after_return(self, *args: object, **kwargs: object) -> None:
+        _seen(self.request.id, "after_return")
+
+
+@app.task(base=Reporting)
+def reporting() -> str:
+    return "done"

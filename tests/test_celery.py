@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 import pytest
 import redis
+from celery import chord
 from celery.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from celery.result import AsyncResult
 
@@ -430,3 +431,46 @@ def test_a_task_revoked_while_it_waits_for_a_slot_never_runs(shared: Worker) -> 
     assert redis.Redis.from_url(REDIS).get(key) is None
     with Zygote(stats["pool"]["zygote"]["endpoint"], timeout=10) as server:
         assert server.stats()["accepted"] == accepted + 3  # the sleepers, add: never `mark`
+
+
+def test_the_pool_stores_what_its_forks_leave_it(shared: Worker) -> None:
+    # A fork leaves its task's final state to the pool (results.DeferredWrites):
+    # the task's own hooks still see it stored, chords still join, and a
+    # result too big to send back is stored by the fork itself.
+    seen = redis.Redis.from_url(REDIS)
+    done = shared.call(celery_app.reporting)
+    assert result(done) == "done"
+    assert seen.lrange(f"seen-{done.id}", 0, -1) == [b"on_success:SUCCESS", b"after_return:SUCCESS"]
+    parts = [celery_app.add.s(x, y).set(queue=shared.queue) for x, y in ((1, 2), (3, 4))]
+    joined = chord(parts)(celery_app.total.s().set(queue=shared.queue))
+    assert result(joined) == 10
+    # The shared worker's server takes 100,000-byte messages: a fork keeps
+    # at most a quarter of that.
+    for size in (20_000, 300_000):
+        assert result(shared.call(celery_app.text, size)) == "x" * size
+
+
+def test_deferred_writes_are_kept_until_stored() -> None:
+    from zygote_celery.results import DeferredWrites, can_defer, store
+
+    backend = app.backend
+    assert can_defer(backend)
+    task_id, other = uuid.uuid4().hex, uuid.uuid4().hex
+    with DeferredWrites(backend, task_id) as deferred:
+        backend.store_result(task_id, 42, "SUCCESS")
+        assert backend.get_state(task_id) == "SUCCESS"  # read in the fork: the kept write
+        backend.store_result(other, 1, "SUCCESS")  # another task's: first ours, then it
+    assert deferred.writes == [] and AsyncResult(task_id, app=app).get(timeout=5) == 42
+    with DeferredWrites(backend, task_id) as deferred:
+        backend.store_result(task_id, 43, "SUCCESS")
+    assert len(deferred.writes) == 1 and AsyncResult(other, app=app).get(timeout=5) == 1
+    store(backend, deferred.writes)  # not over a SUCCESS stored already
+    backend._cache.clear()
+    assert AsyncResult(task_id, app=app).get(timeout=5) == 42
+    fresh = uuid.uuid4().hex
+    with DeferredWrites(backend, fresh) as deferred:
+        backend.store_result(fresh, "late", "SUCCESS")
+    assert AsyncResult(fresh, app=app).state == "PENDING"
+    store(backend, deferred.writes)
+    assert AsyncResult(fresh, app=app).get(timeout=5) == "late"
+    assert "_store_result" not in vars(backend)  # the fork's patch is gone

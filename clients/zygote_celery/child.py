@@ -5,11 +5,15 @@ tasks' tracers built and logging configured.
 
 `run()` is the zygote task that executes one Celery task message in a
 fresh worker, through Celery's own tracer: the result backend, retries,
-task signals and hooks all run here, as in a prefork child.
+task signals and hooks all run here, as in a prefork child. One exception,
+with the Redis result backend: the task's final state (SUCCESS or FAILURE)
+is encoded here but written by the pool, on the worker's own connection
+(results.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -25,6 +29,8 @@ from kombu.utils.imports import symbol_by_name
 from kombu.utils.json import loads as json_loads
 
 import zygote
+
+from .results import DeferredWrites, can_defer
 
 __all__ = ["run", "setup"]
 
@@ -114,23 +120,34 @@ def run(
     body: bytes,
     content_type: str,
     content_encoding: str,
+    defer: int = 0,
 ) -> list[Any]:
-    """Execute one task message; returns [failed, value, runtime] as a
-    prefork child does, with a failure's ExceptionInfo pickled."""
-    setup(app_path, hostname)
+    """Execute one task message; returns [failed, value, runtime, writes]:
+    what a prefork child returns, with a failure's ExceptionInfo pickled,
+    and up to `defer` bytes of result writes left to the pool (see
+    DeferredWrites; the pool stores them before it reports the task done)."""
+    app = setup(app_path, hostname)
     signal.signal(signal.SIGUSR1, _soft_time_limit)
     signals.worker_process_init.send(sender=None)
+    deferred = DeferredWrites(app.backend, task_id, defer)
     try:
-        failed, value, runtime = trace.fast_trace_task(
-            name, task_id, json_loads(request), body, content_type, content_encoding
-        )
+        with deferred if defer and can_defer(app.backend) else contextlib.nullcontext():
+            failed, value, runtime = trace.fast_trace_task(
+                name, task_id, json_loads(request), body, content_type, content_encoding
+            )
+    except BaseException:
+        # Out of the tracer (SystemExit in a hook after the result was
+        # stored, say): what a prefork child had stored must stand.
+        with contextlib.suppress(Exception):
+            deferred.flush()
+        raise
     finally:
         # A soft limit that comes after the task must not cut what follows.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
     if failed:
-        return [1, _pickled(value), runtime]
-    return [0, value, runtime]
+        return [1, _pickled(value), runtime, deferred.writes]
+    return [0, value, runtime, deferred.writes]
 
 
 @zygote.before_refork
