@@ -34,11 +34,11 @@ from celery.worker import state as worker_state
 from kombu.utils.json import dumps as json_dumps
 
 from zygote import aio
-from zygote.embedded import EmbeddedServer, preload_from_env
 from zygote.errors import TaskError, WorkerLost, ZygoteError
 from zygote.handle import relay_output
 
 from .app_path import app_import_path
+from .connection import ServerConnection
 from .results import DeferredWrites, can_defer, store
 
 __all__ = ["ZygotePool"]
@@ -99,13 +99,10 @@ class ZygotePool(BasePool):
         self.app_path = ""
         self.default_soft_timeout: float | None = self.options.get("soft_timeout")
         self.default_timeout: float | None = self.options.get("timeout")
-        self.server: EmbeddedServer | None = None
-        self.endpoint = ""
+        self._server = ServerConnection()  # where the tasks are spawned
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
-        self._client: aio.Zygote | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._reviving: asyncio.Lock | None = None
         self._jobs: set[_Job] = set()
         self._done = threading.Condition()
         self._callbacks: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]]
@@ -123,29 +120,13 @@ class ZygotePool(BasePool):
 
     def on_start(self) -> None:
         self.app_path = app_import_path(self.app)
-        self.endpoint = os.environ.get("ZYGOTE_ENDPOINT", "")
-        if not self.endpoint:
-            self.server = EmbeddedServer(
-                # $ZYGOTE_PRELOAD first: a thread that, say, numpy starts is
-                # then named after numpy (--allow-thread numpy), not the app.
-                [*preload_from_env(), self.app_path.partition(":")[0], "zygote_celery.child"],
-                # -c is the pool's own limit (its semaphore). The server's
-                # counts a fork until it has exited, after its result: with
-                # -c slots, the next task waited for that exit (spawn p50
-                # 17.5 against 6.5 ms with twice -c, measured).
-                max_workers=None if "ZYGOTE_MAX_WORKERS" in os.environ else 2 * self.limit,
-                env={
-                    "ZYGOTE_CELERY_APP": self.app_path,
-                    "ZYGOTE_CELERY_HOSTNAME": self.hostname,
-                },
-            )
-            self.endpoint = self.server.start()
+        self._server.start(self.app_path, self.hostname, self.limit)
         self._thread = threading.Thread(target=self._loop.run_forever, name="zygote-pool")
         self._thread.start()
-        self._client = self._call(self._connect()).result()
+        client = self._call(self._connect()).result()
         if not os.environ.get("ZYGOTE_CELERY_STORE_IN_FORK") and can_defer(self.app.backend):
             # Well under the server's largest result: the task's own goes too.
-            limit = self._call(self._client.stats()).result()["max_message_bytes"] // 4
+            limit = self._call(client.stats()).result()["max_message_bytes"] // 4
             self._defer = min(DeferredWrites.LIMIT, limit)
             self._storing = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="zygote-results"
@@ -154,8 +135,8 @@ class ZygotePool(BasePool):
             "zygote pool: %s, concurrency %d, %s server at %s",
             self.app_path,
             self.limit,
-            "embedded" if self.server else "external",
-            self.endpoint,
+            "embedded" if self._server.server else "external",
+            self._server.endpoint,
         )
 
     def register_with_event_loop(self, loop: Any) -> None:
@@ -264,7 +245,10 @@ class ZygotePool(BasePool):
             {
                 "processes": sorted(job.pid for job in self._running() if job.pid),
                 "timeouts": (self.default_soft_timeout or 0, self.default_timeout or 0),
-                "zygote": {"endpoint": self.endpoint, "embedded": self.server is not None},
+                "zygote": {
+                    "endpoint": self._server.endpoint,
+                    "embedded": self._server.server is not None,
+                },
             }
         )
         return info
@@ -282,52 +266,7 @@ class ZygotePool(BasePool):
 
     async def _connect(self) -> aio.Zygote:
         self._slots = asyncio.Semaphore(self.limit)
-        self._reviving = asyncio.Lock()
-        client = aio.Zygote(self.endpoint)
-        await client.ping()
-        return client
-
-    async def _spawn(self, job: _Job) -> aio.Handle:
-        client = self._client
-        assert client is not None
-        process = self.server.process if self.server is not None else None
-        if process is not None and process.poll() is not None:
-            # Dead already: do not wait seconds for it to answer first.
-            await self._revive(client)
-            client = self._client
-            assert client is not None
-        try:
-            return await client.spawn(RUN, *job.args)
-        except ZygoteError:
-            if not await self._revive(client):
-                raise
-        assert self._client is not None
-        return await self._client.spawn(RUN, *job.args)
-
-    async def _revive(self, failed: aio.Zygote) -> bool:
-        """If our embedded server died (killed, or out of memory), start
-        another rather than fail every task from now on; True if there is
-        a new one to try. Its running tasks were lost with it."""
-        assert self._reviving is not None
-        async with self._reviving:
-            if self._client is not failed:  # another task revived it meanwhile
-                return True
-            server = self.server
-            if server is None or server.process is None or server.process.poll() is None:
-                return False  # not ours, or alive: the error stands
-            log.error(
-                "zygote pool: the embedded zygote server exited with status %s; starting another",
-                server.process.returncode,
-            )
-            await failed.close()
-            server.stop()  # its directory
-            # Started from an executor thread: it lives as long as this loop,
-            # and the server's parent-death signal follows the thread.
-            loop = asyncio.get_running_loop()
-            self.endpoint = await loop.run_in_executor(None, server.start)
-            self._client = aio.Zygote(self.endpoint)
-            await self._client.ping()
-            return True
+        return await self._server.open()
 
     async def _kill(self, jobs: list[_Job], signum: int) -> None:
         handles = [job.handle for job in jobs if job.handle is not None]
@@ -348,7 +287,7 @@ class ZygotePool(BasePool):
                 self._done.notify_all()
 
     async def _execute(self, job: _Job) -> None:
-        assert self._client is not None and self._slots is not None
+        assert self._slots is not None
         async with self._slots:
             if job.dropped:  # flushed: its message goes back to the broker
                 return
@@ -360,7 +299,7 @@ class ZygotePool(BasePool):
                 self._deliver(request.revoked)  # marks it revoked and acknowledges it
                 return
             try:
-                job.handle = await self._spawn(job)
+                job.handle = await self._server.spawn(RUN, *job.args)
             except (ZygoteError, ValueError) as exc:  # ValueError: too big to send
                 self._refuse(job, WorkerLostError(f"zygote could not start the task: {exc}"))
                 return
@@ -499,8 +438,7 @@ class ZygotePool(BasePool):
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
-        if self._client is not None:
-            await self._client.close()
+        await self._server.close()
 
     def _call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -519,9 +457,7 @@ class ZygotePool(BasePool):
         if self._storing is not None:
             self._storing.shutdown(wait=True)
             self._storing = None
-        if self.server is not None:
-            self.server.stop(grace=grace)
-            self.server = None
+        self._server.stop(grace)
 
 
 def _einfo(exc: BaseException, remote_traceback: str = "") -> ExceptionInfo:
