@@ -1,8 +1,8 @@
 """Spawn -> result latency of this checkout against another one (the code
 before a change), in the same run: for each checkout a pooled server
 (--prefork 2) and an on-demand one (--prefork 0), numpy + pandas preloaded,
-and the raw fork floor, sampled round-robin with a 10 ms pause after every
-sample.
+and the raw fork floor, sampled round-robin (the order rotating every
+round) with a 10 ms pause after every sample.
 
     python -m benchmarks.latency_ab --before DIR [-n 300] [--pause 0.010]
 
@@ -79,8 +79,13 @@ class SpawnProbe:
         self.process.wait()
 
 
-def run(before: Path, n: int, pause: float) -> dict[str, Any]:
+def run(before: Path, n: int, pause: float, before_first: bool = False) -> dict[str, Any]:
+    # Start order matters: measured, the on-demand server started second
+    # (of four) answered 2-4 ms slower whichever checkout it ran, every
+    # sample order tried. Compare two runs, one with --before-first.
     trees = {"this": REPO, "before": before}
+    if before_first:
+        trees = {"before": before, "this": REPO}
     results: dict[str, list[float]] = {"fork floor": []}
     handles: dict[str, list[float]] = {}
     with contextlib.ExitStack() as stack:
@@ -97,8 +102,12 @@ def run(before: Path, n: int, pause: float) -> dict[str, Any]:
         floor = stack.enter_context(FloorProbe())
         for key in probes:
             results[key], handles[key] = [], []
+        keys = list(results)
         for round_ in range(n + 10):  # the first 10 rounds warm up
-            for key in results:
+            # The order rotates every round: measured, whichever server
+            # came right after the other checkout's pool sample (whose
+            # refill fork then competes for the cores) lost 2-4 ms.
+            for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
                 if key == "fork floor":
                     value = floor.sample()
                 else:
@@ -116,6 +125,7 @@ def run(before: Path, n: int, pause: float) -> dict[str, Any]:
         "n": n,
         "pause_ms": pause * 1000,
         "before": str(before),
+        "started_first": next(iter(trees)),
         "rows": rows,
         "handles": {key: summary(values) for key, values in handles.items()},
     }
@@ -141,9 +151,10 @@ def main() -> None:
     parser.add_argument("--before", type=Path, required=True)
     parser.add_argument("-n", type=int, default=300)
     parser.add_argument("--pause", type=float, default=0.010)
+    parser.add_argument("--before-first", action="store_true", help="start its servers first")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    report = run(args.before.resolve(), args.n, args.pause)
+    report = run(args.before.resolve(), args.n, args.pause, args.before_first)
     print(table(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
