@@ -73,8 +73,8 @@ def test_refuse_policy_turns_threads_into_spawn_errors(start_server) -> None:
         assert other.spawn("tests.tasks:add", 1, 2).result() == 3
 
 
-def test_no_threads_means_no_warnings(client) -> None:
-    handle = client.spawn("tests.tasks:add", 1, 2)
+def test_no_threads_means_no_warnings(shared_client) -> None:
+    handle = shared_client.spawn("tests.tasks:add", 1, 2)
     assert handle.result() == 3 and handle.warnings == []
 
 
