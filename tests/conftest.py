@@ -119,6 +119,21 @@ class Server:
     def wait_exit(self, timeout: float = 30.0) -> int:
         return self.process.wait(timeout)
 
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until its zygote is ready (what `start_server` waits for, unless
+        told `wait=False`: then several servers can start at once)."""
+
+        def answers() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited early:\n{self.log()}")
+            try:
+                with Zygote(self.endpoint, timeout=2) as client:
+                    return client.stats()["zygote_state"] == "ready"
+            except ZygoteError:
+                return False
+
+        wait_until(answers, timeout=timeout, what="the server to answer")
+
 
 def launch_server(
     sockdir: str,
@@ -150,27 +165,21 @@ def launch_server(
         )
     server = Server(process, endpoint, log_path)
     if wait:
-
-        def answers() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"server exited early:\n{server.log()}")
-            try:
-                with Zygote(endpoint, timeout=2) as client:
-                    return client.stats()["zygote_state"] == "ready"
-            except ZygoteError:
-                return False
-
-        wait_until(answers, timeout=30, what="the server to answer")
+        server.wait_ready()
     return server
 
 
-def stop_server(server: Server) -> None:
-    """Close its clients, stop it fast (SIGQUIT), and kill what it left."""
-    for client in server.clients:
-        client.close()
-    leftovers = server.descendants()
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGQUIT)  # fast stop
+def stop_servers(*servers: Server) -> None:
+    """Close their clients, stop them fast (SIGQUIT, all at once), and kill
+    what they left."""
+    leftovers = []
+    for server in servers:
+        for client in server.clients:
+            client.close()
+        leftovers += server.descendants()
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGQUIT)  # fast stop
+    for server in servers:
         try:
             server.process.wait(15)
         except subprocess.TimeoutExpired:
@@ -199,8 +208,8 @@ def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., Serve
 
     yield start
 
+    stop_servers(*servers)
     for server in servers:
-        stop_server(server)
         if _failed(request):
             print(f"--- server log {server.log_path} ---\n{server.log()}")
         # The server carries on after a bug in its own code, but tests must not.
@@ -267,12 +276,13 @@ def _settled(server: Server) -> bool:
 
 class SharedServers:
     """One server per configuration for the whole session, handed to one
-    test at a time (`shared_start_server`), only ever clean: before each
-    test it must be back to CLEAN within a few seconds (the last test's
-    jobs ended, its results collected), else it is replaced by a new one.
+    test at a time (`shared_start_server`), and only ever clean: before each
+    test the last one's jobs must have ended within SETTLE seconds, the
+    results its raw clients left unconfirmed are confirmed (`_collect`),
+    and then the server must be CLEAN, else it is replaced by a new one.
     A test that kills, stops, reconfigures or counts the server's
-    processes, or needs its counters from zero, takes its own
-    (`start_server`)."""
+    processes takes its own (`start_server`); one that checks a counter
+    (accepted, completed) reads it first and checks the difference."""
 
     #: How long a test's leftovers (a job it killed, a worker exiting) may take.
     SETTLE = 5.0
@@ -302,7 +312,7 @@ class SharedServers:
                 unclean = _unclean(server)
             if unclean is not None:
                 self.replaced.append((key, unclean))
-                stop_server(server)
+                stop_servers(server)
                 server = None
         if server is None:
             self.started += 1
@@ -318,8 +328,7 @@ class SharedServers:
         return view
 
     def close(self) -> None:
-        for server in self.servers.values():
-            stop_server(server)
+        stop_servers(*self.servers.values())
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
