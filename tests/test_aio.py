@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+import zygote.aio
+import zygote.client
 from zygote import ServerUnavailable, SpawnError, TaskError, TaskTimeout, WorkerLost, ZygoteTimeout
 from zygote.aio import Zygote
 
@@ -21,9 +23,9 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 50))
 
 
-def test_spawn_result_wait_and_stats(server: Server) -> None:
+def test_spawn_result_wait_and_stats(shared_server: Server) -> None:
     async def main() -> None:
-        async with Zygote(server.endpoint, timeout=30) as z:
+        async with Zygote(shared_server.endpoint, timeout=30) as z:
             handle = await z.spawn("tests.tasks:add", 2, 3)
             assert handle.generation == 1 and handle.pid > 0
             assert await handle.result() == 5
@@ -35,9 +37,9 @@ def test_spawn_result_wait_and_stats(server: Server) -> None:
     run(main())
 
 
-def test_many_coroutines_share_one_client(server: Server) -> None:
+def test_many_coroutines_share_one_client(shared_server: Server) -> None:
     async def main() -> list[Any]:
-        async with Zygote(server.endpoint, timeout=30) as z:
+        async with Zygote(shared_server.endpoint, timeout=30) as z:
 
             async def one(i: int) -> Any:
                 return await (await z.spawn("tests.tasks:slow_identity", i, 0.05)).result()
@@ -47,9 +49,9 @@ def test_many_coroutines_share_one_client(server: Server) -> None:
     assert run(main()) == list(range(12))
 
 
-def test_map_in_order_and_left_early(server: Server) -> None:
+def test_map_in_order_and_left_early(shared_server: Server) -> None:
     async def main() -> tuple[list[Any], list[Any]]:
-        async with Zygote(server.endpoint, timeout=30) as z:
+        async with Zygote(shared_server.endpoint, timeout=30) as z:
             whole = [v async for v in z.map("tests.tasks:identity", range(10), max_in_flight=3)]
             early = []
             async for value in z.map("tests.tasks:identity", range(10)):
@@ -62,9 +64,9 @@ def test_map_in_order_and_left_early(server: Server) -> None:
     assert whole == list(range(10)) and early == [0, 1]
 
 
-def test_errors_are_the_sync_clients(server: Server) -> None:
+def test_errors_are_the_sync_clients(shared_server: Server) -> None:
     async def main() -> None:
-        async with Zygote(server.endpoint, timeout=30) as z:
+        async with Zygote(shared_server.endpoint, timeout=30) as z:
             with pytest.raises(TaskError, match="bad value") as raised:
                 await (await z.spawn("tests.tasks:raise_value_error")).result()
             assert raised.value.exc_type == "ValueError" and raised.value.remote_traceback
@@ -87,17 +89,25 @@ def test_errors_are_the_sync_clients(server: Server) -> None:
     run(main())
 
 
-def test_attach_from_another_client(server: Server) -> None:
+def test_attach_from_another_client(shared_server: Server) -> None:
     async def main() -> Any:
-        async with Zygote(server.endpoint, timeout=30) as first:
+        async with Zygote(shared_server.endpoint, timeout=30) as first:
             handle = await first.spawn("tests.tasks:sleep", 0.3, "late")
-        async with Zygote(server.endpoint, timeout=30) as second:
+        async with Zygote(shared_server.endpoint, timeout=30) as second:
             return await (await second.attach(handle.id)).result()
 
     assert run(main()) == "late"
 
 
-def test_a_server_gone_is_server_unavailable(start_server: Callable[..., Server]) -> None:
+def test_a_server_gone_is_server_unavailable(
+    start_server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The probes' timing shortened as in test_client.py's dead server test
+    # (by default 1 s of silence, then 4 s without an answer); zygote.aio
+    # has its own copies of the two names.
+    for name, value in (("PROBE_EVERY", 0.2), ("PROBE_TIMEOUT", 0.5)):
+        monkeypatch.setattr(zygote.client, name, value)
+        monkeypatch.setattr(zygote.aio, name, value, raising=False)
     server = start_server()
 
     async def main() -> None:

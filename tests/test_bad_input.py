@@ -76,24 +76,27 @@ def _spawn_body(**override) -> dict:
         ),
     ],
 )
-def test_malformed_messages_get_error_replies(server: Server, raw, data, code, words) -> None:
-    reply = _error_for(raw, data)
+def test_malformed_messages_get_error_replies(
+    shared_server: Server, shared_raw, data, code, words
+) -> None:
+    reply = _error_for(shared_raw, data)
     assert reply.code == code
     assert words in reply.message
-    _still_serves(server)
+    _still_serves(shared_server)
 
 
-def test_error_reply_carries_request_id_when_readable(server: Server, raw) -> None:
-    reply = _error_for(raw, msgpack.packb(_spawn_body(task="bad task", req=42)))
+def test_error_reply_carries_request_id_when_readable(shared_server: Server, shared_raw) -> None:
+    reply = _error_for(shared_raw, msgpack.packb(_spawn_body(task="bad task", req=42)))
     assert reply.req == 42
 
 
-def test_a_batch_past_the_limit_is_dropped_and_logged(server: Server, raw) -> None:
+def test_a_batch_past_the_limit_is_dropped_and_logged(shared_server: Server, shared_raw) -> None:
     ping = msgpack.packb({"v": 1, "kind": "ping", "req": 1})
-    raw.send_multipart([ping] * (MAX_BATCH + 1))
-    _still_serves(server)
-    assert f"a {MAX_BATCH + 2}-frame message: 1 to {MAX_BATCH} requests expected" in server.log()
-    assert raw.poll(100) == 0  # nothing of it was answered
+    shared_raw.send_multipart([ping] * (MAX_BATCH + 1))
+    _still_serves(shared_server)
+    expected = f"a {MAX_BATCH + 2}-frame message: 1 to {MAX_BATCH} requests expected"
+    assert expected in shared_server.log()
+    assert shared_raw.poll(100) == 0  # nothing of it was answered
 
 
 def test_a_flood_of_bad_messages_is_logged_once_per_interval(server: Server, raw) -> None:
@@ -134,8 +137,8 @@ def test_bad_messages_are_logged_once_per_peer(server: Server) -> None:
     assert len({re.search(r"client ([0-9a-f]+):", line)[1] for line in lines}) == 2, lines  # type: ignore[index]
 
 
-def test_oversized_message_gets_too_large(start_server) -> None:
-    server = start_server("--max-message-bytes", "65536")
+def test_oversized_message_gets_too_large(shared_start_server) -> None:
+    server = shared_start_server("--max-message-bytes", "65536")
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)
@@ -152,8 +155,8 @@ def test_oversized_message_gets_too_large(start_server) -> None:
     _still_serves(server)
 
 
-def test_client_refuses_arguments_over_the_limit_before_sending(start_server) -> None:
-    server = start_server("--max-message-bytes", "65536")
+def test_client_refuses_arguments_over_the_limit_before_sending(shared_start_server) -> None:
+    server = shared_start_server("--max-message-bytes", "65536")
     client = server.client(timeout=20)
     client.ping()  # learns the server's limit
     with pytest.raises(ValueError, match="exceeds the server's limit"):
@@ -161,43 +164,43 @@ def test_client_refuses_arguments_over_the_limit_before_sending(start_server) ->
     assert client.spawn("tests.tasks:identity", b"x" * 1000).result() == b"x" * 1000
 
 
-def test_unknown_task_is_a_clear_error(client: Zygote) -> None:
+def test_unknown_task_is_a_clear_error(shared_client: Zygote) -> None:
     with pytest.raises(TaskError) as info:
-        client.spawn("no.such:thing").result()
+        shared_client.spawn("no.such:thing").result()
     assert info.value.exc_type == "ModuleNotFoundError"
     assert "No module named 'no'" in str(info.value)
     with pytest.raises(TaskError) as info:
-        client.spawn("tests.tasks:no_such_function").result()
+        shared_client.spawn("tests.tasks:no_such_function").result()
     assert info.value.exc_type == "AttributeError"
     with pytest.raises(TaskError) as info:
-        client.spawn("tests.tasks:not_callable").result()
+        shared_client.spawn("tests.tasks:not_callable").result()
     assert "not a callable" in str(info.value)
-    assert client.spawn("tests.tasks:add", 1, 1).result() == 2
+    assert shared_client.spawn("tests.tasks:add", 1, 1).result() == 2
 
 
-def test_unserializable_result_is_a_clear_error(client: Zygote) -> None:
+def test_unserializable_result_is_a_clear_error(shared_client: Zygote) -> None:
     with pytest.raises(TaskError) as info:
-        client.spawn("tests.tasks:unserializable").result()
+        shared_client.spawn("tests.tasks:unserializable").result()
     assert info.value.exc_type == "TypeError"
     assert "cannot be sent" in str(info.value)
-    assert client.spawn("tests.tasks:add", 1, 1).result() == 2
+    assert shared_client.spawn("tests.tasks:add", 1, 1).result() == 2
 
 
-def test_result_over_the_limit_is_a_clear_error(start_server) -> None:
-    server = start_server("--max-message-bytes", "65536")
+def test_result_over_the_limit_is_a_clear_error(shared_start_server) -> None:
+    server = shared_start_server("--max-message-bytes", "65536")
     client = server.client(timeout=20)
     with pytest.raises(TaskError, match="over the server's limit"):
         client.spawn("tests.tasks:big_result", 100_000).result()
     assert len(client.spawn("tests.tasks:big_result", 60_000).result()) == 60_000
 
 
-def test_client_rejects_bad_arguments_locally(client: Zygote) -> None:
+def test_client_rejects_bad_arguments_locally(shared_client: Zygote) -> None:
     with pytest.raises(ValueError, match=r"package\.module:function"):
-        client.spawn("not a task")
+        shared_client.spawn("not a task")
     with pytest.raises(TypeError):
-        client.spawn("tests.tasks:identity", object())
+        shared_client.spawn("tests.tasks:identity", object())
     with pytest.raises(ValueError, match="_timeout"):
-        client.spawn("tests.tasks:identity", 1, _timeout=0)
+        shared_client.spawn("tests.tasks:identity", 1, _timeout=0)
 
 
 def test_a_task_name_cannot_make_the_zygote_import_anything(start_server) -> None:

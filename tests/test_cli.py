@@ -8,14 +8,14 @@ import os
 from .conftest import Server, wait_until, zygote_cli
 
 
-def test_spawn_examples_add_prints_5(start_server) -> None:
-    server = start_server(preload=("examples.tasks",))
+def test_spawn_examples_add_prints_5(shared_start_server) -> None:
+    server = shared_start_server(preload=("examples.tasks",))
     proc = zygote_cli("spawn", "examples.tasks:add", "2", "3", "--endpoint", server.endpoint)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "5\n"
 
 
-def test_spawn_reads_args_as_json_else_string(server: Server) -> None:
+def test_spawn_reads_args_as_json_else_string(shared_server: Server) -> None:
     proc = zygote_cli(
         "spawn",
         "tests.tasks:echo",
@@ -27,7 +27,7 @@ def test_spawn_reads_args_as_json_else_string(server: Server) -> None:
         "flag=true",
         "--kw",
         "name=zed",
-        env={"ZYGOTE_ENDPOINT": server.endpoint},
+        env={"ZYGOTE_ENDPOINT": shared_server.endpoint},
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {
@@ -36,9 +36,9 @@ def test_spawn_reads_args_as_json_else_string(server: Server) -> None:
     }
 
 
-def test_spawn_failure_exits_nonzero_with_remote_traceback(server: Server) -> None:
+def test_spawn_failure_exits_nonzero_with_remote_traceback(shared_server: Server) -> None:
     proc = zygote_cli(
-        "spawn", "tests.tasks:raise_value_error", "oops", "--endpoint", server.endpoint
+        "spawn", "tests.tasks:raise_value_error", "oops", "--endpoint", shared_server.endpoint
     )
     assert proc.returncode == 1
     assert "ValueError: oops" in proc.stderr
@@ -52,13 +52,13 @@ def test_spawn_without_server_is_a_clear_error(tmp_path) -> None:
     assert "no zygote server at" in proc.stderr
 
 
-def test_status_table_and_json(server: Server) -> None:
-    table = zygote_cli("status", "--endpoint", server.endpoint)
+def test_status_table_and_json(shared_server: Server) -> None:
+    table = zygote_cli("status", "--endpoint", shared_server.endpoint)
     assert table.returncode == 0, table.stderr
     assert "zygote state" in table.stdout and "ready" in table.stdout
-    raw = zygote_cli("status", "--json", "--endpoint", server.endpoint)
+    raw = zygote_cli("status", "--json", "--endpoint", shared_server.endpoint)
     stats = json.loads(raw.stdout)
-    assert stats["max_workers"] == 4 and stats["pid"] == server.pid
+    assert stats["max_workers"] == 4 and stats["pid"] == shared_server.pid
 
 
 def test_stop_waits_for_the_server_to_exit(server: Server) -> None:
@@ -94,8 +94,8 @@ def test_bad_config_is_a_usage_error(tmp_path) -> None:
     assert proc.returncode == 2 and "endpoint must be" in proc.stderr
 
 
-def test_second_server_on_same_endpoint_refuses(server: Server) -> None:
-    proc = zygote_cli("start", "--endpoint", server.endpoint, timeout=30)
+def test_second_server_on_same_endpoint_refuses(shared_server: Server) -> None:
+    proc = zygote_cli("start", "--endpoint", shared_server.endpoint, timeout=30)
     assert proc.returncode == 2
     assert "already listening" in proc.stderr
-    wait_until(lambda: server.stats()["state"] == "running")
+    wait_until(lambda: shared_server.stats()["state"] == "running")

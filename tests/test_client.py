@@ -16,67 +16,76 @@ from zygote.protocol import Collected, Error, Result, Spawn, Spawned
 from .conftest import Server, wait_until
 
 
-def test_many_handles_in_one_client_complete_out_of_order(client: Zygote) -> None:
-    slow = client.spawn("tests.tasks:sleep", 0.5, "slow")
-    fast = client.spawn("tests.tasks:sleep", 0.0, "fast")
+def test_many_handles_in_one_client_complete_out_of_order(shared_client: Zygote) -> None:
+    slow = shared_client.spawn("tests.tasks:sleep", 0.5, "slow")
+    fast = shared_client.spawn("tests.tasks:sleep", 0.0, "fast")
     assert fast.result() == "fast"
     assert not slow.done()
     assert slow.result() == "slow"
 
 
-def test_map_keeps_order_and_bounds_in_flight(server: Server) -> None:
-    client = server.client(timeout=60)
+def test_map_keeps_order_and_bounds_in_flight(shared_server: Server) -> None:
+    client = shared_server.client(timeout=60)
+    completed = client.stats()["completed"]
     values = list(client.map("tests.tasks:slow_identity", range(20), max_in_flight=3))
     assert values == list(range(20))
     # Results arrive before the workers' exits are processed.
-    wait_until(lambda: server.stats()["completed"] == 20, what="20 completed workers")
+    wait_until(
+        lambda: shared_server.stats()["completed"] == completed + 20, what="20 completed workers"
+    )
 
 
-def test_map_with_a_busy_consumer_loses_nothing(server: Server) -> None:
+def test_map_with_a_busy_consumer_loses_nothing(shared_server: Server) -> None:
     # 800 jobs in flight make 2400 messages (Spawned, Result, Exited) while
     # the caller reads none: more than ZeroMQ's default queue bounds on both
     # sides (1000 each), past which the server would have to drop replies.
-    client = server.client(timeout=60)
+    client = shared_server.client(timeout=60)
+    completed = client.stats()["completed"]
     results = client.map("tests.tasks:identity", range(800), max_in_flight=800, timeout=40)
-    wait_until(lambda: server.stats()["completed"] == 800, timeout=60, what="800 jobs")
+    wait_until(
+        lambda: shared_server.stats()["completed"] == completed + 800, timeout=60, what="800 jobs"
+    )
     assert list(results) == list(range(800))
 
 
-def test_map_raises_at_the_failing_item(client: Zygote) -> None:
-    results = client.map("tests.tasks:raise_value_error", ["a"], max_in_flight=2)
+def test_map_raises_at_the_failing_item(shared_client: Zygote) -> None:
+    results = shared_client.map("tests.tasks:raise_value_error", ["a"], max_in_flight=2)
     with pytest.raises(TaskError, match="a"):
         next(results)
-    mixed = client.map("tests.tasks:identity", [1, 2, 3])
+    mixed = shared_client.map("tests.tasks:identity", [1, 2, 3])
     assert list(mixed) == [1, 2, 3]
 
 
-def test_map_default_window_is_the_servers_max_workers(client: Zygote) -> None:
-    assert list(client.map("tests.tasks:identity", range(10))) == list(range(10))
-    assert client._max_workers == 4
+def test_map_default_window_is_the_servers_max_workers(shared_client: Zygote) -> None:
+    assert list(shared_client.map("tests.tasks:identity", range(10))) == list(range(10))
+    assert shared_client._max_workers == 4
 
 
-def test_new_client_collects_result_by_handle_id(server: Server, tmp_path) -> None:
+def test_new_client_collects_result_by_handle_id(shared_server: Server, tmp_path) -> None:
     go = tmp_path / "go"
-    with server.client(timeout=20) as first:
+    with shared_server.client(timeout=20) as first:
         handle = first.spawn("tests.tasks:wait_for_file", str(go))
         handle_id, pid = handle.id, handle.pid
     go.write_text("go")  # it finishes while nobody is connected
-    wait_until(lambda: server.stats()["results_kept"] == 1, what="the result to be kept")
-    with server.client(timeout=20) as second:
+    wait_until(lambda: shared_server.stats()["results_kept"] == 1, what="the result to be kept")
+    with shared_server.client(timeout=20) as second:
         again = second.attach(handle_id)
         assert again.pid == pid
         assert again.result() == pid
         assert again.wait().exit_code == 0
     # Delivered: the server does not keep it any longer.
-    with server.client(timeout=20) as third, pytest.raises(ZygoteError, match="unknown handle"):
+    with (
+        shared_server.client(timeout=20) as third,
+        pytest.raises(ZygoteError, match="unknown handle"),
+    ):
         third.attach(handle_id)
 
 
-def test_a_result_sent_but_not_confirmed_is_kept(server: Server, raw) -> None:
+def test_a_result_sent_but_not_confirmed_is_kept(shared_server: Server, shared_raw) -> None:
     # A client that had the result on the wire when it went away (closing
     # its socket throws away what ZeroMQ had queued for it, or it crashed
     # before confirming): the server still has the result for a new client.
-    sock = raw
+    sock = shared_raw
     payload = msgpack.packb([[7], {}])
     sock.send(encode(Spawn(1, "tests.tasks:identity", payload)))
     spawned = decode_reply(sock.recv())
@@ -84,33 +93,39 @@ def test_a_result_sent_but_not_confirmed_is_kept(server: Server, raw) -> None:
     result = decode_reply(sock.recv())
     assert isinstance(result, Result) and result.handle == spawned.handle
     sock.close()  # without a Collected message
-    assert server.stats()["results_kept"] == 1
-    with server.client(timeout=20) as second:
+    assert shared_server.stats()["results_kept"] == 1
+    with shared_server.client(timeout=20) as second:
         assert second.attach(spawned.handle).result() == 7
-    assert server.stats()["results_kept"] == 0
+    assert shared_server.stats()["results_kept"] == 0
 
 
-def test_a_result_whose_handle_was_dropped_stays_for_attach(server: Server) -> None:
-    client = server.client(timeout=20)
+def test_a_result_whose_handle_was_dropped_stays_for_attach(shared_server: Server) -> None:
+    client = shared_server.client(timeout=20)
+    completed = client.stats()["completed"]
     handle_id = client.spawn("tests.tasks:identity", "kept").id  # the Handle is gone
-    wait_until(lambda: server.stats()["completed"] == 1, what="the worker to end")
+    wait_until(
+        lambda: shared_server.stats()["completed"] == completed + 1, what="the worker to end"
+    )
     # On our connection the result came before this reply, and went unread.
     assert client.stats()["results_kept"] == 1
-    with server.client(timeout=20) as other:
+    with shared_server.client(timeout=20) as other:
         assert other.attach(handle_id).result() == "kept"
 
 
-def test_close_leaves_unread_results_on_the_server(server: Server, tmp_path) -> None:
+def test_close_leaves_unread_results_on_the_server(shared_server: Server, tmp_path) -> None:
     # close() makes a round trip to flush its last confirmation; a result
     # read meanwhile was never handed to user code: another process gets it.
     go = tmp_path / "go"
-    client = server.client(timeout=20)
+    client = shared_server.client(timeout=20)
+    completed = client.stats()["completed"]
     handle = client.spawn("tests.tasks:wait_for_file", str(go))
     assert client.spawn("tests.tasks:add", 1, 2).result() == 3  # a confirmation pending
     go.write_text("go")
-    wait_until(lambda: server.stats()["completed"] == 2, what="both workers to end")
+    wait_until(
+        lambda: shared_server.stats()["completed"] == completed + 2, what="both workers to end"
+    )
     client.close()
-    with server.client(timeout=20) as other:
+    with shared_server.client(timeout=20) as other:
         assert other.attach(handle.id).result() == handle.pid
 
 
@@ -148,30 +163,33 @@ class LossySocket:
         return data
 
 
-def test_a_lost_spawned_reply_is_recovered_without_running_twice(server: Server) -> None:
-    client = server.client(timeout=20)
+def test_a_lost_spawned_reply_is_recovered_without_running_twice(shared_server: Server) -> None:
+    client = shared_server.client(timeout=20)
+    accepted = client.stats()["accepted"]
     lossy = client._socket = client._requests.socket = LossySocket(  # type: ignore[assignment]
         client._socket, lose_received=lambda msg: isinstance(msg, Spawned)
     )
     handle = client.spawn("tests.tasks:identity", 5)  # the probe asks after it
     assert len(lossy.lost) == 1 and lossy.lost[0].handle == handle.id
     assert handle.result() == 5
-    assert client.stats()["accepted"] == 1
+    assert client.stats()["accepted"] == accepted + 1
 
 
-def test_a_spawn_that_never_arrived_is_sent_again(server: Server) -> None:
-    client = server.client(timeout=20)
+def test_a_spawn_that_never_arrived_is_sent_again(shared_server: Server) -> None:
+    client = shared_server.client(timeout=20)
+    accepted = client.stats()["accepted"]
     lossy = client._socket = client._requests.socket = LossySocket(  # type: ignore[assignment]
         client._socket, lose_sent=lambda msg: isinstance(msg, Spawn)
     )
     handle = client.spawn("tests.tasks:identity", 6)  # unknown to the server: sent again
     assert len(lossy.lost) == 1 and lossy.lost[0].handle == handle.id
     assert handle.result() == 6
-    assert client.stats()["accepted"] == 1
+    assert client.stats()["accepted"] == accepted + 1
 
 
-def test_a_spawn_sent_twice_under_one_name_runs_once(server: Server, raw) -> None:
-    sock = raw
+def test_a_spawn_sent_twice_under_one_name_runs_once(shared_server: Server, shared_raw) -> None:
+    sock = shared_raw
+    accepted = shared_server.stats()["accepted"]
     payload = msgpack.packb([[1], {}])
     sock.send(encode(Spawn(1, "tests.tasks:slow_identity", payload, handle="mine-1")))
     sock.send(encode(Spawn(2, "tests.tasks:slow_identity", payload, handle="mine-1")))
@@ -179,48 +197,55 @@ def test_a_spawn_sent_twice_under_one_name_runs_once(server: Server, raw) -> Non
     spawned = [r for r in replies if isinstance(r, Spawned)]
     assert sorted(r.req for r in spawned) == [1, 2]
     assert {r.handle for r in spawned} == {"mine-1"} and len({r.pid for r in spawned}) == 1
-    assert server.stats()["accepted"] == 1
+    assert shared_server.stats()["accepted"] == accepted + 1
 
 
-def test_a_spawn_sent_again_after_its_job_ended_is_not_run_again(server: Server, raw) -> None:
+def test_a_spawn_sent_again_after_its_job_ended_is_not_run_again(
+    shared_server: Server, shared_raw
+) -> None:
+    before = shared_server.stats()
     spawn = Spawn(1, "tests.tasks:identity", msgpack.packb([[1], {}]), handle="once-1")
-    raw.send(encode(spawn))
-    assert isinstance(decode_reply(raw.recv()), Spawned)
-    assert isinstance(decode_reply(raw.recv()), Result)
-    raw.send(encode(Collected(["once-1"])))
-    wait_until(lambda: server.stats()["completed"] == 1, what="the worker to end")
-    raw.send(encode(Spawn(2, spawn.task, spawn.payload, handle="once-1")))
-    reply = decode_reply(raw.recv())
+    shared_raw.send(encode(spawn))
+    assert isinstance(decode_reply(shared_raw.recv()), Spawned)
+    assert isinstance(decode_reply(shared_raw.recv()), Result)
+    shared_raw.send(encode(Collected(["once-1"])))
+    wait_until(
+        lambda: shared_server.stats()["completed"] == before["completed"] + 1,
+        what="the worker to end",
+    )
+    shared_raw.send(encode(Spawn(2, spawn.task, spawn.payload, handle="once-1")))
+    reply = decode_reply(shared_raw.recv())
     while not isinstance(reply, Error):  # the exit report may come first
-        reply = decode_reply(raw.recv())
+        reply = decode_reply(shared_raw.recv())
     assert reply.req == 2 and "already ended" in reply.message
     assert "result was collected" in reply.message
-    assert server.stats()["accepted"] == 1
+    assert shared_server.stats()["accepted"] == before["accepted"] + 1
 
 
-def test_results_of_spawns_nobody_waits_for_are_not_kept(server: Server) -> None:
-    client = server.client(timeout=20)
+def test_results_of_spawns_nobody_waits_for_are_not_kept(shared_server: Server) -> None:
+    client = shared_server.client(timeout=20)
+    completed = client.stats()["completed"]
     results = client.map("tests.tasks:slow_identity", range(4), max_in_flight=4)
     assert next(results) == 0
     results.close()  # the caller leaves: three jobs run on, unseen
-    wait_until(lambda: server.stats()["completed"] == 4, what="all four jobs")
+    wait_until(lambda: shared_server.stats()["completed"] == completed + 4, what="all four jobs")
     client.ping()  # takes in their results (pushed before this reply)
     assert client.stats()["results_kept"] == 0
 
 
-def test_attach_while_running_gets_the_result_too(server: Server, tmp_path) -> None:
+def test_attach_while_running_gets_the_result_too(shared_server: Server, tmp_path) -> None:
     go = tmp_path / "go"
-    first = server.client(timeout=20)
+    first = shared_server.client(timeout=20)
     handle = first.spawn("tests.tasks:wait_for_file", str(go))
-    second = server.client(timeout=20).attach(handle.id)
+    second = shared_server.client(timeout=20).attach(handle.id)
     go.write_text("go")
     assert second.result() == handle.pid
     assert handle.result() == handle.pid
 
 
-def test_big_arguments_travel_down_the_channel(client: Zygote) -> None:
+def test_big_arguments_travel_down_the_channel(shared_client: Zygote) -> None:
     blob = os.urandom(3 * 1024 * 1024)
-    assert client.spawn("tests.tasks:identity", blob).result() == blob
+    assert shared_client.spawn("tests.tasks:identity", blob).result() == blob
 
 
 def test_dead_server_is_detected_not_waited_on_forever(server: Server, monkeypatch) -> None:

@@ -187,8 +187,8 @@ def test_zygote_that_stops_answering_is_replaced(start_server) -> None:
 
 
 def test_builtin_probes_run_only_with_threads_and_can_be_disabled(start_server) -> None:
-    # A logging handler's lock left held: the logging probe fails every child
-    # forked while the zygote has a thread ...
+    preload = ("tests.tasks", "tests.sabotage")
+    # The three servers start at once.
     corrupt = start_server(
         "--spawn-retries",
         "1",
@@ -196,23 +196,24 @@ def test_builtin_probes_run_only_with_threads_and_can_be_disabled(start_server) 
         "10",
         "--prefork",
         "0",  # only the spawn's own two attempts fork, so they can be counted
-        preload=("tests.tasks", "tests.sabotage"),
+        preload=preload,
+        wait=False,
     )
+    disabled = start_server("--disable-validator", "logging", preload=preload, wait=False)
+    alone = start_server(preload=preload, env={"ZYGOTE_TEST_NO_THREAD": "1"}, wait=False)
+    for server in (corrupt, disabled, alone):
+        server.wait_ready()
+    # A logging handler's lock left held: the logging probe fails every child
+    # forked while the zygote has a thread ...
     with corrupt.client(timeout=30) as client, pytest.raises(SpawnError) as info:
         client.spawn("tests.tasks:add", 1, 1)
     assert "logging failed: RuntimeError: the lock of <Handler" in str(info.value)
     assert corrupt.stats()["validator_failures"] == {"logging": 2}
     # ... is not run at all when disabled by name ...
-    disabled = start_server(
-        "--disable-validator", "logging", preload=("tests.tasks", "tests.sabotage")
-    )
     with disabled.client(timeout=30) as client:
         assert client.spawn("tests.tasks:add", 1, 1).result() == 2
     # ... nor when the zygote has no other thread: nothing can be left locked
     # by a fork then (this held lock was taken by the main thread itself).
-    alone = start_server(
-        preload=("tests.tasks", "tests.sabotage"), env={"ZYGOTE_TEST_NO_THREAD": "1"}
-    )
     with alone.client(timeout=30) as client:
         assert client.spawn("tests.tasks:add", 1, 1).result() == 2
     assert alone.stats()["threads"] == []

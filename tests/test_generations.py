@@ -188,9 +188,10 @@ def test_reload_under_load_serves_the_new_code_and_fails_no_spawn(
 ) -> None:
     module = tmp_path / "deployed.py"
     module.write_text("def version():\n    return 1\n")
-    server = start_server(
-        "--prefork", "2", preload=("tests.tasks", "deployed"), env={"PYTHONPATH": str(tmp_path)}
-    )
+    # No bytecode cache: the new source has the same size and may have the
+    # same mtime second as the first, and would pass for what is cached.
+    env = {"PYTHONPATH": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+    server = start_server("--prefork", "2", preload=("tests.tasks", "deployed"), env=env)
     with spawns_under_way(server, lambda client: client.spawn("deployed:version").result()) as seen:
         module.write_text("def version():\n    return 2\n")
         with Zygote(server.endpoint, timeout=30) as client:

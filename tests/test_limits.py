@@ -22,8 +22,10 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def limited(start_server) -> Server:
-    return start_server(
+def limited(shared_start_server) -> Server:
+    """Shared by the tests here (tests/conftest.py: SharedServers): a job a
+    limit ends leaves the server as it was."""
+    return shared_start_server(
         "--worker-memory", "64M", "--worker-nofile", "128", "--prefork", "1", "--no-cgroups"
     )
 

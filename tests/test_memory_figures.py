@@ -17,12 +17,12 @@ def test_memory_usage_of_this_process() -> None:
     assert memory_usage(2**22 + 1) is None  # above pid_max: no such process
 
 
-def test_stats_and_status_give_memory_figures(server: Server) -> None:
-    client = server.client(timeout=30)
+def test_stats_and_status_give_memory_figures(shared_server: Server) -> None:
+    client = shared_server.client(timeout=30)
     handle = client.spawn("tests.tasks:sleep", 60)
 
     def figures():
-        stats = server.stats()
+        stats = shared_server.stats()
         workers = {w["pid"]: w for w in stats["memory"]["workers"]}
         read = handle.pid in workers and stats["zygote_pss"] is not None
         return stats if read and workers[handle.pid]["state"] == "running" else None
@@ -40,7 +40,7 @@ def test_stats_and_status_give_memory_figures(server: Server) -> None:
     assert memory["total_pss"] == sum(parts)
     assert 0 <= memory["age"] < 15
 
-    proc = zygote_cli("status", "--endpoint", server.endpoint)
+    proc = zygote_cli("status", "--endpoint", shared_server.endpoint)
     assert proc.returncode == 0, proc.stderr
     lines = {line.split("  ")[0]: line for line in proc.stdout.splitlines()}
     assert lines["zygote pss"].endswith("MiB")

@@ -19,8 +19,8 @@ from zygote.handle import ExitInfo
 from .conftest import REPO, Server, wait_until, zygote_cli
 
 
-def test_failed_tasks_are_named_and_reported_without_zygotes_frames(server: Server) -> None:
-    env = {"ZYGOTE_ENDPOINT": server.endpoint}
+def test_failed_tasks_are_named_and_reported_without_zygotes_frames(shared_server: Server) -> None:
+    env = {"ZYGOTE_ENDPOINT": shared_server.endpoint}
     nope = zygote_cli("spawn", "tests.tasks:nope", env=env)
     assert nope.returncode == 1
     assert (
@@ -36,11 +36,11 @@ def test_failed_tasks_are_named_and_reported_without_zygotes_frames(server: Serv
     assert "tests/tasks.py" in raised.stderr.splitlines()[1]
 
     # The server's log says what the task did, not only how its process ended.
-    wait_until(lambda: "tests.tasks:raise_value_error raised ValueError" in server.log())
-    assert "tests.tasks:nope raised AttributeError" in server.log()
+    wait_until(lambda: "tests.tasks:raise_value_error raised ValueError" in shared_server.log())
+    assert "tests.tasks:nope raised AttributeError" in shared_server.log()
 
     # What msgpack cannot carry is named, with msgpack, both ways.
-    client = server.client(timeout=30)
+    client = shared_server.client(timeout=30)
     with pytest.raises(TypeError, match=r"^argument 2 \(object\) cannot be sent: msgpack "):
         client.spawn("tests.tasks:echo", 1, object())
     with pytest.raises(TypeError, match=r"^keyword argument 'x' \(set\) cannot be sent: msgpack"):

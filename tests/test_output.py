@@ -32,30 +32,36 @@ def server(start_server: Callable[..., Server]) -> Server:
     return start_server("--max-workers", "2")
 
 
+@pytest.fixture
+def shared_server(shared_start_server: Callable[..., Server]) -> Server:
+    """This module's `server`, shared (tests/conftest.py: SharedServers)."""
+    return shared_start_server("--max-workers", "2")
+
+
 def _joined(pieces: list[tuple[str, bytes]], stream: str) -> bytes:
     return b"".join(data for name, data in pieces if name == stream)
 
 
-def test_cli_spawn_prints_the_output_then_the_result(server: Server) -> None:
-    out = zygote_cli("spawn", "--endpoint", server.endpoint, "builtins:print", "hello")
+def test_cli_spawn_prints_the_output_then_the_result(shared_server: Server) -> None:
+    out = zygote_cli("spawn", "--endpoint", shared_server.endpoint, "builtins:print", "hello")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "hello\nnull\n"
     # Nothing of it was left for the server's log.
-    assert "hello" not in server.log()
+    assert "hello" not in shared_server.log()
 
 
-def test_cli_keeps_stdout_and_stderr_apart(server: Server) -> None:
+def test_cli_keeps_stdout_and_stderr_apart(shared_server: Server) -> None:
     task = "tests.output_tasks:both_streams"
-    out = zygote_cli("spawn", "--endpoint", server.endpoint, task)
+    out = zygote_cli("spawn", "--endpoint", shared_server.endpoint, task)
     assert out.returncode == 0, out.stderr
     # The last line lacked its newline: the result still gets a line of its own.
     assert out.stdout == 'to stdout\nno newline at the end\n"done"\n'
     assert out.stderr == "to stderr\n"
 
 
-def test_output_streams_live_before_the_task_ends(server: Server, tmp_path: Path) -> None:
+def test_output_streams_live_before_the_task_ends(shared_server: Server, tmp_path: Path) -> None:
     go_on = tmp_path / "go-on"
-    with server.client(timeout=DEADLINE) as client:
+    with shared_server.client(timeout=DEADLINE) as client:
         handle = client.spawn("tests.output_tasks:print_then_wait", str(go_on))
         pieces = handle.output(timeout=DEADLINE)
         # The task waits for the file we make only after this: it still runs.
@@ -66,8 +72,8 @@ def test_output_streams_live_before_the_task_ends(server: Server, tmp_path: Path
         assert handle.result(DEADLINE) == 7
 
 
-def test_python_client_separates_the_streams(server: Server) -> None:
-    with server.client(timeout=DEADLINE) as client:
+def test_python_client_separates_the_streams(shared_server: Server) -> None:
+    with shared_server.client(timeout=DEADLINE) as client:
         handle = client.spawn("tests.output_tasks:both_streams")
         pieces = list(handle.output(timeout=DEADLINE))
         assert _joined(pieces, "stdout") == b"to stdout\nno newline at the end"
@@ -75,10 +81,10 @@ def test_python_client_separates_the_streams(server: Server) -> None:
         assert handle.result(DEADLINE) == "done"
 
 
-def test_all_output_arrives_before_the_result(server: Server) -> None:
+def test_all_output_arrives_before_the_result(shared_server: Server) -> None:
     """The wire order, seen by a bare socket: every `output` push, in
     order and complete, then `result`."""
-    messages = _raw_job(server.endpoint, "tests.output_tasks:marked", [3000])
+    messages = _raw_job(shared_server.endpoint, "tests.output_tasks:marked", [3000])
     kinds = [m["kind"] for m in messages]
     assert "result" in kinds
     first_result = kinds.index("result")
@@ -91,11 +97,11 @@ def test_all_output_arrives_before_the_result(server: Server) -> None:
     assert offsets == [sum(len(m["data"]) for m in outputs[:i]) for i in range(len(outputs))]
 
 
-def test_big_output_to_a_slow_reader(server: Server) -> None:
+def test_big_output_to_a_slow_reader(shared_server: Server) -> None:
     """Several MB while the client reads nothing: the worker is not held
     up, nothing is lost, and the result comes."""
     size = 4 * 1024 * 1024
-    with server.client(timeout=DEADLINE) as client:
+    with shared_server.client(timeout=DEADLINE) as client:
         handle = client.spawn("tests.output_tasks:flood", size)
         # Read nothing until the worker is gone: it was never blocked on us.
         info = handle.wait(DEADLINE)
@@ -106,6 +112,10 @@ def test_big_output_to_a_slow_reader(server: Server) -> None:
     assert data.startswith(b"0" * 63 + b"\n") and data.endswith(b"%063d\n" % (written // 64 - 1))
 
 
+# Its own server, not the shared one: there, under load (5-7 on 2 cores), its
+# kept + dropped came ~64 KiB short of what was written in 3 of 11 runs of this
+# module (with the unchanged tests, 1 run of 12 failed too, which test was not
+# recorded); not explained yet.
 def test_a_reader_loses_nothing_and_an_idle_client_keeps_a_bounded_tail(
     server: Server,
 ) -> None:
@@ -114,7 +124,14 @@ def test_a_reader_loses_nothing_and_an_idle_client_keeps_a_bounded_tail(
     left unread, the oldest is dropped and counted."""
     size = 20 * 1024 * 1024
     read = subprocess.run(
-        [*ZYGOTE, "spawn", "--endpoint", server.endpoint, "tests.output_tasks:flood", str(size)],
+        [
+            *ZYGOTE,
+            "spawn",
+            "--endpoint",
+            server.endpoint,
+            "tests.output_tasks:flood",
+            str(size),
+        ],
         stdout=subprocess.PIPE,
         timeout=60,
     )
@@ -129,11 +146,11 @@ def test_a_reader_loses_nothing_and_an_idle_client_keeps_a_bounded_tail(
     assert kept <= 16 * 1024 * 1024
 
 
-def test_a_socket_that_stops_reading_does_not_block_the_worker(server: Server) -> None:
+def test_a_socket_that_stops_reading_does_not_block_the_worker(shared_server: Server) -> None:
     """A bare client whose receive queue holds one message and who reads
     nothing while 4 MB go out: the job still ends, and its result is there
     for the asking."""
-    sock = _socket(server.endpoint, rcvhwm=1)
+    sock = _socket(shared_server.endpoint, rcvhwm=1)
     try:
         _send(
             sock,
@@ -144,7 +161,7 @@ def test_a_socket_that_stops_reading_does_not_block_the_worker(server: Server) -
             payload=msgpack.packb([[4 * 1024 * 1024], {}]),
         )
         wait_until(
-            lambda: "[slowreader-1] tests.output_tasks:flood exited" in server.log(),
+            lambda: "[slowreader-1] tests.output_tasks:flood exited" in shared_server.log(),
             timeout=DEADLINE,
             what="the flooding worker to end",
         )
@@ -163,7 +180,7 @@ def test_a_socket_that_stops_reading_does_not_block_the_worker(server: Server) -
         sock.close()
 
 
-def test_attach_later_gets_the_kept_tail(server: Server, tmp_path: Path) -> None:
+def test_attach_later_gets_the_kept_tail(shared_server: Server, tmp_path: Path) -> None:
     """A detached job nobody follows: its output goes to the server's log
     (bounded, tagged with the job), its last 64 KiB are kept for `zygote
     result`, which prints them before the result."""
@@ -171,35 +188,35 @@ def test_attach_later_gets_the_kept_tail(server: Server, tmp_path: Path) -> None
     task, go_on = "tests.output_tasks:wait_then_mark", tmp_path / "go-on"
     expected = b"".join(b"line %d\n" % n for n in range(count))
     out = zygote_cli(
-        "spawn", "--endpoint", server.endpoint, "--detach", task, str(go_on), str(count)
+        "spawn", "--endpoint", shared_server.endpoint, "--detach", task, str(go_on), str(count)
     )
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip()
     go_on.touch()  # its client is gone by now: nobody follows the job
     wait_until(
-        lambda: f"[{job}] {task} exited" in server.log(),
+        lambda: f"[{job}] {task} exited" in shared_server.log(),
         timeout=DEADLINE,
         what="the job to end",
     )
-    log = server.log()
+    log = shared_server.log()
     assert f"[{job}] stdout: line 0\n" in log
     assert f"[{job}] stdout: line {count - 1}\n" not in log  # over the bound
     assert "more bytes of output not logged" in log
 
-    with server.client(timeout=DEADLINE) as client:
+    with shared_server.client(timeout=DEADLINE) as client:
         handle = client.attach(job)
         tail = _joined(list(handle.output(timeout=DEADLINE)), "stdout")
         assert tail == expected[-TAIL:]
         # Not collected by us: `zygote result` still finds it.
 
-    out = zygote_cli("result", "--endpoint", server.endpoint, job)
+    out = zygote_cli("result", "--endpoint", shared_server.endpoint, job)
     assert out.returncode == 0, out.stderr
     assert out.stdout.encode() == expected[-TAIL:] + b"%d\n" % count
 
 
-def test_aio_handle_output(server: Server) -> None:
+def test_aio_handle_output(shared_server: Server) -> None:
     async def main() -> tuple[list[tuple[str, bytes]], Any]:
-        async with aio.Zygote(server.endpoint, timeout=DEADLINE) as client:
+        async with aio.Zygote(shared_server.endpoint, timeout=DEADLINE) as client:
             handle = await client.spawn("tests.output_tasks:both_streams")
             pieces = [piece async for piece in handle.output(timeout=DEADLINE)]
             return pieces, await handle.result(DEADLINE)

@@ -39,6 +39,14 @@ def sock(server: Server) -> Iterator[Sock]:
     s.close()
 
 
+@pytest.fixture
+def shared_sock(shared_server: Server) -> Iterator[Sock]:
+    """`sock`, on the shared server (tests/conftest.py: SharedServers)."""
+    s = _connect(shared_server.endpoint)
+    yield s
+    s.close()
+
+
 def send(sock: Sock, kind: str, **fields: Any) -> None:
     sock.send(msgpack.packb({"v": 1, "kind": kind, **fields}, use_bin_type=True))
 
@@ -98,44 +106,44 @@ def expect_error(reply: dict[str, Any], req: int, code: str, words: str = "") ->
 # -- ping, stats ---------------------------------------------------------------
 
 
-def test_ping_answers_with_the_servers_identity(server: Server, sock: Sock) -> None:
-    reply = call(sock, "ping", 1)
+def test_ping_answers_with_the_servers_identity(shared_server: Server, shared_sock: Sock) -> None:
+    reply = call(shared_sock, "ping", 1)
     assert reply["kind"] == "ok"
     info = reply["info"]
     assert re.fullmatch(r"[0-9a-f]{8}", info["server"])
-    assert info["pid"] == server.pid
+    assert info["pid"] == shared_server.pid
     assert isinstance(info["version"], str)
     assert info["max_workers"] == 4  # the fixture's --max-workers
     assert info["max_message_bytes"] == 16 * 1024 * 1024
 
 
-def test_jobs_lists_what_is_running(sock: Sock) -> None:
-    spawn(sock, 1, "tests.tasks:sleep", 30, handle="doc-jobs-1")
-    assert receive(sock)["kind"] == "spawned"
-    (job,) = call(sock, "jobs", 2)["info"]["jobs"]
+def test_jobs_lists_what_is_running(shared_sock: Sock) -> None:
+    spawn(shared_sock, 1, "tests.tasks:sleep", 30, handle="doc-jobs-1")
+    assert receive(shared_sock)["kind"] == "spawned"
+    (job,) = call(shared_sock, "jobs", 2)["info"]["jobs"]
     assert (job["id"], job["task"], job["state"]) == ("doc-jobs-1", "tests.tasks:sleep", "running")
     assert job["pid"] > 0 and job["runtime"] >= 0 and job["profile"] == "default"
-    assert call(sock, "kill", 3, handle="doc-jobs-1", signal=9)["kind"] == "ok"
+    assert call(shared_sock, "kill", 3, handle="doc-jobs-1", signal=9)["kind"] == "ok"
 
 
-def test_stats_is_the_identity_and_the_figures(server: Server, sock: Sock) -> None:
-    identity = call(sock, "ping", 1)["info"]
-    reply = call(sock, "stats", 2)
+def test_stats_is_the_identity_and_the_figures(shared_server: Server, shared_sock: Sock) -> None:
+    identity = call(shared_sock, "ping", 1)["info"]
+    reply = call(shared_sock, "stats", 2)
     assert reply["kind"] == "ok"
     info = reply["info"]
     assert {key: info[key] for key in identity} == identity
     assert info["state"] == "running"
-    assert info["endpoint"] == server.endpoint
+    assert info["endpoint"] == shared_server.endpoint
     for key in ("workers", "queued", "accepted", "completed", "results_kept", "queue_size"):
         assert isinstance(info[key], int), key
     assert isinstance(info["profiles"], dict) and "default" in info["profiles"]
 
 
-def test_the_req_style_empty_delimiter_is_accepted_and_echoed(sock: Sock) -> None:
+def test_the_req_style_empty_delimiter_is_accepted_and_echoed(shared_sock: Sock) -> None:
     body = msgpack.packb({"v": 1, "kind": "ping", "req": 3})
-    sock.send_multipart([b"", body])
-    assert sock.poll(int(DEADLINE * 1000))
-    delimiter, data = sock.recv_multipart()
+    shared_sock.send_multipart([b"", body])
+    assert shared_sock.poll(int(DEADLINE * 1000))
+    delimiter, data = shared_sock.recv_multipart()
     assert delimiter == b""
     assert msgpack.unpackb(data)["req"] == 3
 
@@ -164,10 +172,10 @@ def test_a_batch_of_requests_is_answered_in_order_in_one_message(sock: Sock) -> 
 # -- a job's messages --------------------------------------------------------------
 
 
-def test_a_named_spawn_is_answered_then_its_result_and_exit_are_pushed(sock: Sock) -> None:
+def test_a_named_spawn_is_answered_then_its_result_and_exit_are_pushed(shared_sock: Sock) -> None:
     handle = "doc-add-1"
-    spawn(sock, 1, "tests.tasks:add", 2, 3, handle=handle)
-    spawned, result, exited = (receive(sock) for _ in range(3))
+    spawn(shared_sock, 1, "tests.tasks:add", 2, 3, handle=handle)
+    spawned, result, exited = (receive(shared_sock) for _ in range(3))
     assert spawned["kind"] == "spawned"
     assert (spawned["req"], spawned["handle"]) == (1, handle)
     assert isinstance(spawned["pid"], int) and isinstance(spawned["generation"], int)
@@ -181,59 +189,62 @@ def test_a_named_spawn_is_answered_then_its_result_and_exit_are_pushed(sock: Soc
     assert exited["duration"] >= 0
 
     # §7: confirmed, with its exit known: the server forgets the job.
-    send(sock, "collected", handles=[handle])  # never answered
-    expect_error(call(sock, "attach", 2, handle=handle), 2, "unknown_handle", "collected")
-    assert call(sock, "stats", 3)["info"]["results_kept"] == 0
+    send(shared_sock, "collected", handles=[handle])  # never answered
+    expect_error(call(shared_sock, "attach", 2, handle=handle), 2, "unknown_handle", "collected")
+    assert call(shared_sock, "stats", 3)["info"]["results_kept"] == 0
     # §6: a name is never run twice.
-    spawn(sock, 4, "tests.tasks:add", 2, 3, handle=handle)
-    expect_error(receive(sock), 4, "spawn_failed", "already ended")
+    spawn(shared_sock, 4, "tests.tasks:add", 2, 3, handle=handle)
+    expect_error(receive(shared_sock), 4, "spawn_failed", "already ended")
 
 
-def test_keyword_arguments_env_and_cwd_reach_the_task(sock: Sock, tmp_path: Path) -> None:
+def test_keyword_arguments_env_and_cwd_reach_the_task(shared_sock: Sock, tmp_path: Path) -> None:
     send(
-        sock,
+        shared_sock,
         "spawn",
         req=1,
         task="tests.tasks:echo",
         payload=payload(1, "two", b"\x03", three=[4]),
         handle="doc-echo-1",
     )
-    _, result, _ = (receive(sock) for _ in range(3))
+    _, result, _ = (receive(shared_sock) for _ in range(3))
     assert value_of(result) == {"args": [1, "two", b"\x03"], "kwargs": {"three": [4]}}
-    spawn(sock, 2, "tests.tasks:env", "DOC_VAR", env={"DOC_VAR": "set"}, handle="doc-env-1")
-    _, result, _ = (receive(sock) for _ in range(3))
+    spawn(shared_sock, 2, "tests.tasks:env", "DOC_VAR", env={"DOC_VAR": "set"}, handle="doc-env-1")
+    _, result, _ = (receive(shared_sock) for _ in range(3))
     assert value_of(result) == "set"
-    spawn(sock, 3, "tests.tasks:cwd", cwd=str(tmp_path), handle="doc-cwd-1")
-    _, result, _ = (receive(sock) for _ in range(3))
+    spawn(shared_sock, 3, "tests.tasks:cwd", cwd=str(tmp_path), handle="doc-cwd-1")
+    _, result, _ = (receive(shared_sock) for _ in range(3))
     assert value_of(result) == str(tmp_path)
-    send(sock, "collected", handles=["doc-echo-1", "doc-env-1", "doc-cwd-1"])
+    send(shared_sock, "collected", handles=["doc-echo-1", "doc-env-1", "doc-cwd-1"])
 
 
-def test_a_spawn_with_limits_that_runs_into_one_is_lost_naming_it(sock: Sock) -> None:
+def test_a_spawn_with_limits_that_runs_into_one_is_lost_naming_it(shared_sock: Sock) -> None:
     limits = {"memory": 16 << 20}  # §3: lowers the server's limits for this job
-    spawn(sock, 1, "tests.leftovers:allocate", 64 << 20, limits=limits, handle="doc-limit-1")
-    _, result, _ = (receive(sock) for _ in range(3))
+    spawn(shared_sock, 1, "tests.leftovers:allocate", 64 << 20, limits=limits, handle="doc-limit-1")
+    _, result, _ = (receive(shared_sock) for _ in range(3))
     assert (result["outcome"], result["limit"]) == ("lost", "memory"), result  # §4
-    spawn(sock, 2, "tests.leftovers:allocate", 1, limits={"disk": 1}, handle="doc-limit-2")
-    expect_error(receive(sock), 2, "bad_request", "unknown limit")
-    send(sock, "collected", handles=["doc-limit-1"])
+    spawn(shared_sock, 2, "tests.leftovers:allocate", 1, limits={"disk": 1}, handle="doc-limit-2")
+    expect_error(receive(shared_sock), 2, "bad_request", "unknown limit")
+    send(shared_sock, "collected", handles=["doc-limit-1"])
 
 
-def test_a_spawn_without_a_handle_gets_a_server_made_one(sock: Sock) -> None:
-    server_id = call(sock, "ping", 1)["info"]["server"]
-    spawn(sock, 2, "tests.tasks:sleep", 0, None)
-    spawned, result, _ = (receive(sock) for _ in range(3))
+def test_a_spawn_without_a_handle_gets_a_server_made_one(shared_sock: Sock) -> None:
+    server_id = call(shared_sock, "ping", 1)["info"]["server"]
+    spawn(shared_sock, 2, "tests.tasks:sleep", 0, None)
+    spawned, result, _ = (receive(shared_sock) for _ in range(3))
     # §6: it has a ":", and 96 random bits
     assert re.fullmatch(rf"{server_id}:[0-9a-f]{{24}}", spawned["handle"])
     assert result["handle"] == spawned["handle"]
     assert value_of(result) is None
 
 
-def test_the_same_spawn_sent_again_is_answered_like_attach(server: Server, sock: Sock) -> None:
+def test_the_same_spawn_sent_again_is_answered_like_attach(
+    shared_server: Server, shared_sock: Sock
+) -> None:
     handle = "doc-again-1"
-    spawn(sock, 1, "tests.tasks:sleep", 0.5, "slept", handle=handle)
-    spawn(sock, 2, "tests.tasks:sleep", 0.5, "slept", handle=handle)  # a reply was lost
-    messages = receive_until(sock, lambda got: any(m["kind"] == "exited" for m in got))
+    accepted = call(shared_sock, "stats", 100)["info"]["accepted"]
+    spawn(shared_sock, 1, "tests.tasks:sleep", 0.5, "slept", handle=handle)
+    spawn(shared_sock, 2, "tests.tasks:sleep", 0.5, "slept", handle=handle)  # a reply was lost
+    messages = receive_until(shared_sock, lambda got: any(m["kind"] == "exited" for m in got))
     kinds = [m["kind"] for m in messages]
     assert kinds == ["spawned", "spawned", "result", "exited"], messages
     assert sorted(m["req"] for m in messages[:2]) == [1, 2]
@@ -242,14 +253,14 @@ def test_the_same_spawn_sent_again_is_answered_like_attach(server: Server, sock:
 
     # Once more, after the job ended: the result and exit are pushed again,
     # and the task (here even a different one) is not run.
-    spawn(sock, 3, "tests.tasks:add", 1, 1, handle=handle)
-    spawned, result, exited = (receive(sock) for _ in range(3))
+    spawn(shared_sock, 3, "tests.tasks:add", 1, 1, handle=handle)
+    spawned, result, exited = (receive(shared_sock) for _ in range(3))
     assert (spawned["kind"], spawned["req"], spawned["pid"]) == ("spawned", 3, messages[0]["pid"])
     assert value_of(result) == "slept"
     assert exited == messages[3]
 
     # An attach from another connection gets the same.
-    other = _connect(server.endpoint)
+    other = _connect(shared_server.endpoint)
     try:
         send(other, "attach", req=1, handle=handle)
         spawned, result, exited = (receive(other) for _ in range(3))
@@ -258,18 +269,18 @@ def test_the_same_spawn_sent_again_is_answered_like_attach(server: Server, sock:
         assert exited["kind"] == "exited"
     finally:
         other.close()
-    assert call(sock, "stats", 4)["info"]["accepted"] == 1
-    send(sock, "collected", handles=[handle])
+    assert call(shared_sock, "stats", 4)["info"]["accepted"] == accepted + 1
+    send(shared_sock, "collected", handles=[handle])
 
 
-def test_attach_of_an_unknown_handle(sock: Sock) -> None:
-    reply = call(sock, "attach", 9, handle="doc-never-spawned")
+def test_attach_of_an_unknown_handle(shared_sock: Sock) -> None:
+    reply = call(shared_sock, "attach", 9, handle="doc-never-spawned")
     expect_error(reply, 9, "unknown_handle", "no such job")
 
 
-def test_a_task_that_raises(sock: Sock) -> None:
-    spawn(sock, 1, "tests.tasks:raise_value_error", "boom", handle="doc-raise-1")
-    spawned, result, exited = (receive(sock) for _ in range(3))
+def test_a_task_that_raises(shared_sock: Sock) -> None:
+    spawn(shared_sock, 1, "tests.tasks:raise_value_error", "boom", handle="doc-raise-1")
+    spawned, result, exited = (receive(shared_sock) for _ in range(3))
     assert spawned["kind"] == "spawned"
     assert (result["kind"], result["outcome"]) == ("result", "raised")
     assert (result["exc_type"], result["message"]) == ("ValueError", "boom")
@@ -278,33 +289,33 @@ def test_a_task_that_raises(sock: Sock) -> None:
     assert (exited["kind"], exited["exit_code"]) == ("exited", 0)  # the process ended well
 
 
-def test_a_task_that_cannot_be_found_raises_too(sock: Sock) -> None:
-    spawn(sock, 1, "no_such_module:f", handle="doc-missing-1")
-    spawned, result, _ = (receive(sock) for _ in range(3))
+def test_a_task_that_cannot_be_found_raises_too(shared_sock: Sock) -> None:
+    spawn(shared_sock, 1, "no_such_module:f", handle="doc-missing-1")
+    spawned, result, _ = (receive(shared_sock) for _ in range(3))
     assert spawned["kind"] == "spawned"  # not resolved before the worker runs it
     assert (result["outcome"], result["exc_type"]) == ("raised", "ModuleNotFoundError")
 
 
-def test_kill_of_a_running_job(sock: Sock) -> None:
+def test_kill_of_a_running_job(shared_sock: Sock) -> None:
     handle = "doc-kill-1"
-    spawn(sock, 1, "tests.tasks:sleep", 60, handle=handle)
-    spawned = receive(sock)
+    spawn(shared_sock, 1, "tests.tasks:sleep", 60, handle=handle)
+    spawned = receive(shared_sock)
     assert spawned["kind"] == "spawned"
-    reply = call(sock, "kill", 2, handle=handle, signal=signal.SIGTERM)
+    reply = call(shared_sock, "kill", 2, handle=handle, signal=signal.SIGTERM)
     assert (reply["kind"], reply["info"]) == ("ok", {"pid": spawned["pid"]})
-    result, exited = receive(sock), receive(sock)
+    result, exited = receive(shared_sock), receive(shared_sock)
     assert (result["handle"], result["outcome"]) == (handle, "lost")
     assert (result["signal"], result["exit_code"]) == (signal.SIGTERM, None)
     assert "killed by SIGTERM" in result["message"]
     assert (exited["signal"], exited["exit_code"]) == (signal.SIGTERM, None)
     assert exited["description"] == "killed by SIGTERM"
     # Gone: nothing left to kill.
-    expect_error(call(sock, "kill", 3, handle=handle, signal=9), 3, "unknown_handle")
+    expect_error(call(shared_sock, "kill", 3, handle=handle, signal=9), 3, "unknown_handle")
 
 
-def test_a_task_past_its_timeout_is_killed(sock: Sock) -> None:
-    spawn(sock, 1, "tests.tasks:sleep", 60, handle="doc-timeout-1", timeout=0.3)
-    _, result, exited = (receive(sock) for _ in range(3))
+def test_a_task_past_its_timeout_is_killed(shared_sock: Sock) -> None:
+    spawn(shared_sock, 1, "tests.tasks:sleep", 60, handle="doc-timeout-1", timeout=0.3)
+    _, result, exited = (receive(shared_sock) for _ in range(3))
     assert (result["outcome"], result["signal"]) == ("timeout", signal.SIGTERM)
     assert "timeout" in result["message"]
     assert exited["signal"] == signal.SIGTERM
@@ -336,36 +347,36 @@ def test_busy_when_the_slots_and_the_queue_are_full(start_server: Callable[..., 
 # -- bad input ---------------------------------------------------------------------
 
 
-def test_a_malformed_message_gets_an_error_with_its_request_id(sock: Sock) -> None:
-    spawn(sock, 42, "not a task")
-    expect_error(receive(sock), 42, "bad_request", "package.module:function")
-    send(sock, "spawn", req=43, task="tests.tasks:add", payload="a str, not a bin")
-    expect_error(receive(sock), 43, "bad_request", "'payload'")
-    spawn(sock, 44, "tests.tasks:add", 1, 2, handle="has:colon")  # §6: ours only
-    expect_error(receive(sock), 44, "bad_request", "handle")
-    send(sock, "spawn", req=45)
-    expect_error(receive(sock), 45, "bad_request", "missing field")
-    send(sock, "kill", req=46, handle="x", signal=0)
-    expect_error(receive(sock), 46, "bad_request", "signal")
-    send(sock, "launch", req=47)
-    expect_error(receive(sock), 47, "unknown_kind", "launch")
-    send(sock, "result", req=48, handle="x", outcome="ok")  # a reply kind
-    expect_error(receive(sock), 48, "unknown_kind")
+def test_a_malformed_message_gets_an_error_with_its_request_id(shared_sock: Sock) -> None:
+    spawn(shared_sock, 42, "not a task")
+    expect_error(receive(shared_sock), 42, "bad_request", "package.module:function")
+    send(shared_sock, "spawn", req=43, task="tests.tasks:add", payload="a str, not a bin")
+    expect_error(receive(shared_sock), 43, "bad_request", "'payload'")
+    spawn(shared_sock, 44, "tests.tasks:add", 1, 2, handle="has:colon")  # §6: ours only
+    expect_error(receive(shared_sock), 44, "bad_request", "handle")
+    send(shared_sock, "spawn", req=45)
+    expect_error(receive(shared_sock), 45, "bad_request", "missing field")
+    send(shared_sock, "kill", req=46, handle="x", signal=0)
+    expect_error(receive(shared_sock), 46, "bad_request", "signal")
+    send(shared_sock, "launch", req=47)
+    expect_error(receive(shared_sock), 47, "unknown_kind", "launch")
+    send(shared_sock, "result", req=48, handle="x", outcome="ok")  # a reply kind
+    expect_error(receive(shared_sock), 48, "unknown_kind")
     # Unreadable: no request id to give back.
-    sock.send(b"\xc1")
-    expect_error(receive(sock), 0, "bad_request", "msgpack")
-    sock.send(msgpack.packb([1, 2]))
-    expect_error(receive(sock), 0, "bad_request", "map")
+    shared_sock.send(b"\xc1")
+    expect_error(receive(shared_sock), 0, "bad_request", "msgpack")
+    shared_sock.send(msgpack.packb([1, 2]))
+    expect_error(receive(shared_sock), 0, "bad_request", "map")
     # Unknown fields are ignored.
-    assert call(sock, "ping", 49, future_field="x")["kind"] == "ok"
+    assert call(shared_sock, "ping", 49, future_field="x")["kind"] == "ok"
 
 
-def test_a_version_mismatch_is_unsupported_version(sock: Sock) -> None:
-    sock.send(msgpack.packb({"v": 2, "kind": "ping", "req": 7}))
-    expect_error(receive(sock), 7, "unsupported_version", "this server speaks 1")
-    sock.send(msgpack.packb({"kind": "ping", "req": 8}))
-    expect_error(receive(sock), 8, "unsupported_version")
-    assert call(sock, "ping", 9)["kind"] == "ok"  # the connection goes on
+def test_a_version_mismatch_is_unsupported_version(shared_sock: Sock) -> None:
+    shared_sock.send(msgpack.packb({"v": 2, "kind": "ping", "req": 7}))
+    expect_error(receive(shared_sock), 7, "unsupported_version", "this server speaks 1")
+    shared_sock.send(msgpack.packb({"kind": "ping", "req": 8}))
+    expect_error(receive(shared_sock), 8, "unsupported_version")
+    assert call(shared_sock, "ping", 9)["kind"] == "ok"  # the connection goes on
 
 
 # -- the document itself -----------------------------------------------------------

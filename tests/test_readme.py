@@ -71,8 +71,8 @@ def test_server_on_embedded_defaults_runs_the_readme_spawn(tmp_path: Path) -> No
     assert "listening on ipc://" in output and "stopped" in output
 
 
-def test_batch_example_runs(start_server) -> None:
-    server: Server = start_server(preload=("examples.tasks",))
+def test_batch_example_runs(shared_start_server) -> None:
+    server: Server = shared_start_server(preload=("examples.tasks",))
     proc = subprocess.run(
         [sys.executable, "-m", "examples.batch", server.endpoint],
         cwd=REPO,
@@ -85,11 +85,11 @@ def test_batch_example_runs(start_server) -> None:
     assert "raised RuntimeError: on purpose" in proc.stdout
 
 
-def test_default_endpoint_comes_from_the_environment(server: Server, monkeypatch) -> None:
-    monkeypatch.setenv("ZYGOTE_ENDPOINT", server.endpoint)
+def test_default_endpoint_comes_from_the_environment(shared_server: Server, monkeypatch) -> None:
+    monkeypatch.setenv("ZYGOTE_ENDPOINT", shared_server.endpoint)
     with Zygote(timeout=20) as client:
         assert client.spawn("tests.tasks:add", 20, 22).result() == 42
-    monkeypatch.setenv("ZYGOTE_ENDPOINT", server.endpoint + ".missing")
+    monkeypatch.setenv("ZYGOTE_ENDPOINT", shared_server.endpoint + ".missing")
     try:
         Zygote()
     except ZygoteError as exc:

@@ -58,23 +58,28 @@ def test_allowlist_silences_threads(start_server) -> None:
 
 
 def test_refuse_policy_turns_threads_into_spawn_errors(start_server) -> None:
-    server = start_server("--thread-policy", "refuse", preload=("tests.tasks", "tests.threaded"))
-    client = server.client(timeout=30)
-    with pytest.raises(SpawnError, match=r"refused to fork.*metrics-flusher"):
-        client.spawn("tests.tasks:add", 1, 2)
+    preload = ("tests.tasks", "tests.threaded")
+    # Both start at once.
+    server = start_server("--thread-policy", "refuse", preload=preload, wait=False)
     allowed = start_server(
         "--thread-policy",
         "refuse",
         "--allow-thread",
         "metrics-flusher",
-        preload=("tests.tasks", "tests.threaded"),
+        preload=preload,
+        wait=False,
     )
+    server.wait_ready()
+    allowed.wait_ready()
+    client = server.client(timeout=30)
+    with pytest.raises(SpawnError, match=r"refused to fork.*metrics-flusher"):
+        client.spawn("tests.tasks:add", 1, 2)
     with allowed.client(timeout=30) as other:
         assert other.spawn("tests.tasks:add", 1, 2).result() == 3
 
 
-def test_no_threads_means_no_warnings(client) -> None:
-    handle = client.spawn("tests.tasks:add", 1, 2)
+def test_no_threads_means_no_warnings(shared_client) -> None:
+    handle = shared_client.spawn("tests.tasks:add", 1, 2)
     assert handle.result() == 3 and handle.warnings == []
 
 

@@ -11,8 +11,8 @@ from zygote import TaskError, TaskTimeout, WorkerLost, Zygote, ZygoteTimeout
 from .conftest import wait_until
 
 
-def test_value_round_trip(client: Zygote) -> None:
-    handle = client.spawn("tests.tasks:echo", 1, "two", [3], {"four": 4}, b"\x05", key=None)
+def test_value_round_trip(shared_client: Zygote) -> None:
+    handle = shared_client.spawn("tests.tasks:echo", 1, "two", [3], {"four": 4}, b"\x05", key=None)
     assert handle.result() == {
         "args": [1, "two", [3], {"four": 4}, b"\x05"],
         "kwargs": {"key": None},
@@ -21,8 +21,8 @@ def test_value_round_trip(client: Zygote) -> None:
     assert handle.done()
 
 
-def test_raise_gives_task_error_with_remote_traceback(client: Zygote) -> None:
-    handle = client.spawn("tests.tasks:raise_value_error", "no good")
+def test_raise_gives_task_error_with_remote_traceback(shared_client: Zygote) -> None:
+    handle = shared_client.spawn("tests.tasks:raise_value_error", "no good")
     with pytest.raises(TaskError) as info:
         handle.result()
     assert info.value.exc_type == "ValueError"
@@ -36,9 +36,9 @@ def test_raise_gives_task_error_with_remote_traceback(client: Zygote) -> None:
     [("tests.tasks:abort", signal.SIGABRT), ("tests.tasks:segfault", signal.SIGSEGV)],
 )
 def test_abort_and_segfault_give_worker_lost_with_signal(
-    client: Zygote, task: str, sig: int
+    shared_client: Zygote, task: str, sig: int
 ) -> None:
-    handle = client.spawn(task)
+    handle = shared_client.spawn(task)
     with pytest.raises(WorkerLost) as info:
         handle.result()
     assert info.value.signal == sig
@@ -47,8 +47,8 @@ def test_abort_and_segfault_give_worker_lost_with_signal(
     assert handle.wait().signal == sig
 
 
-def test_sys_exit_gives_task_error_with_exit_code(client: Zygote) -> None:
-    handle = client.spawn("tests.tasks:exit_with", 3)
+def test_sys_exit_gives_task_error_with_exit_code(shared_client: Zygote) -> None:
+    handle = shared_client.spawn("tests.tasks:exit_with", 3)
     with pytest.raises(TaskError) as info:
         handle.result()
     assert info.value.exc_type == "SystemExit"
@@ -58,19 +58,19 @@ def test_sys_exit_gives_task_error_with_exit_code(client: Zygote) -> None:
     assert exit_info.description == "exited with code 3"
 
 
-def test_sys_exit_zero_is_a_none_result(client: Zygote) -> None:
-    assert client.spawn("tests.tasks:exit_with", 0).result() is None
+def test_sys_exit_zero_is_a_none_result(shared_client: Zygote) -> None:
+    assert shared_client.spawn("tests.tasks:exit_with", 0).result() is None
 
 
-def test_os_exit_without_result_gives_worker_lost_with_code(client: Zygote) -> None:
+def test_os_exit_without_result_gives_worker_lost_with_code(shared_client: Zygote) -> None:
     with pytest.raises(WorkerLost) as info:
-        client.spawn("tests.tasks:hard_exit", 7).result()
+        shared_client.spawn("tests.tasks:hard_exit", 7).result()
     assert info.value.exit_code == 7 and info.value.signal is None
     assert not isinstance(info.value, TaskTimeout)
 
 
-def test_task_timeout_kills_and_reports(client: Zygote) -> None:
-    handle = client.spawn("tests.tasks:sleep", 30, _timeout=0.3)
+def test_task_timeout_kills_and_reports(shared_client: Zygote) -> None:
+    handle = shared_client.spawn("tests.tasks:sleep", 30, _timeout=0.3)
     with pytest.raises(TaskTimeout) as info:
         handle.result(timeout=20)
     assert isinstance(info.value, TimeoutError)
@@ -88,35 +88,37 @@ def test_task_ignoring_sigterm_is_killed_after_grace(start_server) -> None:
     assert info.value.signal == signal.SIGKILL
 
 
-def test_result_wait_timeout_leaves_task_running(client: Zygote) -> None:
-    handle = client.spawn("tests.tasks:sleep", 1.0, "late")
+def test_result_wait_timeout_leaves_task_running(shared_client: Zygote) -> None:
+    handle = shared_client.spawn("tests.tasks:sleep", 1.0, "late")
     with pytest.raises(ZygoteTimeout):
         handle.result(timeout=0.05)
     assert handle.result(timeout=20) == "late"
 
 
-def test_env_and_cwd_options(client: Zygote, tmp_path) -> None:
+def test_env_and_cwd_options(shared_client: Zygote, tmp_path) -> None:
     assert (
-        client.spawn("tests.tasks:env", "ZYGOTE_TEST_VAR", _env={"ZYGOTE_TEST_VAR": "v"}).result()
+        shared_client.spawn(
+            "tests.tasks:env", "ZYGOTE_TEST_VAR", _env={"ZYGOTE_TEST_VAR": "v"}
+        ).result()
         == "v"
     )
-    assert client.spawn("tests.tasks:cwd", _cwd=str(tmp_path)).result() == str(tmp_path)
+    assert shared_client.spawn("tests.tasks:cwd", _cwd=str(tmp_path)).result() == str(tmp_path)
     # The zygote's environment is untouched by one worker's overrides.
-    assert client.spawn("tests.tasks:env", "ZYGOTE_TEST_VAR").result() is None
+    assert shared_client.spawn("tests.tasks:env", "ZYGOTE_TEST_VAR").result() is None
 
 
-def test_bad_cwd_is_a_task_error(client: Zygote) -> None:
+def test_bad_cwd_is_a_task_error(shared_client: Zygote) -> None:
     with pytest.raises(TaskError) as info:
-        client.spawn("tests.tasks:cwd", _cwd="/no/such/dir").result()
+        shared_client.spawn("tests.tasks:cwd", _cwd="/no/such/dir").result()
     assert info.value.exc_type == "FileNotFoundError"
 
 
-def test_nested_qualname(client: Zygote) -> None:
-    assert client.spawn("tests.tasks:Nested.method", 21).result() == 42
+def test_nested_qualname(shared_client: Zygote) -> None:
+    assert shared_client.spawn("tests.tasks:Nested.method", 21).result() == 42
 
 
-def test_kill_running_worker(client: Zygote) -> None:
-    handle = client.spawn("tests.tasks:sleep", 30)
+def test_kill_running_worker(shared_client: Zygote) -> None:
+    handle = shared_client.spawn("tests.tasks:sleep", 30)
     assert handle.kill(signal.SIGKILL)
     with pytest.raises(WorkerLost) as info:
         handle.result(timeout=20)
@@ -124,8 +126,8 @@ def test_kill_running_worker(client: Zygote) -> None:
     assert not handle.kill()  # nothing left to signal
 
 
-def test_wait_reports_usage(client: Zygote) -> None:
-    handle = client.spawn("tests.tasks:add", 1, 2)
+def test_wait_reports_usage(shared_client: Zygote) -> None:
+    handle = shared_client.spawn("tests.tasks:add", 1, 2)
     assert handle.result() == 3
     info = handle.wait(timeout=20)
     assert info.pid == handle.pid
@@ -134,14 +136,17 @@ def test_wait_reports_usage(client: Zygote) -> None:
 
 
 def test_a_worker_holds_no_descriptor_of_the_zygote_or_its_siblings(
-    client: Zygote, tmp_path
+    shared_client: Zygote, tmp_path
 ) -> None:
     # Siblings alive while the worker is forked: the zygote holds a pidfd for
     # each, and a worker must inherit none of them (nor the zygote's control
     # socket): stdio, its channel and its lifeline are all it needs.
     go = tmp_path / "go"
-    siblings = [client.spawn("tests.tasks:wait_for_file", str(go)) for _ in range(2)]
-    fds = {int(fd): target for fd, target in client.spawn("tests.tasks:open_fds").result().items()}
+    siblings = [shared_client.spawn("tests.tasks:wait_for_file", str(go)) for _ in range(2)]
+    fds = {
+        int(fd): target
+        for fd, target in shared_client.spawn("tests.tasks:open_fds").result().items()
+    }
     go.write_text("go")
     assert [s.result() for s in siblings] == [s.pid for s in siblings]
     extra = {fd: target for fd, target in fds.items() if fd > 2}
