@@ -42,6 +42,7 @@ from zygote.protocol import (
     Error,
     Exited,
     Ok,
+    Output,
     ProtocolError,
     Result,
     Spawn,
@@ -295,6 +296,7 @@ class Fuzzer:
     results: collections.Counter[str] = field(default_factory=collections.Counter)
     exits: collections.Counter[str] = field(default_factory=collections.Counter)
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    outputs: int = 0  # output pieces pushed
     codes: collections.Counter[str] = field(default_factory=collections.Counter)
     known: list[str] = field(default_factory=lambda: ["fz-0"])
     valid: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -410,6 +412,8 @@ class Fuzzer:
             self.outcomes[msg.outcome] += 1
         elif isinstance(msg, Exited):
             self.exits[msg.handle] += 1
+        elif isinstance(msg, Output):  # a task that prints (sys.exit([None]) does)
+            self.outputs += 1
         else:
             assert isinstance(msg, Ok), msg
 
