@@ -317,6 +317,10 @@ def _show_running_jobs(client: Zygote, server: int | None, deadline: float) -> N
     if server is not None:
         ended.register(server, select.POLLIN)
     while time.monotonic() < deadline:
+        # Its exit first: once it has closed its socket, on its way out, a
+        # question would wait out the client's silence probes (about 5 s).
+        if ended.poll(200):  # (or a plain pause without a pidfd)
+            return
         try:
             running = int(client.stats()["workers"])
         except ZygoteError:  # it has closed its socket: on its way out
@@ -327,5 +331,3 @@ def _show_running_jobs(client: Zygote, server: int | None, deadline: float) -> N
             s = "" if running == 1 else "s"
             click.echo(f"waiting for {running} running job{s}\u2026", err=True)
             shown = running
-        if ended.poll(200):  # (or a plain pause without a pidfd)
-            return
