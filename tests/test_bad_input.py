@@ -19,7 +19,7 @@ from zygote.protocol import (
 )
 from zygote.server.endpoint import MAX_BATCH
 
-from .conftest import Server
+from .conftest import Server, raw_socket
 
 
 def _error_for(sock, *frames: bytes) -> Error:
@@ -114,13 +114,7 @@ def test_a_flood_of_bad_messages_is_logged_once_per_interval(server: Server, raw
 
 
 def test_bad_messages_are_logged_once_per_peer(server: Server) -> None:
-    peers = []
-    for _ in range(2):
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 10_000)
-        sock.connect(server.endpoint)
-        peers.append(sock)
+    peers = [raw_socket(server.endpoint) for _ in range(2)]
     try:
         for sock in peers:
             for _ in range(10):
