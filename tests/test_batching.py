@@ -9,7 +9,7 @@ from typing import Any
 
 import msgpack
 
-from zygote import aio
+from zygote import ZygoteError, aio
 from zygote.codec import decode_reply, encode
 from zygote.protocol import Error, Ok, Ping, Result, Spawn, Spawned, Stats
 
@@ -92,3 +92,33 @@ def test_the_asyncio_map_sends_its_window_in_one_message(server: Server) -> None
     messages = after["received_in"] - before["received_in"]
     assert received - messages >= 3, (received, messages)  # max-workers 4: the first 4 together
     wait_until(lambda: server.stats()["results_kept"] == 0, what="the confirmations")
+
+
+def test_a_req_style_message_carries_one_request(server: Server, raw) -> None:
+    # A REQ socket could never read several answers: nothing of it runs.
+    spawn = Spawn(1, "tests.tasks:add", msgpack.packb([[1, 2], {}]), handle="req-two")
+    raw.send_multipart([b"", encode(spawn), encode(Ping(2))])
+    raw.send(encode(Ping(3)))
+    assert decode_reply(raw.recv()).req == 3  # type: ignore[attr-defined]
+    assert server.stats()["accepted"] == 0
+    assert "a REQ-style message with several requests" in server.log()
+
+
+def test_a_map_left_early_holds_back_no_other_confirmation(server: Server) -> None:
+    with server.client(timeout=30) as client:
+        for _ in client.map("tests.tasks:identity", range(4), max_in_flight=1):
+            break  # the map is left unfinished: its generator is not closed yet
+        handle = client.spawn("tests.tasks:add", 1, 1)
+        assert handle.result() == 2
+        handle.wait()
+        # Confirmed at once: the server forgets the job once it has exited.
+        with server.client(timeout=30) as other:
+
+            def forgotten() -> bool:
+                try:
+                    other.attach(handle.id)
+                except ZygoteError as exc:
+                    return "result was collected" in str(exc)
+                return False
+
+            wait_until(forgotten, what="the plain spawn's confirmation")

@@ -267,10 +267,11 @@ FRAMES = frames()
 
 
 def _bodies(parts: list[bytes]) -> list[bytes] | None:
-    """The requests a message carries: REQ-style `[b"", body]`, else a batch
-    of 1 to MAX_BATCH frames; None: the server drops it unanswered."""
-    if len(parts) == 2 and not parts[0]:
-        return parts[1:]
+    """The requests a message carries: REQ-style `[b"", body]` (one only),
+    else a batch of 1 to MAX_BATCH frames; None: the server drops it
+    unanswered."""
+    if len(parts) >= 2 and not parts[0]:
+        return parts[1:] if len(parts) == 2 else None
     return parts if 1 <= len(parts) <= MAX_BATCH else None
 
 

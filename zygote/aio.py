@@ -109,8 +109,8 @@ class Zygote:
         self._background: set[asyncio.Future[None]] = set()
         # What this turn of the event loop asked to send, sent at its end in
         # as few ZeroMQ messages as the server takes (its max_batch): the
-        # spawns of a map's window together, a confirmation (`Collected`)
-        # with whatever request follows it in the same turn.
+        # spawns of a map's window together, and the turn's confirmations
+        # (`Collected`) first, with them.
         self._outbox: list[bytes] = []
         self._to_confirm: list[str] = []
         self._flush_soon = False

@@ -88,6 +88,8 @@ class Batch(Iterator[Any]):
         ]
         if makes:
             self.pending.extend(client._send_spawns(makes))
+        elif not client._socket.closed:
+            client._requests.send_confirmations()  # no spawn left to ride with
 
     def _outcome(self, req: int) -> Any:
         client = self.client
@@ -96,11 +98,17 @@ class Batch(Iterator[Any]):
         if self.on_output is not None:
             for stream, data in handle.output(_remaining(self.deadline)):
                 self.on_output(stream, data)
-        return handle.result(_remaining(self.deadline))
+        # Its confirmation rides with the spawn `_fill` sends next. Held
+        # only here, never across a `yield`: a map left unfinished must not
+        # hold back the client's other confirmations.
+        requests = client._requests
+        requests.maps += 1
+        try:
+            return handle.result(_remaining(self.deadline))
+        finally:
+            requests.maps -= 1
 
     def _run(self) -> Generator[Any, None, None]:
-        requests = self.client._requests
-        requests.maps += 1  # confirmations ride with the spawns that follow
         try:
             while self.pending:
                 self.waiting = [self.pending.popleft()]
@@ -121,9 +129,8 @@ class Batch(Iterator[Any]):
         finally:
             for req in self.pending:  # replies already here, or still to come
                 self.client._abandon(req)
-            requests.maps -= 1
-            if not requests.maps and not self.client._socket.closed:
-                requests.send_confirmations()  # the last window's
+            if not self.client._socket.closed:
+                self.client._requests.send_confirmations()  # any still held
 
 
 def submit(

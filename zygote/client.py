@@ -304,8 +304,9 @@ class Zygote:
             raise ZygoteError("this client is closed")
         if len(makes) > 1 and self._server is None:
             # Whether the server takes batches is in its answer to our first
-            # ping, usually here already: wait for it rather than guess.
-            self._wait(lambda: self._server is not None, self.timeout or 10.0)
+            # ping, usually here already: wait for it rather than guess (a
+            # silent server is found out by the probes).
+            self._wait(lambda: self._server is not None, self.timeout)
         return self._requests.send(makes)
 
     def _send_spawn(self, make: Callable[[int], Message]) -> int:

@@ -36,7 +36,7 @@ class Requests:
         self.last = 0  # the id of the last request sent
         self.max_batch = 1  # requests per ZeroMQ message: the server's max_batch
         self.held: list[str] = []  # handles whose results we took, not yet confirmed
-        self.maps = 0  # map()s under way: they hold confirmations back
+        self.maps = 0  # > 0 while a map() takes a result: its confirmation waits
         # Confirmations went out after request `unproven`, and no reply to a
         # later request has proved the server read them yet.
         self.unproven: int | None = None

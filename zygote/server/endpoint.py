@@ -98,7 +98,10 @@ class Listener:
             # REQ clients send [id, b"", body]; DEALER clients [id, body, ...],
             # a batch of requests in one message (an empty body is no request).
             envelope: Envelope
-            if len(frames) == 3 and not frames[1]:
+            if len(frames) >= 3 and not frames[1]:
+                if len(frames) > 3:  # its socket could never read the answers
+                    self.rejections.add(frames[0], "a REQ-style message with several requests")
+                    continue
                 envelope, bodies = (frames[0], b""), frames[2:]
             elif 2 <= len(frames) <= MAX_BATCH + 1:
                 envelope, bodies = (frames[0],), frames[1:]

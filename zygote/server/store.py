@@ -67,7 +67,8 @@ class Record:
     #: encoded Result / Exited messages, once known
     result: bytes | None = None
     exited: bytes | None = None
-    #: pushed to the followers at least once (sent again only on request)
+    #: queued for the followers at least once (sent again only on request,
+    #: which a client that missed it makes when it probes)
     result_sent: bool = False
     exit_sent: bool = False
     #: a client confirmed it has the result

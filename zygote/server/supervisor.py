@@ -95,7 +95,8 @@ class Supervisor:
         self.cleanup = make_cleanup(config, self.server_id, self._census)
         # Workers' stdout and stderr go out at once, not at the end of the
         # turn: a piece no follower could take is logged instead (send_now
-        # says so; a queued send cannot).
+        # says so; a queued send cannot. Pieces are not read while a client's
+        # batch is, the only time send_now queues).
         self.output = OutputHub(self._any_record, lambda to, data: self.outgoing.send_now(to, data))
         self.tracker = Tracker(config, self.loop, cleanup=self.cleanup, output=self.output)
         # One lineage of zygotes per profile, the default one (--preload) first.
