@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from zygote import cgroups
+
 from .conftest import Server, wait_until
 
 MODES = {"cgroup": (), "process-group": ("--no-cgroups",)}
@@ -94,3 +96,17 @@ def test_a_killed_watchdog_is_replaced(start_server) -> None:
         lambda: [p for p in _watchdogs(server) if p.pid != watchdog.pid], what="a new watchdog"
     )
     assert "the cgroup watchdog" in server.log()
+
+
+@pytest.mark.parametrize(
+    ("superoptions", "favored"),
+    [("rw", False), ("rw,favordynmods", True), ("rw,nsdelegate,favordynmods", True)],
+)
+def test_the_favordynmods_mount_option_is_read(tmp_path: Path, superoptions: str, favored: bool):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "30 1 0:26 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs rw,mode=755\n"
+        f"41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 {superoptions}\n"
+    )
+    assert cgroups.favors_dynmods(str(mountinfo)) is favored
+    assert cgroups.favors_dynmods(str(tmp_path / "missing")) is False
