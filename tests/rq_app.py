@@ -44,8 +44,13 @@ def sleep_reporting_pid(seconds: float) -> str:
     return "slept"
 
 
+def unpicklable() -> Any:
+    return lambda: None
+
+
 def on_success(job: Any, connection: Redis, result: Any) -> None:
     connection.rpush(f"{job.origin}:callbacks", f"success {job.id} {result}")
+    connection.rpush(f"{job.origin}:callback-pids", os.getpid())
 
 
 def on_failure(job: Any, connection: Redis, exc_type: type, exc: Exception, tb: Any) -> None:

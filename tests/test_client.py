@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 
 import msgpack
@@ -22,6 +23,19 @@ def test_many_handles_in_one_client_complete_out_of_order(shared_client: Zygote)
     assert fast.result() == "fast"
     assert not slow.done()
     assert slow.result() == "slow"
+
+
+def test_fileno_wakes_a_poll_loop_for_each_result(shared_client: Zygote) -> None:
+    # Edge-triggered: every wake is followed by done(), which drains the
+    # socket and re-arms it; a result must never be left unseen behind it.
+    poller = select.poll()
+    poller.register(shared_client.fileno(), select.POLLIN)
+    for n in range(5):
+        handle = shared_client.spawn("tests.tasks:sleep", 0.05, n)
+        while not handle.done():
+            # The job takes 50 ms: a poll that times out missed its result.
+            assert poller.poll(20_000), f"job {n}: its result never woke the poll"
+        assert handle.result() == n
 
 
 def test_map_keeps_order_and_bounds_in_flight(shared_server: Server) -> None:

@@ -256,6 +256,31 @@ def test_callbacks_run(shared: RQWorker, connection: redis.Redis) -> None:
     assert wait_done(bad) == JobStatus.FAILED
     calls = {c.decode() for c in connection.lrange(f"{shared.name}:callbacks", 0, -1)}
     assert calls == {f"success {ok.id} 5", f"failure {bad.id} ValueError: no"}
+    # In the horse, as with RQ's Worker, though the worker records the success.
+    (pid,) = connection.lrange(f"{shared.name}:callback-pids", 0, -1)
+    assert int(pid) != shared.process.pid
+
+
+def test_a_job_that_returns_costs_its_horse_no_redis_connection(
+    shared: RQWorker, connection: redis.Redis
+) -> None:
+    # The worker prepares the job before the spawn and records its result
+    # after; only a failure, a callback or the job itself connect.
+    before = connection.info("stats")["total_connections_received"]
+    jobs = [shared.queue.enqueue(rq_app.add, n, 1) for n in range(6)]
+    for n, job in enumerate(jobs):
+        assert wait_done(job) == JobStatus.FINISHED, exc_string(job)
+        assert job.return_value() == n + 1
+    assert connection.info("stats")["total_connections_received"] - before <= 2
+    stats = connection.hgetall(f"rq:worker:{shared.name}")
+    assert int(stats[b"successful_job_count"]) >= 6
+
+
+def test_a_return_value_that_cannot_be_pickled_is_replaced_as_rq_does(shared: RQWorker) -> None:
+    # The horse pickles it now, the worker stores it: RQ's placeholder, as before.
+    job = shared.queue.enqueue(rq_app.unpicklable)
+    assert wait_done(job) == JobStatus.FINISHED, exc_string(job)
+    assert job.return_value() == "Unserializable return value"
 
 
 def test_job_timeout_fails_job(shared: RQWorker) -> None:

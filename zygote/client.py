@@ -235,6 +235,12 @@ class Zygote:
         if no such job is queued or running."""
         return self._kill(handle_id, int(signal))
 
+    def fileno(self) -> int:
+        """A descriptor to poll beside others: readable when messages *may*
+        have come. ZeroMQ's, edge-triggered: call `Handle.done()` (it never
+        blocks, and takes them in) before each poll of it."""
+        return int(self._socket.getsockopt(zmq.FD))
+
     def stats(self) -> dict[str, Any]:
         """A snapshot of the server: workers, queue, zygote, counters."""
         reply = self._call(lambda req: Stats(req), self.timeout)

@@ -3,9 +3,13 @@
 The zygote preloads this module, and with it RQ, redis-py and the worker
 class, once. `run_job` then rebuilds from names and plain values what RQ's
 forked horse inherits (a Redis connection, a worker of the same name, the
-job, its queue and execution) and hands the job to RQ's own perform_job.
-Nothing here touches the network at import time: the zygote must not hold
-connections its children would share.
+job as stored, its queue and execution) and performs the job as RQ's
+perform_job does. The worker prepared the job before the spawn and records
+a success after it, so a job that returns costs this process no
+connection: the Redis client connects on its first command only (a
+failure's bookkeeping, a callback or the job using it). Nothing here
+touches the network at import time: the zygote must not hold connections
+its children would share.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from redis import Redis
@@ -21,7 +26,7 @@ from rq.executions import Execution
 from rq.logutils import setup_loghandlers
 from rq.utils import import_attribute, now, utcformat, utcparse
 
-from .worker import HorseSettings, ZygoteWorker
+from .worker import Finished, HorseSettings, ZygoteWorker
 
 if TYPE_CHECKING:
     from rq.job import Job
@@ -34,18 +39,20 @@ log = logging.getLogger("zygote.rq")
 
 def run_job(
     job_id: str,
-    execution_id: str,
+    execution: tuple[str, float],
     queue_name: str,
     worker_name: str,
     redis_kwargs: dict[str, Any],
     settings: HorseSettings,
-) -> bool:
-    """Perform RQ job `job_id` in this process, as worker `worker_name`'s
-    work horse; True if the job succeeded. Exits with status 1 if the job
-    could not be loaded (the worker then fails it)."""
+    stored: dict[str, bytes],
+) -> bool | Finished:
+    """Perform RQ job `job_id` (its hash as `stored` in Redis) in this
+    process, as worker `worker_name`'s work horse, for `execution` (its id
+    and creation time): what ZygoteWorker.main_work_horse returns. Exits
+    with status 1 if the job could not be loaded (the worker then fails it)."""
     try:
         worker, job, queue = _rebuild(
-            job_id, execution_id, queue_name, worker_name, redis_kwargs, settings
+            job_id, execution, queue_name, worker_name, redis_kwargs, settings, stored
         )
     except Exception:
         log.exception("Worker %s: the work horse could not load job %s", worker_name, job_id)
@@ -55,11 +62,12 @@ def run_job(
 
 def _rebuild(
     job_id: str,
-    execution_id: str,
+    execution: tuple[str, float],
     queue_name: str,
     worker_name: str,
     redis_kwargs: dict[str, Any],
     settings: HorseSettings,
+    stored: dict[str, bytes],
 ) -> tuple[ZygoteWorker, Job, Queue]:
     level, date_format, log_format = settings["logging"]
     for logger in ("rq.worker", "rq.job", "zygote.rq"):
@@ -82,7 +90,8 @@ def _rebuild(
         disable_default_exception_handler=settings["disable_default_exception_handler"],
         prepare_for_work=False,
     )
-    job = worker.job_class.fetch(job_id, connection=worker.connection, serializer=worker.serializer)
+    job = worker.job_class(job_id, connection=worker.connection, serializer=worker.serializer)
+    job.restore(stored)  # what Job.fetch does with the hash it reads
     queue = next((q for q in worker.queues if q.name == queue_name), None)
     if queue is None:
         queue = worker.queue_class(
@@ -92,7 +101,9 @@ def _rebuild(
             serializer=worker.serializer,
             death_penalty_class=worker.death_penalty_class,
         )
-    worker.execution = Execution.fetch(execution_id, job_id, connection=worker.connection)
+    execution_id, created = execution
+    worker.execution = Execution(execution_id, job_id, connection=worker.connection)
+    worker.execution.created_at = datetime.fromtimestamp(created, tz=UTC)
     return worker, job, queue
 
 

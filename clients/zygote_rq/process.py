@@ -11,7 +11,7 @@ import resource
 import select
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -42,12 +42,17 @@ class Horse:
         except ProcessLookupError:  # it ended, and was reaped, already
             self._pidfd = None
 
-    def wait_exited(self) -> None:
-        """Block until the process has ended."""
+    def wait_done(self, messages: int, returned: Callable[[], bool]) -> None:
+        """Block until the process has ended or `returned()`, which is
+        asked first and whenever `messages` (the client's edge-triggered
+        descriptor, see Zygote.fileno) becomes readable."""
+        poller = select.poll()  # not select(): a descriptor may be past FD_SETSIZE
+        poller.register(messages, select.POLLIN)
         if self._pidfd is not None:
-            poller = select.poll()  # not select(): a descriptor may be past FD_SETSIZE
             poller.register(self._pidfd, select.POLLIN)
-            poller.poll()
+        while not returned():
+            if any(fd == self._pidfd for fd, _ in poller.poll()):
+                return
 
     def kill(self, sig: int) -> bool:
         """Send `sig`; False if the process has ended."""

@@ -20,15 +20,23 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from redis import Redis, SSLConnection
+from rq.callbacks import execute_success_callback
 from rq.connections import get_connection_kwargs
-from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
-from rq.logutils import setup_loghandlers
-from rq.utils import import_attribute, now
+from rq.defaults import (
+    DEFAULT_LOGGING_DATE_FORMAT,
+    DEFAULT_LOGGING_FORMAT,
+    UNSERIALIZABLE_RETURN_VALUE_PAYLOAD,
+)
+from rq.job import JobStatus, Retry
+from rq.logutils import blue, green, setup_loghandlers
+from rq.timeouts import JobTimeoutException
+from rq.utils import decode_redis_hash, import_attribute, now, utcformat, utcparse
 from rq.worker import SHUTDOWN_SIGNAL, Worker
 
 from zygote.errors import TaskError, ZygoteError
@@ -47,7 +55,7 @@ if TYPE_CHECKING:
     from zygote.embedded import EmbeddedServer
     from zygote.handle import Handle
 
-__all__ = ["HORSE_MODULE", "HorseSettings", "ZygoteWorker"]
+__all__ = ["HORSE_MODULE", "Finished", "HorseSettings", "ZygoteWorker"]
 
 log = logging.getLogger("zygote.rq")
 
@@ -76,6 +84,13 @@ class HorseSettings(TypedDict):
     logging: tuple[int | str, str, str]  # level, date format, log format
 
 
+class Finished(TypedDict):
+    """A horse's job that returned: the worker records the success."""
+
+    ended_at: str  # RQ's utcformat
+    result: bytes  # the return value, dumped with the job's serializer
+
+
 class ZygoteWorker(Worker):
     """RQ's `Worker`, with each job's work horse a fresh zygote worker.
 
@@ -98,6 +113,7 @@ class ZygoteWorker(Worker):
         self._horse_lock = threading.Lock()
         self._spawning = False
         self._pending_kill: int | None = None
+        self._finished: Finished | None = None  # the horse's job returned
 
     # -- the worker's life --------------------------------------------------
 
@@ -206,6 +222,7 @@ class ZygoteWorker(Worker):
         zygote worker, where RQ's Worker forks itself. A failed spawn is
         kept for monitor_work_horse, which fails the job."""
         self._spawn_error = None
+        self._finished = None
         with self._horse_lock:
             self._spawning = True
         try:
@@ -224,17 +241,23 @@ class ZygoteWorker(Worker):
         execution = self.execution
         assert execution is not None, "fork_work_horse() without prepare_execution()"
         env = {"RQ_WORKER_ID": self.name, "RQ_JOB_ID": job.id, "RQ_EXECUTION_ID": execution.id}
+        # RQ's horse does this first thing; here, on the worker's warm
+        # connection, the horse needs none for a job that returns. The
+        # horse gets the job as stored after it, as a forked one would.
+        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        stored = decode_redis_hash(self.connection.hgetall(job.key))
         try:
             self._restart_dead_server()
             assert self._zygote is not None, "fork_work_horse() before bootstrap()"
             handle = self._zygote.spawn(
                 self.horse_task,
                 job.id,
-                execution.id,
+                [execution.id, execution.created_at.timestamp()],
                 queue.name,
                 self.name,
                 self._redis_kwargs,
                 self._horse_settings,
+                stored,
                 _env=env,
             )
         except ZygoteError as exc:
@@ -262,6 +285,32 @@ class ZygoteWorker(Worker):
             if horse is not None:
                 horse.close()
             self._horse_pid = 0
+        finished, self._finished = self._finished, None
+        if finished is not None:
+            self._record_success(job, queue, execution, finished)
+
+    def _record_success(
+        self, job: Job, queue: Queue, execution: Execution, finished: Finished
+    ) -> None:
+        """What RQ's horse does once a job has returned and its success
+        callback has run (RQ 3.0's _finalize_success), on this worker's
+        connection: the horse ran the job, and the callback, and exited."""
+        try:
+            job.ended_at = utcparse(finished["ended_at"])
+            job._result = job.serializer.loads(finished["result"])
+            job._status = JobStatus.FINISHED
+            self.handle_job_success(
+                job=job,
+                queue=queue,
+                started_job_registry=queue.started_job_registry,
+                execution=execution,
+            )
+            job.send_webhooks(JobStatus.FINISHED)
+        except Exception:  # as RQ's perform_job: the job fails instead
+            self._finalize_failure(job, queue, execution, sys.exc_info())
+            return
+        ok = blue("Job OK")
+        self.log.info("Worker %s: %s: %s (%s)", self.name, green(job.origin), ok, job.id)
 
     def _fail_unspawned(
         self, job: Job, queue: Queue, execution: Execution, error: ZygoteError
@@ -277,30 +326,37 @@ class ZygoteWorker(Worker):
         self.handle_job_failure(job, queue=queue, exc_string=exc_string, execution=execution)
 
     def wait_for_horse(self) -> WaitResult:
-        """Wait for the horse to end; its pid, wait status and usage."""
+        """Wait for the horse to end, or to return; its pid, wait status and usage."""
         horse = self._horse
         if horse is None:
             return None, None, None
         if horse.exit is None:
-            horse.wait_exited()  # where the monitoring alarm may interrupt
+            assert self._zygote is not None
+            # Where the monitoring alarm may interrupt: outside the client.
+            horse.wait_done(self._zygote.fileno(), lambda: _returned(horse.handle))
             with held_signals():
                 # Kept: if a signal held back here raises, RQ's loop calls again.
                 horse.exit = self._exit_status(horse)
         return horse.exit
 
     def _exit_status(self, horse: Horse) -> WaitResult:
-        try:
-            info = horse.handle.wait()
-        except ZygoteError as exc:
-            log.error("Worker %s: no exit status for horse %d: %s", self.name, horse.pid, exc)
-            return horse.pid, None, None
-        # What the job printed: to this worker's stdout/stderr, as a forked
-        # horse's would have gone (here once it has ended).
-        with contextlib.suppress(ZygoteError):
-            for stream, data in horse.handle.output(timeout=0):
-                relay_output(stream, data)
-        pid, status, usage = wait_result(info)
-        error = _raised(horse.handle) if status == 0 else None
+        handle = horse.handle
+        if _returned(handle):
+            # RQ's code in the horse is done with the job: go on without
+            # waiting for the process to exit (a zygote worker takes its
+            # time, at idle priority, to leave); it has had its say.
+            result: WaitResult = (horse.pid, 0, None)
+        else:  # it raised, or was killed, or exited before its result came
+            try:
+                result = wait_result(handle.wait())
+            except ZygoteError as exc:
+                log.error("Worker %s: no exit status for horse %d: %s", self.name, horse.pid, exc)
+                return horse.pid, None, None
+        pid, status, usage = result
+        self._relay_output(horse)
+        error, returned = _outcome(handle) if status == 0 else (None, None)
+        if isinstance(returned, dict):
+            self._finished = returned  # type: ignore[assignment]
         if error is not None:
             log.error(
                 "Worker %s: horse %d raised %s\n%s",
@@ -311,6 +367,15 @@ class ZygoteWorker(Worker):
             )
             status = 1 << 8  # it never ran the job: RQ is to fail it, as for exit status 1
         return pid, status, usage
+
+    @staticmethod
+    def _relay_output(horse: Horse) -> None:
+        """What the job printed: to this worker's stdout/stderr, as a forked
+        horse's would have gone (here once it has ended; the server sends a
+        job's output before its result)."""
+        with contextlib.suppress(ZygoteError):
+            for stream, data in horse.handle.output(timeout=0):
+                relay_output(stream, data)
 
     def kill_horse(self, sig: signal.Signals = SHUTDOWN_SIGNAL) -> None:
         """Signal the horse, through its pidfd. Called from RQ's pubsub
@@ -329,8 +394,10 @@ class ZygoteWorker(Worker):
 
     # -- the horse's side -----------------------------------------------------
 
-    def main_work_horse(self, job: Job, queue: Queue) -> bool:
-        """Perform `job` in this process, a zygote worker; True if it succeeded.
+    def main_work_horse(self, job: Job, queue: Queue) -> bool | Finished:
+        """Perform `job` in this process, a zygote worker: a `Finished` for
+        the worker to record if it returned, else whether RQ's code here
+        recorded a success (a `Retry`) or a failure.
 
         RQ's own ends in os._exit(), which would cut the zygote worker off
         before it reports and runs its exit hooks; this returns instead, and
@@ -341,24 +408,75 @@ class ZygoteWorker(Worker):
         execution = self.execution
         assert execution is not None, "main_work_horse() without an execution"
         try:
-            return self.perform_job(job, queue, execution)
+            succeeded = self.perform_job(job, queue, execution)
         except BaseException:
             log.exception("Worker %s: the work horse failed around job %s", self.name, job.id)
             raise SystemExit(1) from None
+        finished, self._finished = self._finished, None
+        return finished if succeeded and finished is not None else succeeded
+
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        """RQ's perform_job, less prepare_job_execution (the worker did it
+        before the spawn)."""
+        try:
+            job.started_at = now()
+            timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
+                return_value = job.perform()
+            self._finalize_success(job, queue, execution, return_value)
+        except:  # noqa: E722 -- as RQ's: whatever the job raised fails it
+            self._finalize_failure(job, queue, execution, sys.exc_info())
+            return False
+        return True
+
+    def _finalize_success(
+        self, job: Job, queue: Queue, execution: Execution, return_value: Any
+    ) -> None:
+        """In a horse: run the success callback and leave the rest of RQ's
+        bookkeeping (result, registries, statistics) to the worker, which
+        does it on its warm connection; this process then needs none. A
+        `Retry` is RQ's business, here."""
+        if not self._is_horse or isinstance(return_value, Retry):
+            super()._finalize_success(job, queue, execution, return_value)
+            return
+        job.ended_at = now()
+        job._result = return_value
+        job._status = JobStatus.FINISHED
+        execute_success_callback(job, self.death_penalty_class, return_value)
+        try:  # here: only this process has the value
+            result = job.serializer.dumps(return_value)
+        except Exception:  # what RQ's Result stores then; the job still succeeds
+            result = job.serializer.dumps(UNSERIALIZABLE_RETURN_VALUE_PAYLOAD)
+        self._finished = {"ended_at": utcformat(job.ended_at), "result": result}
 
 
-def _raised(handle: Handle) -> TaskError | None:
-    """What the horse raised instead of running RQ's code (on a server that
-    cannot import zygote_rq.horse, say); a zygote worker then exits with 0."""
+def _returned(handle: Handle) -> bool:
+    """Whether the horse's task has returned (a `Finished`, or whether RQ's
+    code recorded the job), rather than raised or not ended yet. Never
+    blocks; holds back the signals the client must not see."""
+    with held_signals():
+        if not handle.done():
+            return False
+        try:
+            handle.result()  # at hand: it does not block
+        except ZygoteError:  # raised, killed, lost: its exit status tells
+            return False
+        return True
+
+
+def _outcome(handle: Handle) -> tuple[TaskError | None, object]:
+    """What the horse returned (a `Finished`, or whether RQ's code recorded
+    the job), or what it raised instead of running RQ's code (on a server
+    that cannot import zygote_rq.horse, say: a zygote worker then exits
+    with 0)."""
     if not handle.done():
-        return None
+        return None, None
     try:
-        handle.result()
+        return None, handle.result()
     except TaskError as exc:
-        return None if exc.exc_type == "SystemExit" else exc
+        return (None if exc.exc_type == "SystemExit" else exc), None
     except ZygoteError:
-        pass  # killed, or lost: its exit status says so
-    return None
+        return None, None  # killed, or lost: its exit status says so
 
 
 def _import_path(obj: Any) -> str:
