@@ -55,6 +55,7 @@ def identity() -> list[int]:
     return [os.getuid(), os.getgid(), os.getpid()]
 
 
-def cgroup() -> str:
+def cgroup(*ballast: object) -> str:
+    """This process's cgroup v2 path (`ballast`: to make a request big)."""
     with open("/proc/self/cgroup") as f:
         return next(line[3:].strip() for line in f if line.startswith("0::"))

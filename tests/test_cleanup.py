@@ -52,6 +52,23 @@ def test_what_a_task_leaves_behind_is_killed_when_its_job_ends(start_server, mod
     assert client.spawn("tests.tasks:add", 1, 2).result() == 3
 
 
+def test_every_task_runs_in_a_cgroup_of_its_own_however_it_starts(start_server) -> None:
+    # The move into it happens on the supervisor's mover thread; whatever
+    # way the task reaches the child, it must not run before the move.
+    server = _start(start_server, "cgroup")
+    client = server.client(timeout=20)
+    root = server.stats()["cgroup"].removeprefix(str(cgroups.unified_mount()))
+    places = [client.spawn("tests.leftovers:cgroup").result()]  # the ready pool's child
+    on_demand = [client.spawn("tests.leftovers:cgroup") for _ in range(2)]  # with the fork
+    places += [handle.result() for handle in on_demand]
+    big = b"x" * (128 * 1024)  # too big to travel with the fork: sent down the channel
+    places.append(client.spawn("tests.leftovers:cgroup", big).result())
+    assert len(set(places)) == len(places), places
+    for place in places:
+        parent, name = place.rsplit("/", 1)
+        assert parent == root and name.startswith("w") and name[1:].isdigit(), place
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_what_running_tasks_left_is_killed_when_the_server_stops(
     start_server, mode: str, tmp_path: Path

@@ -8,8 +8,9 @@ Two ways, one interface:
   child's cgroup is killed (`cgroup.kill`) when the child exits, the
   server's when it stops, and the watchdog (zygote/watchdog.py) kills it
   if the supervisor is killed. The supervisor moves each child into its
-  cgroup on `Forked`, before it lets the child run a task (it sends the
-  `Go` itself), so nothing a task starts is ever outside it.
+  cgroup on `Forked` (on a thread: mover.py), and lets the child run a task
+  (the `Go`, the task, its `Ready` taken in) only once it is there, so
+  nothing a task starts is ever outside it.
 * `GroupCleanup` — otherwise: each worker leads a process group of its own
   (it calls setpgid itself), killed when the worker exits; processes that
   leave the group (setsid) end up as our children (we are the subreaper)
@@ -34,6 +35,8 @@ from ..cgroups import Cgroup
 from ..config import ServerConfig
 from ..linux import child_pids, kill_child
 from .children import Child
+from .loop import EventLoop
+from .mover import Mover
 
 log = logging.getLogger("zygote.supervisor")
 
@@ -66,14 +69,14 @@ class Cleanup:
     #: memory.max enforces `memory` (else the worker's RLIMIT_AS does)
     memory_by_cgroup = False
     #: the supervisor, not the zygote, tells a carried task to go (after
-    #: moving its child into place)
+    #: moving its child into place: `when_placed`)
     supervisor_go = False
 
     def __init__(self, census: Census = lambda: (set(), set())) -> None:
         self.census = census
         self.killed = 0  # processes killed that jobs had left behind
 
-    def start(self) -> None:
+    def start(self, loop: EventLoop) -> None:
         """Before the first zygote starts."""
 
     def worker_limits(self, limits: dict[str, float]) -> dict[str, float]:
@@ -89,6 +92,11 @@ class Cleanup:
         """The zygote forked it: put it in its place before it runs a task."""
         if child.job is not None:
             self.limit(child, child.job.limits)
+
+    def when_placed(self, child: Child, then: Callable[[], object]) -> None:
+        """Call `then` once the child is where it may run a task: at once,
+        unless it is still being moved into its cgroup."""
+        then()
 
     def limit(self, child: Child, limits: dict[str, float]) -> None:
         """Its job's limits are known (forked for it, or taken from the pool)."""
@@ -133,7 +141,7 @@ class GroupCleanup(Cleanup):
         # of those jobs left it, and it goes once all of them have ended.
         self.suspects: dict[int, set[int]] = {}
 
-    def start(self) -> None:
+    def start(self, loop: EventLoop) -> None:
         log.info("per-job cleanup: process groups and orphan sweeps (no cgroup v2)")
 
     def child_exited(self, child: Child) -> None:
@@ -179,8 +187,15 @@ class CgroupCleanup(Cleanup):
         self.busy: list[Cgroup] = []  # killed, not yet empty enough to remove
         self.watchdog: subprocess.Popen[bytes] | None = None
         self._watch_w = -1
+        self.mover: Mover | None = None
+        self.loop: EventLoop | None = None
+        #: children being moved, by id (held here, so no other object gets
+        #: that id meanwhile): the child, and what waits for the move
+        self.moving: dict[int, tuple[Child, list[Callable[[], object]]]] = {}
 
-    def start(self) -> None:
+    def start(self, loop: EventLoop) -> None:
+        self.mover, self.loop = Mover(), loop
+        loop.watch(self.mover.wake, self._moved)
         self._start_watchdog()
         memory = "memory.max" if self.memory_by_cgroup else "RLIMIT_AS (no memory controller)"
         log.info("per-job cleanup: cgroup v2 under %s; memory limits by %s", self.root.path, memory)
@@ -225,13 +240,39 @@ class CgroupCleanup(Cleanup):
         self.numbers += 1
         try:
             child.cgroup = self.root.child(f"w{self.numbers}")
-            child.cgroup.add(child.pid)
-        except ProcessLookupError:
-            pass  # it died already; its exit is on the way
         except OSError as exc:
             # It runs on unconfined rather than not at all; said loudly.
-            log.error("worker %d: cannot move it into its cgroup: %s", child.pid, exc)
+            log.error("worker %d: cannot make its cgroup: %s", child.pid, exc)
+        else:
+            if self.mover is not None:
+                self.moving[id(child)] = (child, [])
+                self.mover.move(id(child), child.pid, child.cgroup)
+            else:  # stopping (the thread is gone): moved here and now
+                with contextlib.suppress(OSError):
+                    child.cgroup.add(child.pid)
         super().child_forked(child)
+
+    def when_placed(self, child: Child, then: Callable[[], object]) -> None:
+        moving = self.moving.get(id(child))
+        if moving is None:
+            then()
+        else:
+            moving[1].append(then)
+
+    def _moved(self) -> None:
+        assert self.mover is not None
+        for key, pid, cgroup, error in self.mover.finished():
+            moving = self.moving.pop(key, None)
+            if moving is None:
+                continue  # it exited before the move was done: released
+            _, waiting = moving
+            if isinstance(error, ProcessLookupError):
+                continue  # it died already; its exit is on the way
+            if error is not None:
+                # It runs on unconfined rather than not at all; said loudly.
+                log.error("worker %d: cannot move it into its cgroup %s: %s", pid, cgroup, error)
+            for then in waiting:
+                then()
 
     def limit(self, child: Child, limits: dict[str, float]) -> None:
         child.limits = dict(limits)
@@ -247,6 +288,9 @@ class CgroupCleanup(Cleanup):
         self._release(child)
 
     def child_exited(self, child: Child) -> None:
+        # A move still under way finds the cgroup gone, or empties into it
+        # and is killed with it; nothing waits for it any more.
+        self.moving.pop(id(child), None)
         self._release(child)
 
     def _release(self, child: Child) -> None:
@@ -279,6 +323,10 @@ class CgroupCleanup(Cleanup):
         self.busy = [cgroup for cgroup in self.busy if not cgroup.remove()]
 
     def stop(self) -> None:
+        if self.mover is not None and self.loop is not None:
+            self.loop.unwatch(self.mover.wake)
+            self.mover.close()  # the moves asked for are done first
+            self.mover = None
         with contextlib.suppress(FileNotFoundError):
             self.root.kill()
 

@@ -259,11 +259,17 @@ class Spawner:
         if job.killed is not None:  # killed while it was being forked
             child.signal(job.killed)
             return
+        self.cleanup.when_placed(child, lambda: self._go(child, job))
+        log.debug("spawn %s: worker %d of generation %d", job.handle, child.pid, zygote.generation)
+
+    def _go(self, child: Child, job: Job) -> None:
+        """A child forked for `job` is in its place: it may run the task."""
+        if child.state is not ChildState.STARTING or child.job is not job:
+            return  # it failed its start, or was killed, meanwhile
         if not child.carried:
             self.tracker.send(child, self._task_frame(child, job))
-        elif self.cleanup.supervisor_go:  # it is in its cgroup now: it may go
+        elif self.cleanup.supervisor_go:  # else the zygote has said it
             self.tracker.send(child, GO_FRAME)
-        log.debug("spawn %s: worker %d of generation %d", job.handle, child.pid, zygote.generation)
 
     def _lost_carried(self, zygote: ZygoteProc, child: Child, job: Job, pid: int) -> None:
         """The zygote has told this child to go, so it may be running its task
@@ -325,8 +331,10 @@ class Spawner:
             elif child.carried and child.state in (ChildState.STARTING, ChildState.RUNNING):
                 # It may have died between handing us the channel and
                 # telling the child to go (which may be ready, and waiting
-                # for it, by now); one more Go is harmless.
-                self.tracker.send(child, GO_FRAME)
+                # for it, by now); one more Go is harmless, once it is in
+                # its cgroup.
+                go = functools.partial(self.tracker.send, child, GO_FRAME)
+                self.cleanup.when_placed(child, go)
         zygotes = {pid for lineage in self.lineages.values() for pid in lineage.fleet.zygotes}
         self.tracker.zygote_gone(zygote, zygotes)
         self.dispatch()  # what it held may have freed slots

@@ -164,7 +164,7 @@ class Supervisor:
         set_child_subreaper()
         if (files := raise_open_files_limit()) < 4 * (workers := self.config.max_workers) + 64:
             log.warning("open files limit %d is low for %d workers (ulimit -n)", files, workers)
-        self.cleanup.start()
+        self.cleanup.start(self.loop)
         self.context = zmq.Context(io_threads=1)
         self.router = self.listener.open(self.context, self.loop)
         self.outgoing = self.listener.outgoing

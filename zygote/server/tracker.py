@@ -255,8 +255,8 @@ class Tracker:
         if isinstance(msg, Phase) and starting:
             child.phase = msg.name
         elif isinstance(msg, Ready) and starting:
-            if child.failure is None:  # not from a child already condemned
-                self.events.child_ready(child)
+            # Ready to take a task, once it is in its cgroup (cleanup.py).
+            self.cleanup.when_placed(child, lambda: self._ready(child))
         elif isinstance(msg, Result) and child.state is ChildState.RUNNING:
             if child.job is None or msg.handle != child.job.handle:
                 self._misbehaved(child, f"sent a result for {msg.handle!r}")
@@ -280,6 +280,11 @@ class Tracker:
             child.zygote.last_failure = f"worker {child.pid} {msg.name} failed: {last}\n{error}"
         else:
             self._misbehaved(child, f"sent an unexpected {msg.KIND} message")
+
+    def _ready(self, child: Child) -> None:
+        # Not from a child condemned, or gone, while it was being moved.
+        if child.state is ChildState.STARTING and child.failure is None:
+            self.events.child_ready(child)
 
     def _on_output(self, child: Child, stream: str, budget: int = 1 << 20) -> None:
         """Its stdout or stderr turned readable: pass on what is there."""
