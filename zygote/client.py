@@ -84,7 +84,7 @@ class Zygote:
     with CURVE, `curve_secret` is our NAME.key_secret file and `curve_server`
     the server's public NAME.key (defaults: `$ZYGOTE_CURVE_SECRET`,
     `$ZYGOTE_CURVE_SERVER`); a refused handshake raises ZygoteError
-    ("authentication failed ...") at the next wait.
+    ("authentication failed ...") at the next wait or send.
     """
 
     def __init__(
@@ -119,7 +119,7 @@ class Zygote:
         # its monitor says why, at once, instead of a timeout later.
         self._handshakes = HandshakeWatch(self._socket, self._keys, self.endpoint)
         self._socket.connect(self.endpoint)
-        self._requests = Requests(self._socket)
+        self._requests = Requests(self._socket, self._wait_for_room)
         self._answered = False  # has the server ever said anything?
         self._replies: dict[int, Message | Handle] = {}
         self._abandoned: set[int] = set()
@@ -152,13 +152,13 @@ class Zygote:
         server for a new client to `attach()` to."""
         if self._socket.closed:
             return
-        self._requests.send_confirmations()
-        if self._requests.unproven is not None:
-            # Our last `Collected` may still sit in ZeroMQ's queue, which
-            # closing the socket throws away: the server would then keep
-            # those results for nobody until they expire. One round trip
-            # settles it (replies come in order), bounded for a dead server.
-            with contextlib.suppress(ZygoteError):
+        with contextlib.suppress(ZygoteError):  # never raises: unconfirmed results expire
+            self._requests.send_confirmations()
+            if self._requests.unproven is not None:
+                # Our last `Collected` may still sit in ZeroMQ's queue, which
+                # closing the socket throws away: the server would then keep
+                # those results for nobody until they expire. One round trip
+                # settles it (replies come in order), bounded for a dead server.
                 self._call(lambda req: Ping(req), _CLOSE_TIMEOUT)
         self._handshakes.close()
         self._socket.close()
@@ -377,6 +377,19 @@ class Zygote:
                     self._abandoned.add(req)
                     self._followed[req] = follow
 
+    def _wait_for_room(self, since: float) -> None:
+        """Wait for room to send a message (see `Requests.put`) as `_wait`
+        waits for an answer: a failed handshake raises its error; past
+        `timeout`, ZygoteTimeout; past an unanswered probe's time, the error
+        of a silent server."""
+        silent = PROBE_EVERY + PROBE_TIMEOUT
+        bound = silent if self.timeout is None else min(self.timeout, silent)
+        if self._handshakes.wait_for_room(since + bound):
+            return
+        if bound < silent:
+            raise ZygoteTimeout(f"the server at {self.endpoint} took no message within {bound:g}s")
+        raise silent_server(self.endpoint, self._answered, time.monotonic() - since)
+
     def _receive_ready(self) -> None:
         """Take in every message that has arrived, without blocking."""
         while True:
@@ -486,7 +499,7 @@ class Zygote:
         spawn = self._spawns.get(handle_id)
         if spawn is not None:
             req, make = spawn
-            self._socket.send(encode(make(req)))
+            self._requests.put([encode(make(req))])
             return
         delivery = self._deliveries.get(handle_id)
         if delivery is not None:

@@ -10,6 +10,7 @@ and its workers must never load it).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -236,20 +237,31 @@ class HandshakeWatch:
         self.sock = sock
         self.handshakes = Handshakes(keys, endpoint)
         self.monitor: zmq.Socket[bytes] | None = None
+        self.pollers: dict[int, zmq.Poller] = {}  # by what we wait for: POLLIN, POLLOUT
         if endpoint.startswith("tcp://"):
             self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
-            self.poller = zmq.Poller()
-            self.poller.register(sock, zmq.POLLIN)
-            self.poller.register(self.monitor, zmq.POLLIN)
+            for event in (zmq.POLLIN, zmq.POLLOUT):
+                poller = self.pollers[event] = zmq.Poller()
+                poller.register(sock, event)
+                poller.register(self.monitor, zmq.POLLIN)
 
-    def poll(self, timeout_ms: int) -> bool:
-        """Wait for a message; True if one is there."""
+    def poll(self, timeout_ms: int, event: int = zmq.POLLIN) -> bool:
+        """Wait for a message (or, for POLLOUT, room to send one); True if
+        there is."""
         if self.monitor is None:
-            return bool(self.sock.poll(timeout_ms))
+            return bool(self.sock.poll(timeout_ms, event))
         self._check()
-        ready = dict(self.poller.poll(timeout_ms))
+        ready = dict(self.pollers[event].poll(timeout_ms))
         self._check()
         return self.sock in ready
+
+    def wait_for_room(self, until: float) -> bool:
+        """Wait for room to send a message, until the monotonic time `until`;
+        True once there is."""
+        while (left := until - time.monotonic()) > 0:
+            if self.poll(max(1, int(left * 1000)), zmq.POLLOUT):
+                return True
+        return False
 
     def _check(self) -> None:
         assert self.monitor is not None

@@ -13,6 +13,7 @@ long as the caller sends nothing (an RQ worker idle for an hour, say).
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 
 import zmq
@@ -30,8 +31,11 @@ CONFIRM_AT_ONCE = 64 * 1024
 class Requests:
     """Numbers and sends requests on a DEALER socket."""
 
-    def __init__(self, socket: zmq.Socket[bytes]) -> None:
+    def __init__(self, socket: zmq.Socket[bytes], wait_for_room: Callable[[float], None]) -> None:
         self.socket = socket
+        # Returns once the socket has room for a message, or raises why it
+        # will not (given when the send began to wait).
+        self.wait_for_room = wait_for_room
         self._ids = itertools.count(1)
         self.last = 0  # the id of the last request sent
         self.max_batch = 1  # requests per ZeroMQ message: the server's max_batch
@@ -46,17 +50,16 @@ class Requests:
         as few ZeroMQ messages as the server takes; their ids."""
         reqs = [next(self._ids) for _ in makes]
         frames = [encode(make(req)) for make, req in zip(makes, reqs, strict=True)]
-        if self.held and self.max_batch > 1:
+        riding = bool(self.held) and self.max_batch > 1
+        if riding:
             frames.insert(0, encode(Collected(self.held)))
-            self.held, self.unproven = [], self.last
         elif self.held:
             self.send_confirmations()
+        for start in range(0, len(frames), self.max_batch):
+            self.put(frames[start : start + self.max_batch])
+            if riding:  # gone with the first message; kept if it could not go
+                self.held, self.unproven, riding = [], self.last, False
         self.last = reqs[-1]
-        if len(frames) == 1:
-            self.socket.send(frames[0])
-        else:
-            for start in range(0, len(frames), self.max_batch):
-                self.socket.send_multipart(frames[start : start + self.max_batch])
         return reqs
 
     def confirm(self, handle_id: str, big: bool = False) -> None:
@@ -68,8 +71,41 @@ class Requests:
 
     def send_confirmations(self) -> None:
         if self.held:
-            self.socket.send(encode(Collected(self.held)))
+            self.put([encode(Collected(self.held))])
             self.held, self.unproven = [], self.last
+
+    def put(self, frames: list[bytes]) -> None:
+        """Send one ZeroMQ message, waiting for room with `wait_for_room`.
+
+        ZeroMQ's own wait has no bound: a DEALER waits for a connection to
+        write to, and once a handshake is refused libzmq drops the
+        connection for good (no reconnect after a protocol error). A send
+        made after that, even by a split second, would wait for ever, and
+        neither the client's timeout nor its handshake watch would get a
+        turn to say why. So the first frame goes without waiting, and the
+        client does the waiting in between.
+
+        The other frames go as usual: they cannot have to wait. A DEALER
+        writes all of a message to the connection its first frame went to,
+        whose high-water mark counts whole messages, so there is room for
+        the rest; and if that connection dies halfway, libzmq drops the
+        whole message at once rather than wait (as a broken connection
+        loses what it carried: the probes see to it). Sent without waiting,
+        they could fail halfway and leave ZeroMQ dropping the next message.
+        """
+        more = zmq.SNDMORE if len(frames) > 1 else 0
+        since: float | None = None
+        while True:
+            try:
+                self.socket.send(frames[0], zmq.NOBLOCK | more)
+                break
+            except zmq.Again:
+                since = time.monotonic() if since is None else since
+                self.wait_for_room(since)
+        for frame in frames[1:-1]:
+            self.socket.send(frame, zmq.SNDMORE)
+        if more:
+            self.socket.send(frames[-1])
 
     def answered(self, req: int) -> None:
         """A reply to `req` came: replies come in order, so the server has
