@@ -25,21 +25,9 @@ from typing import Any
 import zmq
 
 from .batch import Batch, Call
-from .codec import (
-    check_spawn_size,
-    decode_reply,
-    encode,
-    prepare_limits,
-    prepare_spawn,
-)
+from .codec import check_spawn_size, decode_reply, encode, prepare_limits, prepare_spawn
 from .config import default_endpoint
-from .errors import (
-    ServerUnavailable,
-    ZygoteError,
-    ZygoteTimeout,
-    error_for,
-    silent_server,
-)
+from .errors import ServerUnavailable, ZygoteError, ZygoteTimeout, error_for, silent_server
 from .handle import Delivery, ExitInfo, Handle, Link
 from .keys import ClientKeys, HandshakeWatch
 from .protocol import (
