@@ -5,6 +5,7 @@ spawns in one message, confirmations riding with the next request."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import msgpack
@@ -102,6 +103,28 @@ def test_a_req_style_message_carries_one_request(server: Server, raw) -> None:
     assert decode_reply(raw.recv()).req == 3  # type: ignore[attr-defined]
     assert server.stats()["accepted"] == 0
     assert "a REQ-style message with several requests" in server.log()
+
+
+def test_a_map_dropped_unfinished_lets_the_server_forget_its_results_at_once(
+    server: Server,
+) -> None:
+    # Without the cycle collector: dropping the map must be enough for the
+    # results of its jobs not consumed to be confirmed unseen, as they come.
+    gc.disable()
+    try:
+        with server.client(timeout=30) as client:
+            for _ in client.map("tests.tasks:identity", range(4), max_in_flight=4):
+                break
+            client.map("tests.tasks:identity", range(3))  # never iterated at all
+            assert client.spawn("tests.tasks:add", 1, 1).result() == 2
+
+            def forgotten() -> bool:
+                client.ping()  # takes in (and confirms) what has come meanwhile
+                return bool(server.stats()["results_kept"] == 0)
+
+            wait_until(forgotten, what="the server to forget the map's results")
+    finally:
+        gc.enable()
 
 
 def test_a_map_left_early_holds_back_no_other_confirmation(server: Server) -> None:

@@ -9,6 +9,7 @@ import functools
 import itertools
 import signal
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -47,17 +48,21 @@ class Batch(Iterator[Any]):
         return_errors: bool,
         on_output: Callable[[str, bytes], object] | None = None,
     ) -> None:
-        self.deadline = None if timeout is None else time.monotonic() + timeout
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self.client, self.task, self.profile = client, task, profile
-        self.window = max_in_flight or client._server_max_workers()
-        self.return_errors, self.on_output = return_errors, on_output
-        self.items = iter(calls)
-        self.pending: collections.deque[int] = collections.deque()
-        self.waiting: list[int] = []
-        self._results = self._run()
-        self._fill()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        window = max_in_flight or client._server_max_workers()
+        self._flight = _Flight(
+            client, task, profile, iter(calls), window, deadline, return_errors, on_output
+        )
+        # The generator holds the flight, never this object: a batch dropped
+        # unfinished is closed at once, by reference counting, and the
+        # results of its jobs not consumed are confirmed unseen as they come
+        # (with a cycle, they would wait on the server for the collector).
+        self._results = self._flight.run()
+        self._flight.fill()
+        # A batch never iterated has no generator frame to clean up after it.
+        weakref.finalize(self, _release_quietly, self._flight)
 
     def __next__(self) -> Any:
         return next(self._results)
@@ -70,6 +75,30 @@ class Batch(Iterator[Any]):
     def cancel(self) -> None:
         """Stop the jobs not yet consumed: queued ones never start, running
         ones get SIGTERM. Once."""
+        self._flight.cancel()
+
+
+class _Flight:
+    """A batch's jobs in flight, and its results in order (`run`)."""
+
+    def __init__(
+        self,
+        client: Zygote,
+        task: str,
+        profile: str | None,
+        items: Iterator[Call],
+        window: int,
+        deadline: float | None,
+        return_errors: bool,
+        on_output: Callable[[str, bytes], object] | None,
+    ) -> None:
+        self.client, self.task, self.profile = client, task, profile
+        self.items, self.window, self.deadline = items, window, deadline
+        self.return_errors, self.on_output = return_errors, on_output
+        self.pending: collections.deque[int] = collections.deque()
+        self.waiting: list[int] = []
+
+    def cancel(self) -> None:
         reqs, self.waiting = [*self.waiting, *self.pending], []
         self.pending.clear()
         if reqs:
@@ -77,7 +106,7 @@ class Batch(Iterator[Any]):
         for req in reqs:  # their results, when they come, are nobody's
             self.client._abandon(req)
 
-    def _fill(self) -> None:
+    def fill(self) -> None:
         """Spawn up to the window, all in one ZeroMQ message (with the
         confirmations of the results consumed since the last fill)."""
         client = self.client
@@ -91,14 +120,14 @@ class Batch(Iterator[Any]):
         elif not client._socket.closed:
             client._requests.send_confirmations()  # no spawn left to ride with
 
-    def _outcome(self, req: int) -> Any:
+    def outcome(self, req: int) -> Any:
         client = self.client
         handle = client._reply(req, _remaining(self.deadline), client._handle_for(req))
         assert isinstance(handle, Handle)
         if self.on_output is not None:
             for stream, data in handle.output(_remaining(self.deadline)):
                 self.on_output(stream, data)
-        # Its confirmation rides with the spawn `_fill` sends next. Held
+        # Its confirmation rides with the spawn `fill` sends next. Held
         # only here, never across a `yield`: a map left unfinished must not
         # hold back the client's other confirmations.
         requests = client._requests
@@ -108,12 +137,12 @@ class Batch(Iterator[Any]):
         finally:
             requests.maps -= 1
 
-    def _run(self) -> Generator[Any, None, None]:
+    def run(self) -> Generator[Any, None, None]:
         try:
             while self.pending:
                 self.waiting = [self.pending.popleft()]
                 try:
-                    value = self._outcome(self.waiting[0])
+                    value = self.outcome(self.waiting[0])
                 except (ZygoteTimeout, ServerUnavailable):
                     raise  # the batch's own deadline, or no server: not a call's
                 except ZygoteError as exc:
@@ -121,16 +150,22 @@ class Batch(Iterator[Any]):
                         raise
                     value = exc
                 self.waiting = []
-                self._fill()
+                self.fill()
                 yield value
         except KeyboardInterrupt:
             self.cancel()
             raise
         finally:
-            for req in self.pending:  # replies already here, or still to come
-                self.client._abandon(req)
-            if not self.client._socket.closed:
-                self.client._requests.send_confirmations()  # any still held
+            self.release()
+
+    def release(self) -> None:
+        """Nobody takes the results not consumed: they are confirmed unseen
+        as they come (replies already here, or still to come)."""
+        pending, self.pending = list(self.pending), collections.deque()
+        for req in pending:
+            self.client._abandon(req)
+        if not self.client._socket.closed:
+            self.client._requests.send_confirmations()  # any still held
 
 
 def submit(
@@ -165,6 +200,12 @@ def cancel(client: Zygote, reqs: list[int]) -> None:
 
 def _kill(handle_id: str, req: int) -> Kill:
     return Kill(req, handle_id, signal.SIGTERM)
+
+
+def _release_quietly(flight: _Flight) -> None:
+    # From a finalizer: an error could only be printed, and nobody waits.
+    with contextlib.suppress(ZygoteError):
+        flight.release()
 
 
 def _remaining(deadline: float | None) -> float | None:
