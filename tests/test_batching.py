@@ -116,6 +116,8 @@ def test_a_map_dropped_unfinished_lets_the_server_forget_its_results_at_once(
             for _ in client.map("tests.tasks:identity", range(4), max_in_flight=4):
                 break
             client.map("tests.tasks:identity", range(3))  # never iterated at all
+            closed = client.map("tests.tasks:identity", range(2))
+            closed.close()  # never iterated, closed, and still referenced
             assert client.spawn("tests.tasks:add", 1, 1).result() == 2
 
             def forgotten() -> bool:

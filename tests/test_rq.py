@@ -431,6 +431,26 @@ def test_warm_and_cold_shutdown(start_worker: Callable[..., RQWorker]) -> None:
     wait_until(lambda: not tagged(cold.tag), what="the zygote server to stop")
 
 
+def test_a_horse_gone_before_it_is_followed_is_not_waited_for(shared_client: Any) -> None:
+    # Its process was reaped before the worker could open a pidfd on it, and
+    # it did not return: no message will ever come for it again, so the
+    # wait must end at once, and the exit status come from the server.
+    from zygote_rq.process import Horse, returned
+
+    handle = shared_client.spawn("tests.tasks:raise_value_error")
+    handle.wait()
+    horse = Horse(handle)
+    ended = threading.Event()
+
+    def wait() -> None:
+        horse.wait_done(shared_client.fileno(), lambda: returned(handle))
+        ended.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    assert ended.wait(10), "the wait for a horse already gone did not end"
+    horse.close()
+
+
 def test_held_signals_run_after_the_block_every_one() -> None:
     # How the worker keeps RQ's alarm and shutdown handlers out of the zygote
     # client: they run after the client call, and one that raises (the

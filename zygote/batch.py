@@ -62,7 +62,9 @@ class Batch(Iterator[Any]):
         self._results = self._flight.run()
         self._flight.fill()
         # A batch never iterated has no generator frame to clean up after it.
-        weakref.finalize(self, _release_quietly, self._flight)
+        # Not at exit: a dead server would make that wait (the process is
+        # leaving anyway, and the server lets unconfirmed results expire).
+        weakref.finalize(self, _release_quietly, self._flight).atexit = False
 
     def __next__(self) -> Any:
         return next(self._results)
@@ -71,6 +73,7 @@ class Batch(Iterator[Any]):
         """Leave early, as from a generator: the jobs not consumed run on,
         and their results are confirmed unseen when they come."""
         self._results.close()
+        self._flight.release()  # a generator never started has no `finally` to run
 
     def cancel(self) -> None:
         """Stop the jobs not yet consumed: queued ones never start, running

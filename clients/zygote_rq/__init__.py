@@ -8,7 +8,8 @@ imported `$ZYGOTE_PRELOAD` (comma-separated modules) once, up front. It
 starts a private zygote server for that (`zygote.embedded`), or uses the
 one at `$ZYGOTE_ENDPOINT`, which must be able to import `zygote_rq.horse`.
 Heartbeats, job timeouts, stop-job, callbacks and the registries work as
-with RQ's own worker: the horse runs RQ's `perform_job`.
+with RQ's own worker: the horse performs the job as RQ's `perform_job`
+does, and the worker records a success on its own connection.
 """
 
 from __future__ import annotations

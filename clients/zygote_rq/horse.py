@@ -26,7 +26,8 @@ from rq.executions import Execution
 from rq.logutils import setup_loghandlers
 from rq.utils import import_attribute, now, utcformat, utcparse
 
-from .worker import Finished, HorseSettings, ZygoteWorker
+from .settings import Finished, HorseSettings
+from .worker import ZygoteWorker
 
 if TYPE_CHECKING:
     from rq.job import Job

@@ -14,10 +14,12 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from zygote.errors import TaskError, ZygoteError
+
 if TYPE_CHECKING:
     from zygote.handle import ExitInfo, Handle
 
-__all__ = ["Horse", "WaitResult", "held_signals", "wait_result"]
+__all__ = ["Horse", "WaitResult", "held_signals", "outcome", "returned", "wait_result"]
 
 #: (pid, wait status, usage), as os.wait4() gives them and RQ expects.
 WaitResult = tuple[int | None, int | None, resource.struct_rusage | None]
@@ -46,10 +48,11 @@ class Horse:
         """Block until the process has ended or `returned()`, which is
         asked first and whenever `messages` (the client's edge-triggered
         descriptor, see Zygote.fileno) becomes readable."""
+        if self._pidfd is None:
+            return  # it ended, and was reaped, before we could follow it
         poller = select.poll()  # not select(): a descriptor may be past FD_SETSIZE
         poller.register(messages, select.POLLIN)
-        if self._pidfd is not None:
-            poller.register(self._pidfd, select.POLLIN)
+        poller.register(self._pidfd, select.POLLIN)
         while not returned():
             if any(fd == self._pidfd for fd, _ in poller.poll()):
                 return
@@ -126,3 +129,32 @@ def wait_result(info: ExitInfo) -> WaitResult:
         status = None  # the server could not tell
     usage = resource.struct_rusage((info.utime, info.stime, info.maxrss_kb, *(0,) * 13))
     return info.pid, status, usage
+
+
+def returned(handle: Handle) -> bool:
+    """Whether the horse's task has returned (a `Finished`, or whether RQ's
+    code recorded the job), rather than raised or not ended yet. Never
+    blocks; holds back the signals the client must not see."""
+    with held_signals():
+        if not handle.done():
+            return False
+        try:
+            handle.result()  # at hand: it does not block
+        except ZygoteError:  # raised, killed, lost: its exit status tells
+            return False
+        return True
+
+
+def outcome(handle: Handle) -> tuple[TaskError | None, object]:
+    """What the horse returned (a `Finished`, or whether RQ's code recorded
+    the job), or what it raised instead of running RQ's code (on a server
+    that cannot import zygote_rq.horse, say: a zygote worker then exits
+    with 0)."""
+    if not handle.done():
+        return None, None
+    try:
+        return None, handle.result()
+    except TaskError as exc:
+        return (None if exc.exc_type == "SystemExit" else exc), None
+    except ZygoteError:
+        return None, None  # killed, or lost: its exit status says so

@@ -23,11 +23,9 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
-from redis import Redis, SSLConnection
 from rq.callbacks import execute_success_callback
-from rq.connections import get_connection_kwargs
 from rq.defaults import (
     DEFAULT_LOGGING_DATE_FORMAT,
     DEFAULT_LOGGING_FORMAT,
@@ -36,13 +34,14 @@ from rq.defaults import (
 from rq.job import JobStatus, Retry
 from rq.logutils import blue, green, setup_loghandlers
 from rq.timeouts import JobTimeoutException
-from rq.utils import decode_redis_hash, import_attribute, now, utcformat, utcparse
+from rq.utils import decode_redis_hash, now, utcformat, utcparse
 from rq.worker import SHUTDOWN_SIGNAL, Worker
 
-from zygote.errors import TaskError, ZygoteError
+from zygote.errors import ZygoteError
 from zygote.handle import relay_output
 
-from .process import Horse, WaitResult, held_signals, wait_result
+from .process import Horse, WaitResult, held_signals, outcome, returned, wait_result
+from .settings import Finished, HorseSettings, import_path, redis_kwargs
 
 if TYPE_CHECKING:
     from rq.executions import Execution
@@ -53,7 +52,6 @@ if TYPE_CHECKING:
     # zygote_rq.horse, and it has no use for the client or ZeroMQ.
     from zygote.client import Zygote
     from zygote.embedded import EmbeddedServer
-    from zygote.handle import Handle
 
 __all__ = ["HORSE_MODULE", "Finished", "HorseSettings", "ZygoteWorker"]
 
@@ -62,33 +60,6 @@ log = logging.getLogger("zygote.rq")
 #: The module a zygote server needs for this worker (preloaded, or importable).
 HORSE_MODULE = "zygote_rq.horse"
 HORSE_TASK = f"{HORSE_MODULE}:run_job"
-
-# Connection settings redis-py fills in itself; RQ's SpawnWorker drops them too.
-_REBUILT_BY_REDIS = frozenset({"retry", "driver_info"})
-
-
-class HorseSettings(TypedDict):
-    """What the horse needs to rebuild the worker: names and plain values."""
-
-    worker_class: str
-    queues: list[str]
-    job_class: str
-    queue_class: str
-    serializer: str | None
-    exception_handlers: list[str]
-    default_result_ttl: int
-    worker_ttl: int
-    job_monitoring_interval: int
-    log_job_description: bool
-    disable_default_exception_handler: bool
-    logging: tuple[int | str, str, str]  # level, date format, log format
-
-
-class Finished(TypedDict):
-    """A horse's job that returned: the worker records the success."""
-
-    ended_at: str  # RQ's utcformat
-    result: bytes  # the return value, dumped with the job's serializer
 
 
 class ZygoteWorker(Worker):
@@ -127,7 +98,7 @@ class ZygoteWorker(Worker):
         # Ours, and the horses' loggers, at the level RQ's worker logs at.
         level = logging_level if logging_level is not None else self.log.getEffectiveLevel()
         setup_loghandlers(level, date_format, log_format, name="zygote.rq")
-        self._redis_kwargs = _redis_kwargs(self.connection)
+        self._redis_kwargs = redis_kwargs(self.connection)
         self._horse_settings = self._describe_for_horse(level, date_format, log_format)
         self._connect()
         try:
@@ -201,12 +172,12 @@ class ZygoteWorker(Worker):
         # Checked here, once: a worker that cannot describe itself to its
         # horses should not start at all.
         return {
-            "worker_class": _import_path(type(self)),
+            "worker_class": import_path(type(self)),
             "queues": self.queue_names(),
-            "job_class": _import_path(self.job_class),
-            "queue_class": _import_path(self.queue_class),
+            "job_class": import_path(self.job_class),
+            "queue_class": import_path(self.queue_class),
             "serializer": self._serializer_arg,
-            "exception_handlers": [_import_path(h) for h in self._exc_handlers],
+            "exception_handlers": [import_path(h) for h in self._exc_handlers],
             "default_result_ttl": self.default_result_ttl,
             "worker_ttl": self.worker_ttl,
             "job_monitoring_interval": self.job_monitoring_interval,
@@ -287,7 +258,19 @@ class ZygoteWorker(Worker):
             self._horse_pid = 0
         finished, self._finished = self._finished, None
         if finished is not None:
-            self._record_success(job, queue, execution, finished)
+            # As in RQ's horse, nothing a signal does (a cold shutdown's
+            # SystemExit) cuts the bookkeeping of a job that has run short.
+            with held_signals():
+                self._record_success(job, queue, execution, finished)
+
+    def handle_job_failure(self, *args: Any, **kwargs: Any) -> None:
+        """RQ's, unless the horse returned: RQ's monitor can still decide
+        the job failed (it gives up on a horse past its timeout + 60 s
+        without reading the exit status), but its success is recorded next."""
+        if self._finished is not None:
+            log.warning("Worker %s: its horse returned: not failing the job", self.name)
+            return
+        super().handle_job_failure(*args, **kwargs)
 
     def _record_success(
         self, job: Job, queue: Queue, execution: Execution, finished: Finished
@@ -296,6 +279,7 @@ class ZygoteWorker(Worker):
         callback has run (RQ 3.0's _finalize_success), on this worker's
         connection: the horse ran the job, and the callback, and exited."""
         try:
+            job.started_at = utcparse(finished["started_at"])
             job.ended_at = utcparse(finished["ended_at"])
             job._result = job.serializer.loads(finished["result"])
             job._status = JobStatus.FINISHED
@@ -333,7 +317,7 @@ class ZygoteWorker(Worker):
         if horse.exit is None:
             assert self._zygote is not None
             # Where the monitoring alarm may interrupt: outside the client.
-            horse.wait_done(self._zygote.fileno(), lambda: _returned(horse.handle))
+            horse.wait_done(self._zygote.fileno(), lambda: returned(horse.handle))
             with held_signals():
                 # Kept: if a signal held back here raises, RQ's loop calls again.
                 horse.exit = self._exit_status(horse)
@@ -341,7 +325,7 @@ class ZygoteWorker(Worker):
 
     def _exit_status(self, horse: Horse) -> WaitResult:
         handle = horse.handle
-        if _returned(handle):
+        if returned(handle):
             # RQ's code in the horse is done with the job: go on without
             # waiting for the process to exit (a zygote worker takes its
             # time, at idle priority, to leave); it has had its say.
@@ -354,9 +338,9 @@ class ZygoteWorker(Worker):
                 return horse.pid, None, None
         pid, status, usage = result
         self._relay_output(horse)
-        error, returned = _outcome(handle) if status == 0 else (None, None)
-        if isinstance(returned, dict):
-            self._finished = returned  # type: ignore[assignment]
+        error, value = outcome(handle) if status == 0 else (None, None)
+        if isinstance(value, dict):
+            self._finished = value  # type: ignore[assignment]
         if error is not None:
             log.error(
                 "Worker %s: horse %d raised %s\n%s",
@@ -447,72 +431,9 @@ class ZygoteWorker(Worker):
             result = job.serializer.dumps(return_value)
         except Exception:  # what RQ's Result stores then; the job still succeeds
             result = job.serializer.dumps(UNSERIALIZABLE_RETURN_VALUE_PAYLOAD)
-        self._finished = {"ended_at": utcformat(job.ended_at), "result": result}
-
-
-def _returned(handle: Handle) -> bool:
-    """Whether the horse's task has returned (a `Finished`, or whether RQ's
-    code recorded the job), rather than raised or not ended yet. Never
-    blocks; holds back the signals the client must not see."""
-    with held_signals():
-        if not handle.done():
-            return False
-        try:
-            handle.result()  # at hand: it does not block
-        except ZygoteError:  # raised, killed, lost: its exit status tells
-            return False
-        return True
-
-
-def _outcome(handle: Handle) -> tuple[TaskError | None, object]:
-    """What the horse returned (a `Finished`, or whether RQ's code recorded
-    the job), or what it raised instead of running RQ's code (on a server
-    that cannot import zygote_rq.horse, say: a zygote worker then exits
-    with 0)."""
-    if not handle.done():
-        return None, None
-    try:
-        return None, handle.result()
-    except TaskError as exc:
-        return (None if exc.exc_type == "SystemExit" else exc), None
-    except ZygoteError:
-        return None, None  # killed, or lost: its exit status says so
-
-
-def _import_path(obj: Any) -> str:
-    """The dotted name the horse imports `obj` by; ValueError if that does
-    not lead back to it (defined in __main__, or in a function)."""
-    path = f"{obj.__module__}.{obj.__qualname__}"
-    try:
-        found = import_attribute(path)
-    except (ImportError, AttributeError, ValueError):
-        found = None
-    if found is not obj:
-        raise ValueError(
-            f"{obj!r} cannot be imported as {path}: a zygote work horse finds it by name"
-        )
-    return path
-
-
-def _redis_kwargs(connection: Redis) -> dict[str, Any]:
-    """The connection's settings, as plain values for the horse to connect alike."""
-    kwargs = get_connection_kwargs(connection)
-    if "path" in kwargs:
-        kwargs["unix_socket_path"] = kwargs.pop("path")
-    if issubclass(connection.connection_pool.connection_class, SSLConnection):
-        kwargs["ssl"] = True  # Redis() picks SSLConnection from this flag
-    plain = {key: value for key, value in kwargs.items() if _is_plain(value)}
-    lost = sorted(set(kwargs) - set(plain) - _REBUILT_BY_REDIS)
-    if lost:
-        log.warning("the work horses connect to Redis without these settings: %s", ", ".join(lost))
-    return plain
-
-
-def _is_plain(value: object) -> bool:
-    if value is None or isinstance(value, str | bytes | int | float):
-        return True
-    if isinstance(value, list | tuple):
-        return all(_is_plain(item) for item in value)
-    if isinstance(value, dict):  # socket_keepalive_options, say
-        return all(_is_plain(key) and _is_plain(item) for key, item in value.items())
-    return False
+        assert job.started_at is not None
+        self._finished = {
+            "started_at": utcformat(job.started_at),
+            "ended_at": utcformat(job.ended_at),
+            "result": result,
+        }

@@ -21,6 +21,7 @@ Two ways, one interface:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -189,9 +190,11 @@ class CgroupCleanup(Cleanup):
         self._watch_w = -1
         self.mover: Mover | None = None
         self.loop: EventLoop | None = None
-        #: children being moved, by id (held here, so no other object gets
-        #: that id meanwhile): the child, and what waits for the move
+        #: children being moved, by a number of the move's own (not id():
+        #: a child gone and freed can leave its id to the next one while
+        #: its move is still reported): the child, and what waits for it
         self.moving: dict[int, tuple[Child, list[Callable[[], object]]]] = {}
+        self.moves = itertools.count()
 
     def start(self, loop: EventLoop) -> None:
         self.mover, self.loop = Mover(), loop
@@ -245,19 +248,24 @@ class CgroupCleanup(Cleanup):
             log.error("worker %d: cannot make its cgroup: %s", child.pid, exc)
         else:
             if self.mover is not None:
-                self.moving[id(child)] = (child, [])
-                self.mover.move(id(child), child.pid, child.cgroup)
+                key = next(self.moves)
+                self.moving[key] = (child, [])
+                self.mover.move(key, child.pid, child.cgroup)
             else:  # stopping (the thread is gone): moved here and now
                 with contextlib.suppress(OSError):
                     child.cgroup.add(child.pid)
         super().child_forked(child)
 
     def when_placed(self, child: Child, then: Callable[[], object]) -> None:
-        moving = self.moving.get(id(child))
-        if moving is None:
+        key = self._move_of(child)
+        if key is None:
             then()
         else:
-            moving[1].append(then)
+            self.moving[key][1].append(then)
+
+    def _move_of(self, child: Child) -> int | None:
+        # A handful at most are under way: a scan is cheaper than an index.
+        return next((key for key, (c, _) in self.moving.items() if c is child), None)
 
     def _moved(self) -> None:
         assert self.mover is not None
@@ -272,7 +280,10 @@ class CgroupCleanup(Cleanup):
                 # It runs on unconfined rather than not at all; said loudly.
                 log.error("worker %d: cannot move it into its cgroup %s: %s", pid, cgroup, error)
             for then in waiting:
-                then()
+                try:
+                    then()
+                except Exception:  # the other children must not wait for ever
+                    log.exception("worker %d: after its move into its cgroup", pid)
 
     def limit(self, child: Child, limits: dict[str, float]) -> None:
         child.limits = dict(limits)
@@ -290,7 +301,9 @@ class CgroupCleanup(Cleanup):
     def child_exited(self, child: Child) -> None:
         # A move still under way finds the cgroup gone, or empties into it
         # and is killed with it; nothing waits for it any more.
-        self.moving.pop(id(child), None)
+        key = self._move_of(child)
+        if key is not None:
+            del self.moving[key]
         self._release(child)
 
     def _release(self, child: Child) -> None:

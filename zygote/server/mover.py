@@ -70,6 +70,8 @@ class Mover:
                 cgroup.add(pid)
             except OSError as exc:
                 error = exc
+            except Exception as exc:  # the thread must live on, or no child ever runs
+                error = OSError(f"{type(exc).__name__}: {exc}")
             self._done.append((key, pid, cgroup, error))
             with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
                 os.write(self._wake_w, b"\0")

@@ -271,6 +271,10 @@ class Spawner:
         elif self.cleanup.supervisor_go:  # else the zygote has said it
             self.tracker.send(child, GO_FRAME)
 
+    def _go_again(self, child: Child) -> None:
+        if child.state in (ChildState.STARTING, ChildState.RUNNING):
+            self.tracker.send(child, GO_FRAME)
+
     def _lost_carried(self, zygote: ZygoteProc, child: Child, job: Job, pid: int) -> None:
         """The zygote has told this child to go, so it may be running its task
         right now, and we cannot watch it: running the task again could run
@@ -333,8 +337,7 @@ class Spawner:
                 # telling the child to go (which may be ready, and waiting
                 # for it, by now); one more Go is harmless, once it is in
                 # its cgroup.
-                go = functools.partial(self.tracker.send, child, GO_FRAME)
-                self.cleanup.when_placed(child, go)
+                self.cleanup.when_placed(child, functools.partial(self._go_again, child))
         zygotes = {pid for lineage in self.lineages.values() for pid in lineage.fleet.zygotes}
         self.tracker.zygote_gone(zygote, zygotes)
         self.dispatch()  # what it held may have freed slots
