@@ -45,6 +45,20 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         time.sleep(0.01)
 
 
+def at_rest(client: Zygote) -> dict[str, Any]:
+    """The server's stats once no worker runs, no result is kept and the
+    ready pool is full: when its descriptors can be counted (each pool
+    child or worker holds four of the supervisor's; a refill is quick, but
+    a count taken during one is off by four)."""
+
+    def rest() -> dict[str, Any] | None:
+        stats = client.stats()
+        idle = stats["workers"] == 0 and stats["results_kept"] == 0
+        return stats if idle and stats["pool_ready"] == stats["pool_size"] else None
+
+    return dict(wait_until(rest, 30, "no worker, no result kept, a full pool"))
+
+
 def is_server(cmdline: list[str]) -> bool:
     """A `zygote start` process: by its title (zygote: supervisor ...), or
     by its command line where setproctitle is not installed."""

@@ -51,7 +51,7 @@ from zygote.protocol import (
 )
 from zygote.server.endpoint import MAX_BATCH
 
-from .conftest import Server, wait_until
+from .conftest import Server, at_rest, wait_until
 
 MAX = 65536  # the server's --max-message-bytes: oversize frames stay cheap
 #: Past this libzmq drops the message and the connection: no answer.
@@ -436,18 +436,6 @@ class Fuzzer:
             self.sock.send(msgpack.packb({"v": 1, "kind": "collected", "handles": chunk}))
 
 
-def _at_rest(client: Zygote) -> dict[str, Any]:
-    """The server's stats once no worker runs, no result is kept and the
-    ready pool is full."""
-
-    def rest() -> dict[str, Any] | None:
-        stats = client.stats()
-        idle = stats["workers"] == 0 and stats["results_kept"] == 0
-        return stats if idle and stats["pool_ready"] == stats["pool_size"] else None
-
-    return dict(wait_until(rest, 30, "no worker, no result kept, a full pool"))
-
-
 def _supervisor_resources(pid: int) -> tuple[int, int]:
     proc = psutil.Process(pid)
     return proc.num_fds(), proc.memory_info().rss
@@ -514,7 +502,7 @@ def test_fuzzed_frames_never_hurt_a_live_server(start_server: Callable[..., Serv
     try:
         with Zygote(server.endpoint, timeout=20) as client:
             assert client.spawn("tests.tasks:add", 1, 1).result() == 2
-            stats_before = _at_rest(client)
+            stats_before = at_rest(client)
         # Counted at rest, a full ready pool and no worker: each pool child
         # or worker holds four of the supervisor's descriptors (CI saw a
         # baseline of 22 taken mid-refill against 26-29 at rest).
@@ -541,7 +529,7 @@ def test_fuzzed_frames_never_hurt_a_live_server(start_server: Callable[..., Serv
         with Zygote(server.endpoint, timeout=20) as client:
             assert client.spawn("tests.tasks:add", 2, 3).result() == 5
 
-            stats = _at_rest(client)
+            stats = at_rest(client)
         elapsed = time.monotonic() - started
         rejected = stats["rejected_messages"] - stats_before["rejected_messages"]
         assert stats["internal_errors"] == 0
