@@ -136,13 +136,8 @@ def returned(handle: Handle) -> bool:
     code recorded the job), rather than raised or not ended yet. Never
     blocks; holds back the signals the client must not see."""
     with held_signals():
-        if not handle.done():
-            return False
-        try:
-            handle.result()  # at hand: it does not block
-        except ZygoteError:  # raised, killed, lost: its exit status tells
-            return False
-        return True
+        # run_job never returns None: None is "no value", whatever the reason.
+        return outcome(handle)[1] is not None
 
 
 def outcome(handle: Handle) -> tuple[TaskError | None, object]:

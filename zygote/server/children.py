@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,6 +249,8 @@ class Child:
     rusage: tuple[float, float, int] = (0.0, 0.0, 0)
     # Cleanup and limits (cleanup.py).
     cgroup: Cgroup | None = None  # its own, while it has one
+    #: while it is being moved into it: what waits for the move (cleanup.py)
+    placing: list[Callable[[], object]] | None = None
     limits: dict[str, float] = field(default_factory=dict)  # its job's
     limit_hit: str | None = None  # the limit that the kernel ended it for
 

@@ -21,7 +21,6 @@ Two ways, one interface:
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import signal
@@ -190,11 +189,6 @@ class CgroupCleanup(Cleanup):
         self._watch_w = -1
         self.mover: Mover | None = None
         self.loop: EventLoop | None = None
-        #: children being moved, by a number of the move's own (not id():
-        #: a child gone and freed can leave its id to the next one while
-        #: its move is still reported): the child, and what waits for it
-        self.moving: dict[int, tuple[Child, list[Callable[[], object]]]] = {}
-        self.moves = itertools.count()
 
     def start(self, loop: EventLoop) -> None:
         self.mover, self.loop = Mover(), loop
@@ -248,32 +242,25 @@ class CgroupCleanup(Cleanup):
             log.error("worker %d: cannot make its cgroup: %s", child.pid, exc)
         else:
             if self.mover is not None:
-                key = next(self.moves)
-                self.moving[key] = (child, [])
-                self.mover.move(key, child.pid, child.cgroup)
+                child.placing = []
+                self.mover.move(child, child.cgroup)
             else:  # stopping (the thread is gone): moved here and now
                 with contextlib.suppress(OSError):
                     child.cgroup.add(child.pid)
         super().child_forked(child)
 
     def when_placed(self, child: Child, then: Callable[[], object]) -> None:
-        key = self._move_of(child)
-        if key is None:
+        if child.placing is None:
             then()
         else:
-            self.moving[key][1].append(then)
-
-    def _move_of(self, child: Child) -> int | None:
-        # A handful at most are under way: a scan is cheaper than an index.
-        return next((key for key, (c, _) in self.moving.items() if c is child), None)
+            child.placing.append(then)
 
     def _moved(self) -> None:
         assert self.mover is not None
-        for key, pid, cgroup, error in self.mover.finished():
-            moving = self.moving.pop(key, None)
-            if moving is None:
+        for child, pid, cgroup, error in self.mover.finished():
+            waiting, child.placing = child.placing, None
+            if waiting is None:
                 continue  # it exited before the move was done: released
-            _, waiting = moving
             if isinstance(error, ProcessLookupError):
                 continue  # it died already; its exit is on the way
             if error is not None:
@@ -301,9 +288,7 @@ class CgroupCleanup(Cleanup):
     def child_exited(self, child: Child) -> None:
         # A move still under way finds the cgroup gone, or empties into it
         # and is killed with it; nothing waits for it any more.
-        key = self._move_of(child)
-        if key is not None:
-            del self.moving[key]
+        child.placing = None
         self._release(child)
 
     def _release(self, child: Child) -> None:

@@ -17,30 +17,35 @@ import contextlib
 import os
 import queue
 import threading
+from typing import TYPE_CHECKING
 
 from ..cgroups import Cgroup
 
+if TYPE_CHECKING:
+    from .children import Child
+
 __all__ = ["Mover"]
 
-#: A finished move: what was asked (a key of the caller's, the pid, the
-#: cgroup) and the error, if it failed.
-Moved = tuple[int, int, Cgroup, OSError | None]
+#: A finished move: the child (its pid as it was when asked), its cgroup,
+#: and the error, if the move failed.
+Moved = tuple["Child", int, Cgroup, OSError | None]
 
 
 class Mover:
     """One thread that writes pids into cgroups, in the order asked."""
 
     def __init__(self) -> None:
-        self._todo: queue.SimpleQueue[tuple[int, int, Cgroup] | None] = queue.SimpleQueue()
+        self._todo: queue.SimpleQueue[tuple[Child, int, Cgroup] | None] = queue.SimpleQueue()
         self._done: collections.deque[Moved] = collections.deque()
         #: readable when moves have finished: then call `finished()`
         self.wake, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="zygote-cgroup-mover", daemon=True)
         self._thread.start()
 
-    def move(self, key: int, pid: int, cgroup: Cgroup) -> None:
-        """Move process `pid` into `cgroup`, soon; `finished()` tells."""
-        self._todo.put((key, pid, cgroup))
+    def move(self, child: Child, cgroup: Cgroup) -> None:
+        """Move `child` into `cgroup`, soon; `finished()` tells. The thread
+        reads nothing of the child but the pid taken here."""
+        self._todo.put((child, child.pid, cgroup))
 
     def finished(self) -> list[Moved]:
         """The moves done since the last call."""
@@ -64,7 +69,7 @@ class Mover:
 
     def _run(self) -> None:
         while (item := self._todo.get()) is not None:
-            key, pid, cgroup = item
+            child, pid, cgroup = item
             error: OSError | None = None
             try:
                 cgroup.add(pid)
@@ -72,6 +77,6 @@ class Mover:
                 error = exc
             except Exception as exc:  # the thread must live on, or no child ever runs
                 error = OSError(f"{type(exc).__name__}: {exc}")
-            self._done.append((key, pid, cgroup, error))
+            self._done.append((child, pid, cgroup, error))
             with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
                 os.write(self._wake_w, b"\0")
